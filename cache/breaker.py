@@ -1,0 +1,75 @@
+"""A circuit breaker in front of a tier.
+
+    closed --(``failures`` failures in a row)--> open --(``reset_after``)--> half-open
+      ^                                                                      |
+      +------------------------ the probe succeeds <-------------------------+
+                                the probe fails: open again for ``reset_after``
+
+While open, callers skip the tier entirely, so an L2 outage costs requests nothing. In half-open
+exactly one call goes through as a probe; a probe that never reports back (its caller was
+cancelled) is given up after another ``reset_after`` and a new probe is allowed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from cache.clock import Clock
+
+
+class Breaker:
+    def __init__(
+        self,
+        *,
+        failures: int,
+        reset_after: float,
+        clock: Clock,
+        on_change: Callable[[bool], None] = lambda is_open: None,
+    ) -> None:
+        if failures < 1:
+            raise ValueError("a breaker opens after at least one failure")
+        if reset_after <= 0:
+            raise ValueError("reset_after must be positive")
+        self._threshold = failures
+        self._reset_after = reset_after
+        self._clock = clock
+        self._on_change = on_change
+        self._failures = 0
+        self._opened_at: float | None = None
+        self._probe_at: float | None = None
+
+    @property
+    def is_open(self) -> bool:
+        """True from the moment it opens until a probe succeeds (half-open counts as open)."""
+        return self._opened_at is not None
+
+    def allow(self) -> bool:
+        """May a call go to the tier now? In half-open, True for one probe at a time."""
+        if self._opened_at is None:
+            return True
+        now = self._clock.monotonic()
+        if now - self._opened_at < self._reset_after:
+            return False
+        if self._probe_at is not None and now - self._probe_at < self._reset_after:
+            return False
+        self._probe_at = now
+        return True
+
+    def success(self) -> None:
+        self._failures = 0
+        self._probe_at = None
+        if self._opened_at is not None:
+            self._opened_at = None
+            self._on_change(False)
+
+    def failure(self) -> None:
+        self._failures += 1
+        if self._opened_at is not None:
+            # A failed probe (or a straggler from before it opened): stay open, restart the wait.
+            if self._probe_at is not None:
+                self._opened_at = self._clock.monotonic()
+                self._probe_at = None
+            return
+        if self._failures >= self._threshold:
+            self._opened_at = self._clock.monotonic()
+            self._on_change(True)

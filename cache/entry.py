@@ -1,0 +1,133 @@
+"""A cached response and the binary envelope it is stored in.
+
+The envelope is a small, versioned, length-checked format: never pickle, so a Redis shared across
+versions or services cannot make a replica run code, and bytes that are not ours decode to a clean
+``CorruptEntry`` (the tiered cache turns that into a miss).
+
+    offset  size  field
+    0       2     magic  b"CC"
+    2       1     version (1)
+    3       1     flags (0; reserved)
+    4       2     status
+    6       8     stored_at  (float64, wall-clock seconds)
+    14      8     ttl        (float64, seconds fresh after stored_at)
+    22      2     header count
+    24      4     body length
+    28      ...   per header: name length (u16), value length (u16), name, value (UTF-8)
+    ...     ...   body
+
+All integers are big-endian.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from cache.errors import CorruptEntry
+
+MAGIC = b"CC"
+VERSION = 1
+
+_HEAD = struct.Struct(">2sBBHddHI")
+_FIELD = struct.Struct(">HH")
+_MAX_FIELD = 0xFFFF
+# What a stored entry costs beyond its bytes (object headers, the tier's bookkeeping); an estimate
+# that keeps many tiny entries from looking free against l1.max_bytes.
+_OVERHEAD = 256
+
+Headers = tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One stored response: what the origin answered and when."""
+
+    status: int
+    headers: Headers
+    body: bytes
+    stored_at: float
+    ttl: float
+
+    def expires_at(self) -> float:
+        """Wall-clock second after which the entry is no longer fresh."""
+        return self.stored_at + self.ttl
+
+    def age(self, now: float) -> float:
+        """Seconds since the origin produced this response (never negative)."""
+        return max(0.0, now - self.stored_at)
+
+    def size(self) -> int:
+        """Bytes this entry is accounted for in a size-bounded tier."""
+        return (
+            len(self.body) + sum(len(name) + len(value) for name, value in self.headers) + _OVERHEAD
+        )
+
+
+def encode(entry: Entry) -> bytes:
+    """The envelope bytes for ``entry``."""
+    parts: list[bytes] = [b""]
+    for name, value in entry.headers:
+        raw_name = name.encode("utf-8", "surrogateescape")
+        raw_value = value.encode("utf-8", "surrogateescape")
+        if len(raw_name) > _MAX_FIELD or len(raw_value) > _MAX_FIELD:
+            raise ValueError(f"header {name!r} is longer than {_MAX_FIELD} bytes")
+        parts.append(_FIELD.pack(len(raw_name), len(raw_value)))
+        parts.append(raw_name)
+        parts.append(raw_value)
+    parts[0] = _HEAD.pack(
+        MAGIC,
+        VERSION,
+        0,
+        entry.status,
+        entry.stored_at,
+        entry.ttl,
+        len(entry.headers),
+        len(entry.body),
+    )
+    parts.append(entry.body)
+    return b"".join(parts)
+
+
+def decode(data: bytes) -> Entry:
+    """The entry in ``data``; ``CorruptEntry`` if the bytes are not a valid envelope."""
+    if len(data) < _HEAD.size:
+        raise CorruptEntry(f"{len(data)} bytes is shorter than an envelope header")
+    magic, version, flags, status, stored_at, ttl, count, body_len = _HEAD.unpack_from(data)
+    if magic != MAGIC:
+        raise CorruptEntry(f"not an entry envelope (magic {magic!r})")
+    if version != VERSION:
+        raise CorruptEntry(f"envelope version {version} is not supported (this build reads 1)")
+    if flags:
+        raise CorruptEntry(f"unknown envelope flags {flags:#x}")
+    view = memoryview(data)
+    offset = _HEAD.size
+    headers: list[tuple[str, str]] = []
+    try:
+        for _ in range(count):
+            name_len, value_len = _FIELD.unpack_from(data, offset)
+            offset += _FIELD.size
+            name_end = offset + name_len
+            value_end = name_end + value_len
+            if value_end > len(data):
+                raise CorruptEntry("a header runs past the end of the envelope")
+            headers.append(
+                (
+                    str(view[offset:name_end], "utf-8", "surrogateescape"),
+                    str(view[name_end:value_end], "utf-8", "surrogateescape"),
+                )
+            )
+            offset = value_end
+    except struct.error as exc:
+        raise CorruptEntry("the header table is truncated") from exc
+    if offset + body_len != len(data):
+        raise CorruptEntry(
+            f"body length {body_len} does not match the {len(data) - offset} bytes left"
+        )
+    return Entry(
+        status=status,
+        headers=tuple(headers),
+        body=data[offset:],
+        stored_at=stored_at,
+        ttl=ttl,
+    )

@@ -1,0 +1,28 @@
+"""Errors raised by the cache engine.
+
+    CacheError          root: everything the engine raises on purpose
+    ├── TierUnavailable a tier did not answer (L2 down, slow or refusing); ``op`` names the call
+    └── CorruptEntry    bytes that are not a valid envelope (foreign, truncated, a newer version)
+
+Foreign errors (redis-py's, OSError, timeouts) are translated into these once, where a tier calls
+its client, and chained with ``raise ... from exc``. The tiered cache turns both into a miss.
+"""
+
+from __future__ import annotations
+
+
+class CacheError(Exception):
+    """Root of every error the engine raises on purpose."""
+
+
+class TierUnavailable(CacheError):
+    """A tier did not answer within its timeout, or answered with an error."""
+
+    def __init__(self, op: str, reason: str) -> None:
+        super().__init__(f"{op}: {reason}")
+        self.op = op
+        self.reason = reason
+
+
+class CorruptEntry(CacheError):
+    """Bytes read from a tier are not an entry this version can decode."""

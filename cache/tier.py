@@ -1,0 +1,39 @@
+"""What every tier is: get, set, delete, close.
+
+A logical key (``users:1``) may hold several *variants* of its entry (one per value of the route's
+``vary`` headers or query string), so that a write or purge of the key drops all of them at once.
+Most keys have one variant, ``""``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Protocol
+
+from cache.entry import Entry
+
+
+class Stored(NamedTuple):
+    """An entry as a tier holds it."""
+
+    entry: Entry
+    ttl_left: float  # seconds until this tier drops it
+
+
+class Tier(Protocol):
+    name: str  # "l1" or "l2": what the observer and the logs call it
+
+    async def get(self, key: str, variant: str = "") -> Stored | None:
+        """The stored variant of ``key``, or None when the tier does not have it."""
+        ...
+
+    async def set(self, key: str, variant: str, entry: Entry, ttl: float) -> None:
+        """Keep ``entry`` as ``variant`` of ``key`` for ``ttl`` seconds."""
+        ...
+
+    async def delete(self, key: str) -> bool:
+        """Drop ``key`` with all its variants; True if there was something to drop."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release what the tier holds open."""
+        ...

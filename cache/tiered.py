@@ -1,0 +1,346 @@
+"""The tiered read: L1, then L2, then the loader, with one lookup per key at a time.
+
+    get(key, variant)
+      -> in L1? --yes--> HIT-L1
+      -> no: a lookup of this key and variant already running? --yes--> wait for it (coalesced)
+      -> no: start one (a task of its own, so a caller that goes away does not cancel it)
+           -> in L2, fresh, breaker closed? --yes--> fill L1 with the time L2 has left --> HIT-L2
+           -> no, or L2 failed (a counted miss) --> loader() --> L1 now, L2 in the background
+
+    invalidate(key)
+      -> running lookups of the key are detached: they answer whoever already waits, store nothing
+      -> L1 drops the key; pending L2 fills of the key are waited for; L2 drops the key
+      -> L2 down: the key is remembered, reads skip L2 for it and the delete is retried as soon
+         as L2 answers, so an outage cannot resurrect a value a write replaced
+
+An L2 failure is never the caller's problem: it is counted, logged once per change of state, fed
+to the breaker, and the read carries on as a miss.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import enum
+import logging
+from collections.abc import Awaitable, Callable, Coroutine
+from functools import partial
+from typing import Any
+
+from cache.breaker import Breaker
+from cache.clock import Clock
+from cache.entry import Entry
+from cache.errors import CorruptEntry, TierUnavailable
+from cache.observer import CacheObserver, NullObserver
+from cache.tier import Stored, Tier
+
+logger = logging.getLogger("cachecar.cache")
+
+# Keys whose L2 delete failed, remembered until L2 answers; past this many, further ones are only
+# logged (memory must stay bounded through a long outage).
+MAX_PENDING_DELETES = 100_000
+
+
+class Source(enum.Enum):
+    L1 = "l1"  # the in-process tier had it
+    L2 = "l2"  # Redis had it (and L1 has it now)
+    LOADER = "loader"  # nobody had it; the loader (the origin) produced it
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Loaded:
+    """What a loader returns: the entry and how long each tier may keep it (0: not at all)."""
+
+    entry: Entry
+    l1_ttl: float = 0.0
+    l2_ttl: float = 0.0
+    shared: bool = True  # may be handed to callers waiting for the same key and variant
+    detail: str = ""  # why it is not stored, for the caller to report
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Lookup:
+    """The answer to ``get``."""
+
+    entry: Entry
+    source: Source
+    stored: bool = False  # LOADER only: a tier kept the loaded entry
+    coalesced: bool = False  # this caller waited for another caller's lookup
+    detail: str = ""
+
+
+Loader = Callable[[], Awaitable[Loaded]]
+
+
+class _Flight:
+    """One running lookup of a key and variant."""
+
+    __slots__ = ("shared", "stale", "task")
+
+    def __init__(self) -> None:
+        self.task: asyncio.Task[Lookup] | None = None
+        self.stale = False  # invalidated while running: answer, but store nothing
+        self.shared = True
+
+
+class TieredCache:
+    def __init__(
+        self,
+        l1: Tier,
+        l2: Tier | None = None,
+        *,
+        clock: Clock,
+        observer: CacheObserver | None = None,
+        breaker: Breaker | None = None,
+    ) -> None:
+        self._l1 = l1
+        self._l2 = l2
+        self._clock = clock
+        self._observer: CacheObserver = observer or NullObserver()
+        self._breaker = breaker
+        self._flights: dict[str, dict[str, _Flight]] = {}
+        self._fills: dict[str, set[asyncio.Task[None]]] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+        self._pending_deletes: set[str] = set()
+        self._retrying_deletes = False
+        self._l2_ok = True
+
+    @property
+    def l1(self) -> Tier:
+        return self._l1
+
+    @property
+    def l2(self) -> Tier | None:
+        return self._l2
+
+    @property
+    def pending_deletes(self) -> int:
+        """Keys whose L2 copy must be dropped before L2 may answer for them again."""
+        return len(self._pending_deletes)
+
+    async def get(self, key: str, variant: str, *, l1_ttl: float, loader: Loader) -> Lookup:
+        """The entry for ``key``/``variant`` from the first tier that has it, else ``loader``.
+
+        ``l1_ttl`` caps how long an entry found in L2 is kept in L1. Errors raised by the loader
+        reach every caller waiting for that lookup; tier errors never do.
+        """
+        stored = await self._l1.get(key, variant)
+        self._observer.lookup("l1", stored is not None)
+        if stored is not None:
+            return Lookup(stored.entry, Source.L1)
+
+        flights = self._flights.get(key)
+        flight = flights.get(variant) if flights is not None else None
+        if flight is not None and flight.task is not None:
+            result = await asyncio.shield(flight.task)
+            if not flight.shared:
+                # The answer was for the caller that asked first alone (private, Set-Cookie):
+                # this caller gets its own.
+                loaded = await loader()
+                return Lookup(loaded.entry, Source.LOADER, detail=loaded.detail)
+            return dataclasses.replace(result, coalesced=True)
+
+        flight = _Flight()
+        if flights is None:
+            flights = self._flights[key] = {}
+        flights[variant] = flight
+        task = asyncio.create_task(self._resolve(key, variant, l1_ttl, loader, flight))
+        flight.task = task
+        task.add_done_callback(partial(self._landed, key, variant, flight))
+        return await asyncio.shield(task)
+
+    async def invalidate(self, key: str) -> None:
+        """Drop ``key`` (every variant) from both tiers; see the module docstring for the order."""
+        flights = self._flights.pop(key, None)
+        if flights is not None:
+            for flight in flights.values():
+                flight.stale = True
+        await self._l1.delete(key)
+        if self._l2 is None:
+            return
+        fills = self._fills.get(key)
+        if fills:
+            await asyncio.wait(list(fills))
+        await self._l2_delete(key)
+
+    async def aclose(self) -> None:
+        """Wait for background L2 work (each call is bounded), then close both tiers."""
+        while self._background:
+            await asyncio.wait(list(self._background))
+        await self._l1.aclose()
+        if self._l2 is not None:
+            await self._l2.aclose()
+
+    # -- the lookup ----------------------------------------------------------------------------
+
+    async def _resolve(
+        self, key: str, variant: str, l1_ttl: float, loader: Loader, flight: _Flight
+    ) -> Lookup:
+        stored = await self._l2_get(key, variant)
+        if stored is not None:
+            if not flight.stale:
+                await self._l1.set(key, variant, stored.entry, min(l1_ttl, stored.ttl_left))
+            return Lookup(stored.entry, Source.L2)
+
+        loaded = await loader()
+        flight.shared = loaded.shared
+        if flight.stale:
+            return Lookup(loaded.entry, Source.LOADER, detail=loaded.detail or "invalidated")
+        if loaded.l1_ttl > 0:
+            await self._l1.set(key, variant, loaded.entry, loaded.l1_ttl)
+        stored_l2 = loaded.l2_ttl > 0 and self._l2 is not None
+        if stored_l2:
+            self._fill_l2(key, variant, loaded.entry, loaded.l2_ttl, flight)
+        return Lookup(
+            loaded.entry,
+            Source.LOADER,
+            stored=loaded.l1_ttl > 0 or stored_l2,
+            detail=loaded.detail,
+        )
+
+    def _landed(self, key: str, variant: str, flight: _Flight, task: asyncio.Task[Lookup]) -> None:
+        flights = self._flights.get(key)
+        if flights is not None and flights.get(variant) is flight:
+            del flights[variant]
+            if not flights:
+                del self._flights[key]
+        if not task.cancelled():
+            # Retrieved here so an error nobody waited for (every caller left) is not reported
+            # as "never retrieved"; the callers that did wait got it through shield().
+            task.exception()
+
+    # -- L2, bounded and breaker-guarded --------------------------------------------------------
+
+    async def _l2_get(self, key: str, variant: str) -> Stored | None:
+        l2 = self._l2
+        if l2 is None or key in self._pending_deletes or not self._l2_allowed():
+            return None
+        try:
+            stored = await l2.get(key, variant)
+        except TierUnavailable as exc:
+            self._l2_failed(exc)
+            self._observer.lookup("l2", False)
+            return None
+        except CorruptEntry as exc:
+            self._l2_answered()
+            self._observer.tier_error("l2", "decode")
+            self._observer.lookup("l2", False)
+            logger.warning("L2 entry %r is not readable (%s); dropping it", key, exc)
+            self._spawn(self._l2_delete(key))
+            return None
+        self._l2_answered()
+        if stored is not None:
+            ttl_left = min(stored.ttl_left, stored.entry.expires_at() - self._clock.time())
+            if ttl_left > 0:
+                self._observer.lookup("l2", True)
+                return Stored(stored.entry, ttl_left)
+        self._observer.lookup("l2", False)
+        return None
+
+    def _fill_l2(self, key: str, variant: str, entry: Entry, ttl: float, flight: _Flight) -> None:
+        task = self._spawn(self._l2_set(key, variant, entry, ttl, flight))
+        self._fills.setdefault(key, set()).add(task)
+        task.add_done_callback(partial(self._filled, key))
+
+    def _filled(self, key: str, task: asyncio.Task[None]) -> None:
+        fills = self._fills.get(key)
+        if fills is not None:
+            fills.discard(task)
+            if not fills:
+                del self._fills[key]
+
+    async def _l2_set(
+        self, key: str, variant: str, entry: Entry, ttl: float, flight: _Flight
+    ) -> None:
+        l2 = self._l2
+        if l2 is None or flight.stale or key in self._pending_deletes or not self._l2_allowed():
+            return
+        try:
+            await l2.set(key, variant, entry, ttl)
+        except TierUnavailable as exc:
+            self._l2_failed(exc)
+            return
+        self._l2_answered()
+
+    async def _l2_delete(self, key: str) -> None:
+        l2 = self._l2
+        if l2 is None:
+            return
+        if self._l2_allowed():
+            try:
+                await l2.delete(key)
+            except TierUnavailable as exc:
+                self._l2_failed(exc)
+            else:
+                self._pending_deletes.discard(key)
+                self._l2_answered()
+                return
+        if len(self._pending_deletes) < MAX_PENDING_DELETES:
+            self._pending_deletes.add(key)
+        else:
+            logger.error(
+                "L2 is down and %d deletes are pending; %r may be stale in L2 until its TTL",
+                MAX_PENDING_DELETES,
+                key,
+            )
+
+    async def _retry_deletes(self) -> None:
+        if self._retrying_deletes:
+            return
+        self._retrying_deletes = True
+        try:
+            while self._pending_deletes and self._l2 is not None and self._l2_allowed():
+                key = next(iter(self._pending_deletes))
+                try:
+                    await self._l2.delete(key)
+                except TierUnavailable as exc:
+                    self._l2_failed(exc)
+                    return
+                self._pending_deletes.discard(key)
+        finally:
+            self._retrying_deletes = False
+
+    def _l2_allowed(self) -> bool:
+        return self._breaker is None or self._breaker.allow()
+
+    def _l2_failed(self, exc: TierUnavailable) -> None:
+        self._observer.tier_error("l2", exc.op)
+        if self._breaker is not None:
+            self._breaker.failure()
+        if self._l2_ok:
+            self._l2_ok = False
+            logger.warning(
+                "L2 %s failed (%s); serving from L1 and the origin meanwhile", exc.op, exc.reason
+            )
+
+    def _l2_answered(self) -> None:
+        if self._breaker is not None:
+            self._breaker.success()
+        if not self._l2_ok:
+            self._l2_ok = True
+            logger.info("L2 answers again")
+        if self._pending_deletes and not self._retrying_deletes:
+            self._spawn(self._retry_deletes())
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+
+def breaker_logger(
+    tier: str, reset_after: float, observer: CacheObserver
+) -> Callable[[bool], None]:
+    """An ``on_change`` for a tier's ``Breaker`` that logs and reports each change once."""
+
+    def on_change(is_open: bool) -> None:
+        observer.breaker_changed(tier, is_open)
+        if is_open:
+            logger.warning(
+                "%s circuit breaker open: skipping %s, next probe in %gs", tier, tier, reset_after
+            )
+        else:
+            logger.info("%s circuit breaker closed", tier)
+
+    return on_change

@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from cache.entry import MAGIC, Entry, decode, encode
+from cache.errors import CorruptEntry
+
+header_text = st.text(
+    alphabet=st.characters(blacklist_categories=["Cs"], blacklist_characters="\r\n"), max_size=40
+)
+entries = st.builds(
+    Entry,
+    status=st.integers(100, 599),
+    headers=st.lists(st.tuples(header_text, header_text), max_size=8).map(tuple),
+    body=st.binary(max_size=2048),
+    stored_at=st.floats(0, 4e9, allow_nan=False),
+    ttl=st.floats(0, 1e7, allow_nan=False),
+)
+
+
+@given(entries)
+def test_every_entry_survives_the_envelope(entry: Entry) -> None:
+    assert decode(encode(entry)) == entry
+
+
+def test_the_envelope_is_versioned_and_starts_with_its_magic() -> None:
+    data = encode(Entry(200, (("Content-Type", "application/json"),), b"{}", 1.0, 30.0))
+    assert data[:2] == MAGIC
+    assert data[2] == 1
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"CC",
+        b"\x80\x04\x95pickle",  # what a pickle looks like: never executed, just refused
+        b'{"status": 200}',
+        b"XX" + bytes(40),
+    ],
+)
+def test_foreign_bytes_are_refused(data: bytes) -> None:
+    with pytest.raises(CorruptEntry):
+        decode(data)
+
+
+def test_a_newer_version_is_refused_not_misread() -> None:
+    data = bytearray(encode(Entry(200, (), b"x", 1.0, 1.0)))
+    data[2] = 2
+    with pytest.raises(CorruptEntry, match="version 2"):
+        decode(bytes(data))
+
+
+@given(entries, st.data())
+def test_truncated_or_extended_envelopes_are_refused(entry: Entry, data: st.DataObject) -> None:
+    raw = encode(entry)
+    cut = data.draw(st.integers(0, len(raw) - 1))
+    with pytest.raises(CorruptEntry):
+        decode(raw[:cut])
+    with pytest.raises(CorruptEntry):
+        decode(raw + b"\x00")
+
+
+def test_a_header_that_runs_past_the_end_is_refused() -> None:
+    raw = bytearray(encode(Entry(200, (("A", "b"),), b"", 1.0, 1.0)))
+    struct.pack_into(">H", raw, 28, 500)  # the first header's name claims 500 bytes
+    with pytest.raises(CorruptEntry):
+        decode(bytes(raw))
+
+
+def test_age_and_expiry_follow_stored_at_and_ttl() -> None:
+    entry = Entry(200, (), b"", stored_at=100.0, ttl=30.0)
+    assert entry.expires_at() == 130.0
+    assert entry.age(112.5) == 12.5
+    assert entry.age(90.0) == 0.0  # a clock behind the writer's never gives a negative Age
+
+
+def test_size_counts_body_headers_and_overhead() -> None:
+    small = Entry(200, (), b"", 0.0, 1.0)
+    big = Entry(200, (("Name", "value"),), b"x" * 1000, 0.0, 1.0)
+    assert big.size() - small.size() == 1000 + len("Name") + len("value")
+    assert small.size() > 0

@@ -1,0 +1,92 @@
+"""L2 beyond the tier contract: key layout, bounded calls, foreign bytes, client checks."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+
+import fakeredis
+import pytest
+from redis.asyncio import Redis
+
+from cache.entry import Entry
+from cache.errors import CorruptEntry, TierUnavailable
+from cache.redis_tier import RedisTier, client_from_url
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+@pytest.fixture
+async def silent_server() -> AsyncIterator[int]:
+    """A TCP server that accepts and never answers: a Redis that hangs."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def accept(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    yield server.sockets[0].getsockname()[1]
+    for writer in held:
+        writer.close()
+    server.close()
+    await server.wait_closed()
+
+
+ENTRY = Entry(200, (("Content-Type", "text/plain"),), b"hello", 1_700_000_000.0, 60.0)
+
+
+@pytest.mark.redis
+async def test_every_key_starts_with_the_prefix_and_holds_variants_as_fields(
+    redis_client: Redis, key_prefix: str
+) -> None:
+    tier = RedisTier(redis_client, key_prefix=key_prefix, timeout=1.0)
+    await tier.set("users:1", "", ENTRY, 60)
+    await tier.set("products:7", "abc", ENTRY, 60)
+    keys = sorted([key async for key in redis_client.scan_iter(match=f"{key_prefix}*")])
+    assert keys == [f"{key_prefix}products:7".encode(), f"{key_prefix}users:1".encode()]
+    assert await redis_client.hkeys(f"{key_prefix}products:7") == [b"abc"]
+    assert 0 < await redis_client.pttl(f"{key_prefix}users:1") <= 60_000
+
+
+async def test_a_dead_port_is_unavailable_not_an_exception_of_redis() -> None:
+    client = client_from_url(f"redis://127.0.0.1:{free_port()}", timeout=0.5)
+    tier = RedisTier(client, key_prefix="t:", timeout=0.5)
+    for call in (tier.get("k"), tier.set("k", "", ENTRY, 5), tier.delete("k"), tier.ping()):
+        with pytest.raises(TierUnavailable):
+            await call
+    await tier.aclose()
+
+
+async def test_a_redis_that_never_answers_is_cut_off_at_the_timeout(silent_server: int) -> None:
+    client = client_from_url(f"redis://127.0.0.1:{silent_server}", timeout=0.05)
+    tier = RedisTier(client, key_prefix="t:", timeout=0.05)
+    with pytest.raises(TierUnavailable, match="no answer within 50ms"):
+        await tier.get("k")
+    await tier.aclose()
+
+
+async def test_foreign_bytes_under_our_key_are_a_corrupt_entry() -> None:
+    client = fakeredis.FakeAsyncRedis()
+    await client.hset("t:users:1", "", b"\x80\x04\x95 a pickle, say")
+    tier = RedisTier(client, key_prefix="t:", timeout=1.0)
+    with pytest.raises(CorruptEntry):
+        await tier.get("users:1")
+
+
+def test_a_client_that_decodes_responses_is_refused() -> None:
+    with pytest.raises(ValueError, match="decode_responses=False"):
+        RedisTier(fakeredis.FakeAsyncRedis(decode_responses=True), key_prefix="", timeout=1)
+
+
+async def test_memory_urls_get_a_server_of_their_own() -> None:
+    one = RedisTier(client_from_url("memory://", timeout=1), key_prefix="", timeout=1)
+    two = RedisTier(client_from_url("memory://", timeout=1), key_prefix="", timeout=1)
+    await one.set("k", "", ENTRY, 60)
+    assert await one.get("k") is not None
+    assert await two.get("k") is None

@@ -1,0 +1,86 @@
+"""Test doubles: a clock the test drives, an observer that records, a tier that can fail."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+from cache.entry import Entry
+from cache.errors import TierUnavailable
+from cache.observer import Eviction
+from cache.tier import Stored, Tier
+
+
+class FakeClock:
+    """Both clocks, moved only by ``advance``."""
+
+    def __init__(self, wall: float = 1_700_000_000.0) -> None:
+        self.wall = wall
+        self.mono = 1_000.0
+
+    def time(self) -> float:
+        return self.wall
+
+    def monotonic(self) -> float:
+        return self.mono
+
+    def advance(self, seconds: float) -> None:
+        self.wall += seconds
+        self.mono += seconds
+
+
+class RecordingObserver:
+    """Counts every event the engine reports."""
+
+    def __init__(self) -> None:
+        self.lookups: Counter[tuple[str, bool]] = Counter()
+        self.evictions: Counter[Eviction] = Counter()
+        self.errors: Counter[tuple[str, str]] = Counter()
+        self.breaker: list[tuple[str, bool]] = []
+
+    def lookup(self, tier: str, hit: bool) -> None:
+        self.lookups[tier, hit] += 1
+
+    def evicted(self, reason: Eviction, count: int) -> None:
+        self.evictions[reason] += count
+
+    def tier_error(self, tier: str, op: str) -> None:
+        self.errors[tier, op] += 1
+
+    def breaker_changed(self, tier: str, is_open: bool) -> None:
+        self.breaker.append((tier, is_open))
+
+
+class FlakyTier:
+    """Wraps a tier: while ``down`` every call fails; ``hold_sets`` parks sets until released."""
+
+    name = "l2"
+
+    def __init__(self, inner: Tier) -> None:
+        self.inner = inner
+        self.down = False
+        self.calls: Counter[str] = Counter()
+        self.hold_sets = False
+        self.released = asyncio.Event()
+
+    def _check(self, op: str) -> None:
+        self.calls[op] += 1
+        if self.down:
+            raise TierUnavailable(op, "down for the test")
+
+    async def get(self, key: str, variant: str = "") -> Stored | None:
+        self._check("get")
+        return await self.inner.get(key, variant)
+
+    async def set(self, key: str, variant: str, entry: Entry, ttl: float) -> None:
+        self._check("set")
+        if self.hold_sets:
+            await self.released.wait()
+        await self.inner.set(key, variant, entry, ttl)
+
+    async def delete(self, key: str) -> bool:
+        self._check("delete")
+        return await self.inner.delete(key)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
