@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from collections.abc import Callable
 
 from cache.entry import Entry
 from cache.errors import TierUnavailable
@@ -84,3 +85,12 @@ class FlakyTier:
 
     async def aclose(self) -> None:
         await self.inner.aclose()
+
+
+async def until(predicate: Callable[[], bool], within: float = 5.0, what: str = "") -> None:
+    """Wait for ``predicate`` to hold, polling; fail the test after ``within`` seconds."""
+    for _ in range(int(within / 0.01)):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"not true within {within:g}s: {what or predicate}")

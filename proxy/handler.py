@@ -1,0 +1,272 @@
+"""One request, from the client's bytes to the answer.
+
+    request -> normalize the path (400 when it cannot be) -> first matching route
+      -> no route, a bypass route, or a method the cache does not answer -> pass through (BYPASS)
+      -> GET/HEAD on a cached route
+           -> credentials the route does not key on, or a Range          -> pass through (BYPASS)
+           -> cache.get(key, variant): L1 -> L2 -> origin, one fetch per key at a time
+           -> answer from the entry: X-Cache, Cache-Status, Age; 304 when the validator matches
+      -> PUT/PATCH/POST/DELETE on a cached route -> pass through; then drop the key (cache-aside)
+
+Everything passed through is streamed both ways; only a cacheable miss is read whole, because it
+is about to be stored.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from cache.clock import Clock
+from cache.entry import Entry
+from cache.tiered import Loaded, Lookup, Source, TieredCache
+from proxy import headers as forwarding
+from proxy.origin import OriginClient, OriginError
+from proxy.paths import BadPath, normalize_path
+from proxy.policy import bypass_reason, decide, not_modified
+from proxy.routes import Route, Router
+from proxy.units import format_size
+
+logger = logging.getLogger("cachecar.proxy")
+
+READS = frozenset({"GET", "HEAD"})
+WRITES = frozenset({"PUT", "PATCH", "POST", "DELETE"})
+
+# RFC 9211 Cache-Status values; "cachecar" is the cache's name in them.
+HIT_L1 = "cachecar; hit; detail=l1"
+HIT_L2 = "cachecar; hit; detail=l2"
+BYPASS_ROUTE = "cachecar; fwd=bypass"
+BYPASS_METHOD = "cachecar; fwd=method"
+
+_X_CACHE = {Source.L1: "HIT-L1", Source.L2: "HIT-L2", Source.LOADER: "MISS"}
+_KEEP_ON_304 = forwarding.NOT_MODIFIED_HEADERS | {"x-cache", "cache-status", "age"}
+
+OnAnswer = Callable[[int | None], Awaitable[None]]
+
+
+class BodyTooLarge(Exception):
+    """A request body past ``server.max_body``, found while streaming it."""
+
+
+class Proxy:
+    def __init__(
+        self,
+        router: Router,
+        cache: TieredCache,
+        origin: OriginClient,
+        *,
+        max_body: int,
+        clock: Clock,
+    ) -> None:
+        self._router = router
+        self._cache = cache
+        self._origin = origin
+        self._max_body = max_body
+        self._clock = clock
+
+    @property
+    def routes(self) -> tuple[Route, ...]:
+        return self._router.routes
+
+    async def __call__(self, request: web.Request) -> web.StreamResponse:
+        path, _, query = request.raw_path.partition("?")
+        try:
+            path = normalize_path(path)
+        except BadPath as exc:
+            return error_response(400, "bad request path", str(exc), BYPASS_ROUTE)
+        found = self._router.match(path)
+        if found is None:
+            return await self._pass(request, path, query, BYPASS_ROUTE)
+        route, params = found
+        method = request.method
+        if not route.cached:
+            return await self._pass(request, path, query, BYPASS_ROUTE)
+        if method in READS:
+            reason = bypass_reason(request.headers, route)
+            if reason is not None:
+                return await self._pass(request, path, query, f"{BYPASS_ROUTE}; detail={reason}")
+            return await self._read(request, route, route.key_for(params, path, query), path, query)
+        if method in WRITES:
+            return await self._write(request, route.key_for(params, path, query), path, query)
+        return await self._pass(request, path, query, BYPASS_METHOD)
+
+    # -- cached reads ----------------------------------------------------------------------------
+
+    async def _read(
+        self, request: web.Request, route: Route, key: str, path: str, query: str
+    ) -> web.StreamResponse:
+        variant = route.variant_for(request.headers, query)
+        loader = functools.partial(self._load, request, route, path, query)
+        try:
+            lookup = await self._cache.get(key, variant, l1_ttl=route.l1_ttl, loader=loader)
+        except OriginError as exc:
+            return error_response(exc.status, exc.title, str(exc), "cachecar; fwd=miss", "MISS")
+        return self._answer(request, lookup)
+
+    async def _load(self, request: web.Request, route: Route, path: str, query: str) -> Loaded:
+        """Fetch the entry for a cacheable miss (conditional headers are not forwarded)."""
+        sent = forwarding.forward_fill(
+            request.headers, route.vary + route.forward_headers, request.remote, request.scheme
+        )
+        response = await self._origin.fetch("GET", self._origin.url(path, query), sent)
+        now = self._clock.time()
+        decision = decide(
+            response.status,
+            response.headers,
+            route,
+            frozenset(name.lower() for name in sent),
+            now,
+        )
+        entry = Entry(
+            status=response.status,
+            headers=forwarding.to_store(response.headers),
+            body=response.body,
+            stored_at=now - _age(response.headers.get("Age")),
+            ttl=decision.fresh_for,
+        )
+        return Loaded(entry, decision.l1_ttl, decision.l2_ttl, decision.shared, decision.detail)
+
+    def _answer(self, request: web.Request, lookup: Lookup) -> web.Response:
+        entry = lookup.entry
+        headers = CIMultiDict(entry.headers)
+        headers["X-Cache"] = _X_CACHE[lookup.source]
+        if lookup.source is Source.LOADER:
+            headers["Cache-Status"] = _miss_status(lookup)
+        else:
+            headers["Cache-Status"] = HIT_L1 if lookup.source is Source.L1 else HIT_L2
+            headers["Age"] = str(int(entry.age(self._clock.time())))
+        if not_modified(request.headers, entry):
+            kept = CIMultiDict((k, v) for k, v in headers.items() if k.lower() in _KEEP_ON_304)
+            return web.Response(status=304, headers=kept)
+        return web.Response(status=entry.status, headers=headers, body=entry.body)
+
+    # -- writes ----------------------------------------------------------------------------------
+
+    async def _write(
+        self, request: web.Request, key: str, path: str, query: str
+    ) -> web.StreamResponse:
+        async def invalidate(status: int | None) -> None:
+            # Dropped on success, and also when the outcome is unknown (the origin may have
+            # applied a write it never confirmed): a needless miss is cheap, a stale hit is not.
+            if status is None or 200 <= status < 300:
+                await self._cache.invalidate(key)
+
+        return await self._pass(request, path, query, BYPASS_METHOD, on_answer=invalidate)
+
+    # -- passing through -------------------------------------------------------------------------
+
+    async def _pass(
+        self,
+        request: web.Request,
+        path: str,
+        query: str,
+        cache_status: str,
+        *,
+        on_answer: OnAnswer | None = None,
+    ) -> web.StreamResponse:
+        length = request.content_length
+        if length is not None and length > self._max_body:
+            return self._too_large(cache_status)
+        sent = forwarding.forward_uncached(request.headers, request.remote, request.scheme)
+        data: object = None
+        limited: _LimitedBody | None = None
+        if request.body_exists:
+            if length is not None:
+                sent["Content-Length"] = str(length)
+                data = request.content
+            else:
+                data = limited = _LimitedBody(request.content, self._max_body)
+        try:
+            async with self._origin.stream(
+                request.method, self._origin.url(path, query), sent, data
+            ) as upstream:
+                if on_answer is not None:
+                    await on_answer(upstream.status)
+                return await self._relay(request, upstream, cache_status)
+        except OriginError as exc:
+            if on_answer is not None:
+                await on_answer(None)
+            if limited is not None and limited.exceeded:
+                return self._too_large(cache_status)
+            return error_response(exc.status, exc.title, str(exc), cache_status)
+
+    async def _relay(
+        self, request: web.Request, upstream: aiohttp.ClientResponse, cache_status: str
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        response.headers.extend(forwarding.to_pass(upstream.headers))
+        response.headers["X-Cache"] = "BYPASS"
+        response.headers["Cache-Status"] = cache_status
+        await response.prepare(request)
+        try:
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+        except aiohttp.ClientError as exc:
+            # The head is sent: no error status is possible any more. Cut the connection so the
+            # client sees a truncated answer as truncated, never as complete.
+            logger.warning("origin broke off %s %s: %s", request.method, request.path, exc)
+            if request.transport is not None:
+                request.transport.abort()
+            return response
+        await response.write_eof()
+        return response
+
+    def _too_large(self, cache_status: str) -> web.Response:
+        return error_response(
+            413,
+            "request body too large",
+            f"the body exceeds server.max_body ({format_size(self._max_body)})",
+            cache_status,
+        )
+
+
+class _LimitedBody:
+    """A request body without Content-Length, cut off once it passes ``limit``.
+
+    aiohttp reports the cut as its own client error; ``exceeded`` says it was this limit.
+    """
+
+    def __init__(self, content: aiohttp.StreamReader, limit: int) -> None:
+        self._content = content
+        self._limit = limit
+        self.exceeded = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        seen = 0
+        async for chunk in self._content.iter_any():
+            seen += len(chunk)
+            if seen > self._limit:
+                self.exceeded = True
+                raise BodyTooLarge
+            yield chunk
+
+
+def _miss_status(lookup: Lookup) -> str:
+    status = "cachecar; fwd=miss"
+    if lookup.stored:
+        status += "; stored"
+    if lookup.coalesced:
+        status += "; collapsed"
+    if lookup.detail:
+        status += f"; detail={lookup.detail}"
+    return status
+
+
+def _age(value: str | None) -> float:
+    return float(value) if value is not None and value.isdigit() else 0.0
+
+
+def error_response(
+    status: int, error: str, detail: str, cache_status: str, x_cache: str = "BYPASS"
+) -> web.Response:
+    """cachecar's own error answer: a JSON body saying what went wrong."""
+    return web.json_response(
+        {"error": error, "detail": detail},
+        status=status,
+        headers={"X-Cache": x_cache, "Cache-Status": cache_status},
+    )

@@ -1,0 +1,109 @@
+"""Which headers cross the proxy, in each direction and for each kind of request.
+
+client -> origin, uncached (BYPASS):  everything end-to-end; X-Forwarded-For appended
+client -> origin, cacheable miss:     only what cannot poison a shared entry: Accept,
+                                      User-Agent, the route's vary and forward_headers, and
+                                      the X-Forwarded-For/-Proto cachecar sets itself
+origin -> client:                     everything end-to-end
+origin -> cache:                      end-to-end minus what describes one delivery
+                                      (Content-Length, Age, Set-Cookie)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+# Header names that describe one connection, not the resource: never stored, never forwarded.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+CREDENTIALS = frozenset({"authorization", "cookie"})
+# Request headers the client may send but the origin must not see from us as they came.
+_NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "expect"}
+# Response headers about one delivery: a cached answer gets its own. (Set-Cookie stays with the
+# entry for the one client it was fetched for; policy.decide never lets such an entry be stored.)
+_NOT_STORED = HOP_BY_HOP | {"content-length", "age"}
+# Always sent on a cacheable miss, besides the route's vary and forward_headers.
+FILL_HEADERS = ("accept", "user-agent")
+# Headers an origin must see on a 304's behalf (RFC 9110 §15.4.5).
+NOT_MODIFIED_HEADERS = frozenset(
+    {"cache-control", "content-location", "date", "etag", "expires", "vary", "last-modified"}
+)
+
+Pairs = tuple[tuple[str, str], ...]
+
+
+def _connection_listed(headers: CIMultiDictProxy[str]) -> frozenset[str]:
+    """Header names a Connection header declares hop-by-hop (RFC 9110 §7.6.1)."""
+    listed = headers.getall("Connection", ())
+    if not listed:
+        return frozenset()
+    return frozenset(
+        name.strip().lower() for value in listed for name in value.split(",") if name.strip()
+    )
+
+
+def _without(headers: CIMultiDictProxy[str], dropped: frozenset[str]) -> Iterable[tuple[str, str]]:
+    dropped = dropped | _connection_listed(headers)
+    return ((name, value) for name, value in headers.items() if name.lower() not in dropped)
+
+
+def forward_uncached(
+    headers: CIMultiDictProxy[str], peer: str | None, scheme: str
+) -> CIMultiDict[str]:
+    """Request headers for a request passed through: all end-to-end, plus forwarding headers."""
+    out = CIMultiDict(_without(headers, _NOT_FORWARDED))
+    _set_forwarded(out, headers.get("X-Forwarded-For"), peer, scheme)
+    return out
+
+
+def forward_fill(
+    headers: CIMultiDictProxy[str], extra: Iterable[str], peer: str | None, scheme: str
+) -> CIMultiDict[str]:
+    """Request headers for a cacheable miss: the safe few, nothing the client could poison."""
+    out: CIMultiDict[str] = CIMultiDict()
+    for name in (*FILL_HEADERS, *extra):
+        for value in headers.getall(name, ()):
+            out.add(name, value)
+    # The client's own X-Forwarded-For is not trusted into a shared fetch.
+    _set_forwarded(out, None, peer, scheme)
+    return out
+
+
+def _set_forwarded(out: CIMultiDict[str], prior: str | None, peer: str | None, scheme: str) -> None:
+    if peer:
+        out["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
+    elif prior:
+        out["X-Forwarded-For"] = prior
+    out.setdefault("X-Forwarded-Proto", scheme)
+
+
+def to_store(headers: CIMultiDictProxy[str]) -> Pairs:
+    """Response headers kept with a cached entry."""
+    return tuple(_without(headers, _NOT_STORED))
+
+
+def to_pass(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    """Response headers passed to the client as they came (hop-by-hop removed)."""
+    return CIMultiDict(_without(headers, HOP_BY_HOP))
+
+
+def find(pairs: Pairs, name: str) -> str | None:
+    """The first value of ``name`` (lower-case) in stored header pairs."""
+    for key, value in pairs:
+        if key.lower() == name:
+            return value
+    return None

@@ -1,0 +1,151 @@
+"""HTTP caching rules (RFC 9111 as a shared cache applies them), apart from storage.
+
+request  -> bypass_reason: may the cache answer it at all? (credentials, ranges)
+response -> decide: may it be stored, for how long in each tier, may waiters share it?
+hit      -> not_modified: does the client's validator match (304)?
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from email.utils import parsedate_to_datetime
+
+from multidict import CIMultiDictProxy
+
+from cache.entry import Entry
+from proxy.headers import CREDENTIALS, find
+from proxy.routes import Route
+
+CACHEABLE_STATUS = frozenset({200, 203, 204, 300, 301, 308})
+NEGATIVE_STATUS = frozenset({404, 410})
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Decision:
+    """How a response from the origin is kept."""
+
+    l1_ttl: float = 0.0
+    l2_ttl: float = 0.0
+    shared: bool = True  # may go to other callers waiting for the same key
+    detail: str = ""  # why it is not stored (Cache-Status detail), empty when stored
+
+    @property
+    def fresh_for(self) -> float:
+        return max(self.l1_ttl, self.l2_ttl)
+
+
+def bypass_reason(headers: CIMultiDictProxy[str], route: Route) -> str | None:
+    """Why the cache must not answer this read, or None when it may."""
+    for name in CREDENTIALS:
+        if name in headers and name not in route.vary:
+            return "credentials"
+    if "range" in headers:
+        return "range"
+    return None
+
+
+def parse_cache_control(values: list[str]) -> dict[str, str | None]:
+    """``max-age=60, private`` -> {"max-age": "60", "private": None}; names lower-cased."""
+    directives: dict[str, str | None] = {}
+    for value in values:
+        for part in value.split(","):
+            name, sep, argument = part.strip().partition("=")
+            if name:
+                directives[name.lower()] = argument.strip().strip('"') if sep else None
+    return directives
+
+
+def decide(
+    status: int, headers: CIMultiDictProxy[str], route: Route, sent: frozenset[str], now: float
+) -> Decision:
+    """May this response to a cacheable request be stored, and for how long?
+
+    ``sent`` holds the (lower-case) request headers that went to the origin: a ``Vary`` on one
+    of them that the route does not key on makes the response someone's own.
+    """
+    directives = parse_cache_control(headers.getall("Cache-Control", []))
+    if "no-store" in directives:
+        return Decision(shared=False, detail="no-store")
+    if "private" in directives:
+        return Decision(shared=False, detail="private")
+    if "set-cookie" in headers:
+        return Decision(shared=False, detail="set-cookie")
+    for value in headers.getall("Vary", ()):
+        for name in (part.strip().lower() for part in value.split(",")):
+            if name == "*" or (name in sent and name not in route.vary):
+                return Decision(shared=False, detail="vary")
+    if status in CACHEABLE_STATUS:
+        l1_ttl, l2_ttl = route.l1_ttl, route.l2_ttl
+    elif status in NEGATIVE_STATUS and route.negative_ttl > 0:
+        l1_ttl = l2_ttl = route.negative_ttl
+    else:
+        return Decision(detail="status")
+    if "no-cache" in directives:
+        return Decision(detail="no-cache")  # stored, it would need revalidating on every use
+    cap = _freshness_cap(directives, headers, now)
+    if cap is not None:
+        if cap <= 0:
+            return Decision(detail="max-age")
+        l1_ttl, l2_ttl = min(l1_ttl, cap), min(l2_ttl, cap)
+    if l1_ttl <= 0 and l2_ttl <= 0:
+        return Decision(detail="ttl")
+    return Decision(l1_ttl=l1_ttl, l2_ttl=l2_ttl)
+
+
+def _freshness_cap(
+    directives: dict[str, str | None], headers: CIMultiDictProxy[str], now: float
+) -> float | None:
+    """The origin's own freshness lifetime, which caps the configured TTL (s-maxage first)."""
+    for name in ("s-maxage", "max-age"):
+        if name in directives:
+            seconds = _delta_seconds(directives[name])
+            # A malformed value is treated as stale, as RFC 9111 §4.2.1 asks.
+            return 0.0 if seconds is None else seconds
+    expires = headers.get("Expires")
+    if expires is not None:
+        expires_at = _http_date(expires)
+        if expires_at is None:
+            return 0.0  # an invalid Expires means "already expired" (RFC 9111 §5.3)
+        date = _http_date(headers.get("Date", "")) or now
+        return expires_at - date
+    return None
+
+
+def _delta_seconds(value: str | None) -> float | None:
+    if value is None or not value.isdigit():
+        return None
+    return float(value)
+
+
+def _http_date(value: str) -> float | None:
+    try:
+        return parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def not_modified(headers: CIMultiDictProxy[str], entry: Entry) -> bool:
+    """True when the client's validators say it already has ``entry`` (RFC 9110 §13.2.2)."""
+    if entry.status != 200:
+        return False
+    if_none_match = headers.get("If-None-Match")
+    if if_none_match is not None:
+        etag = find(entry.headers, "etag")
+        if if_none_match.strip() == "*":
+            return True
+        if etag is None:
+            return False
+        wanted = _weak(etag)
+        return any(_weak(tag) == wanted for tag in if_none_match.split(","))
+    if_modified_since = headers.get("If-Modified-Since")
+    if if_modified_since is not None:
+        last_modified = find(entry.headers, "last-modified")
+        since = _http_date(if_modified_since)
+        modified = _http_date(last_modified) if last_modified is not None else None
+        return since is not None and modified is not None and modified <= since
+    return False
+
+
+def _weak(tag: str) -> str:
+    """The opaque part of an entity tag, for the weak comparison GET uses."""
+    return tag.strip().removeprefix("W/")

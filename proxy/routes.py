@@ -1,0 +1,178 @@
+"""Routes: which paths are cached, under which key, in which mode.
+
+Templates are compiled once, at start: ``/users/{id}`` becomes a regular expression, and the key
+template ``users:{id}`` a format string checked against the path's parameters. A request then
+costs one ``match`` per route until the first hit (first match wins).
+
+A key names a resource (what a write or purge drops); a *variant* names one representation of
+it: the values of the route's ``vary`` headers and, on a route with a key template, the sorted
+query string. Variants are hashed so that a header value (a token, say) never appears in Redis.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import re
+import string
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from multidict import CIMultiDictProxy
+
+from proxy.paths import sorted_query
+
+if TYPE_CHECKING:
+    from proxy.settings import RouteSettings, Settings
+
+_PARAM = re.compile(r"\{([^{}]*)\}")
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+class Mode(enum.StrEnum):
+    CACHE_ASIDE = "cache-aside"  # reads cached; writes go to the origin, then drop the key
+    WRITE_THROUGH = "write-through"  # reads cached; a written value becomes the cached one
+    WRITE_BEHIND = "write-behind"  # writes land in the cache and a durable queue at once
+    BYPASS = "bypass"  # proxied, never cached
+
+
+class TemplateError(ValueError):
+    """A path or key template that cannot be compiled."""
+
+
+@dataclass(frozen=True, slots=True)
+class PathTemplate:
+    """``/users/{id}``: literal text, and ``{name}`` for one path segment."""
+
+    template: str
+    pattern: re.Pattern[str]
+    params: tuple[str, ...]
+
+    @classmethod
+    def compile(cls, template: str) -> PathTemplate:
+        if not template.startswith("/"):
+            raise TemplateError(f"{template!r} must start with /")
+        leftover = _PARAM.sub("", template)
+        if "{" in leftover or "}" in leftover:
+            raise TemplateError(f"{template!r} has an unbalanced brace")
+        params: list[str] = []
+        parts: list[str] = []
+        position = 0
+        for match in _PARAM.finditer(template):
+            name = match.group(1)
+            if not _IDENTIFIER.match(name):
+                raise TemplateError(f"{{{name}}} in {template!r} is not a parameter name")
+            if name in params:
+                raise TemplateError(f"{{{name}}} appears twice in {template!r}")
+            params.append(name)
+            parts.append(re.escape(template[position : match.start()]))
+            parts.append(f"(?P<{name}>[^/]+)")
+            position = match.end()
+        parts.append(re.escape(template[position:]))
+        return cls(template, re.compile("".join(parts) + r"\Z"), tuple(params))
+
+    def match(self, path: str) -> dict[str, str] | None:
+        found = self.pattern.match(path)
+        return found.groupdict() if found is not None else None
+
+
+@dataclass(frozen=True, slots=True)
+class KeyTemplate:
+    """``users:{id}``: a format string over the path's parameters."""
+
+    template: str
+
+    @classmethod
+    def compile(cls, template: str, params: Sequence[str]) -> KeyTemplate:
+        if not template:
+            raise TemplateError("a key template cannot be empty")
+        try:
+            fields = list(string.Formatter().parse(template))
+        except ValueError as exc:
+            raise TemplateError(f"{template!r}: {exc}") from None
+        for _literal, name, spec, conversion in fields:
+            if name is None:
+                continue
+            if name not in params:
+                known = ", ".join(f"{{{p}}}" for p in params) or "none"
+                raise TemplateError(
+                    f"{{{name}}} is not a parameter of the route's path (it has {known})"
+                )
+            if spec or conversion:
+                raise TemplateError(f"{{{name}}} takes no format spec or conversion")
+        return cls(template)
+
+    def render(self, params: Mapping[str, str]) -> str:
+        return self.template.format_map(params)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One compiled entry of ``routes``."""
+
+    name: str  # the path template: what metrics and logs call the route
+    path: PathTemplate
+    mode: Mode
+    key: KeyTemplate | None
+    l1_ttl: float
+    l2_ttl: float
+    negative_ttl: float
+    vary: tuple[str, ...]  # lower-case request header names
+    forward_headers: tuple[str, ...]  # lower-case request header names
+
+    @classmethod
+    def from_settings(cls, route: RouteSettings, settings: Settings) -> Route:
+        path = PathTemplate.compile(route.path)
+        return cls(
+            name=route.path,
+            path=path,
+            mode=route.mode,
+            key=KeyTemplate.compile(route.key, path.params) if route.key is not None else None,
+            l1_ttl=route.ttl.l1 if route.ttl.l1 is not None else settings.l1.ttl,
+            l2_ttl=route.ttl.l2 if route.ttl.l2 is not None else settings.l2.ttl,
+            negative_ttl=route.negative_ttl,
+            vary=tuple(name.lower() for name in route.vary),
+            forward_headers=tuple(name.lower() for name in route.forward_headers),
+        )
+
+    @property
+    def cached(self) -> bool:
+        return self.mode is not Mode.BYPASS
+
+    def key_for(self, params: Mapping[str, str], path: str, query: str) -> str:
+        """The logical key: the template's output, or the path and its sorted query string."""
+        if self.key is not None:
+            return self.key.render(params)
+        query = sorted_query(query)
+        return f"{path}?{query}" if query else path
+
+    def variant_for(self, headers: CIMultiDictProxy[str], query: str) -> str:
+        """Which representation of the key this request asks for; "" when there is one."""
+        parts = [f"{name}:{','.join(headers.getall(name, ()))}" for name in self.vary]
+        if self.key is not None and query:
+            parts.append("?" + sorted_query(query))
+        if not parts:
+            return ""
+        return hashlib.blake2b("\n".join(parts).encode(), digest_size=16).hexdigest()
+
+
+class Router:
+    def __init__(self, routes: Sequence[Route]) -> None:
+        self._routes = tuple(routes)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Router:
+        return cls([Route.from_settings(route, settings) for route in settings.routes])
+
+    @property
+    def routes(self) -> tuple[Route, ...]:
+        return self._routes
+
+    def match(self, path: str) -> tuple[Route, dict[str, str]] | None:
+        """The first route whose template matches ``path``, with its parameters."""
+        for route in self._routes:
+            params = route.path.match(path)
+            if params is not None:
+                return route, params
+        return None

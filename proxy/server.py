@@ -1,0 +1,85 @@
+"""Running the proxy: two listeners, one cache, a clean stop on SIGTERM or SIGINT.
+
+start: proxy app (opens origin client, Redis client, cache) -> admin app -> both listen
+SIGTERM/SIGINT: stop accepting -> finish in-flight requests within server.shutdown_grace
+                -> wait for background L2 writes -> close clients
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from importlib.metadata import version
+
+from aiohttp import web
+from yarl import URL
+
+from proxy.app import RUNTIME, build_admin_app, build_proxy_app
+from proxy.settings import Settings
+
+logger = logging.getLogger("cachecar")
+
+
+class ListenError(Exception):
+    """A listener could not bind its address."""
+
+
+async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
+    """Serve until ``stop`` is set (or a signal arrives), then stop gracefully."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+
+    grace = settings.server.shutdown_grace
+    proxy_app = build_proxy_app(settings)
+    proxy_runner = web.AppRunner(proxy_app, access_log=None, shutdown_timeout=grace)
+    await proxy_runner.setup()
+    admin_runner = web.AppRunner(build_admin_app(proxy_app), access_log=None, shutdown_timeout=1)
+    await admin_runner.setup()
+    try:
+        for runner, address in (
+            (proxy_runner, settings.server.listen),
+            (admin_runner, settings.admin.listen),
+        ):
+            site = web.TCPSite(runner, address.host, address.port, backlog=1024)
+            try:
+                await site.start()
+            except OSError as exc:
+                raise ListenError(f"cannot listen on {address}: {exc.strerror or exc}") from exc
+        cached = sum(route.cached for route in proxy_app[RUNTIME].proxy.routes)
+        _announce(settings, cached)
+        await stop.wait()
+        logger.info("stopping: finishing in-flight requests (up to %gs)", grace)
+    finally:
+        await admin_runner.cleanup()
+        await proxy_runner.cleanup()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+    logger.info("stopped")
+
+
+def _announce(settings: Settings, routes: int) -> None:
+    logger.info(
+        "cachecar %s proxying http://%s -> %s (%d cached route%s, others passed through)",
+        version("cachecar"),
+        settings.server.listen,
+        settings.upstream.url,
+        routes,
+        "" if routes == 1 else "s",
+    )
+    logger.info("admin on http://%s (/healthz, /readyz)", settings.admin.listen)
+    url = settings.l2.url
+    if url is None:
+        logger.info("L2: none (l2.url is not set): L1 and the origin only")
+    elif url.startswith("memory://"):
+        logger.info("L2: memory:// (in this process only: not shared between replicas)")
+    else:
+        logger.info("L2: %s, keys under %r", redact(url), settings.l2.key_prefix)
+
+
+def redact(url: str) -> str:
+    """``url`` without its password, for logs."""
+    parsed = URL(url)
+    return str(parsed.with_password("***")) if parsed.password else url

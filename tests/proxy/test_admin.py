@@ -1,0 +1,79 @@
+"""The admin listener: liveness and readiness."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from pytest_aiohttp import AiohttpClient
+
+from proxy.app import build_admin_app, build_proxy_app
+from tests.cache.test_redis_tier import free_port
+from tests.proxy.conftest import Origin, settings_for
+
+Client = TestClient[web.Request, web.Application]
+
+
+async def admin_for(aiohttp_client: AiohttpClient, origin: Origin, **settings: str) -> Client:
+    proxy_app = build_proxy_app(settings_for(origin, **settings))
+    await aiohttp_client(proxy_app)  # started: the runtime is open
+    return await aiohttp_client(build_admin_app(proxy_app))
+
+
+async def test_healthz_answers_while_the_process_lives(
+    aiohttp_client: AiohttpClient, origin: Origin
+) -> None:
+    admin = await admin_for(aiohttp_client, origin, upstream=f"http://127.0.0.1:{free_port()}")
+    response = await admin.get("/healthz")
+    assert response.status == 200
+    assert await response.json() == {"status": "alive"}
+
+
+async def test_readyz_is_200_when_origin_and_l2_answer(
+    aiohttp_client: AiohttpClient, origin: Origin
+) -> None:
+    admin = await admin_for(aiohttp_client, origin)
+    response = await admin.get("/readyz")
+    assert response.status == 200
+    assert await response.json() == {"status": "ready", "origin": "up", "l2": "up"}
+    assert origin.last("/").method == "GET"  # upstream.health_path
+
+
+async def test_readyz_is_503_naming_the_origin_when_it_is_down(
+    aiohttp_client: AiohttpClient, origin: Origin
+) -> None:
+    admin = await admin_for(aiohttp_client, origin, upstream=f"http://127.0.0.1:{free_port()}")
+    response = await admin.get("/readyz")
+    assert response.status == 503
+    body = await response.json()
+    assert body["status"] == "unavailable"
+    assert body["reason"].startswith("origin: origin unreachable")
+    assert body["l2"] == "up"
+
+
+async def test_readyz_is_503_when_the_origin_answers_5xx(
+    aiohttp_client: AiohttpClient, origin: Origin
+) -> None:
+    origin.reply("/", b"", status=503)
+    admin = await admin_for(aiohttp_client, origin)
+    response = await admin.get("/readyz")
+    assert response.status == 503
+    assert (await response.json())["origin"] == "/ answered 503"
+
+
+async def test_readyz_is_503_naming_l2_when_redis_is_down(
+    aiohttp_client: AiohttpClient, origin: Origin
+) -> None:
+    admin = await admin_for(aiohttp_client, origin, l2=f"redis://127.0.0.1:{free_port()}")
+    response = await admin.get("/readyz")
+    assert response.status == 503
+    body = await response.json()
+    assert body["origin"] == "up"
+    assert body["l2"].startswith("ping: ")
+    assert body["reason"].startswith("l2: ping")
+
+
+async def test_readyz_without_l2_checks_the_origin_only(
+    aiohttp_client: AiohttpClient, origin: Origin
+) -> None:
+    admin = await admin_for(aiohttp_client, origin, l2="")
+    assert await (await admin.get("/readyz")).json() == {"status": "ready", "origin": "up"}

@@ -1,0 +1,102 @@
+"""When the origin or L2 fails: clear JSON errors from the origin, never an error from L2."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from tests.cache.test_redis_tier import free_port
+from tests.fakes import RecordingObserver
+from tests.proxy.conftest import MakeProxy, Origin
+
+
+@pytest.mark.parametrize("path", ["/users/1", "/raw/1"])
+async def test_an_unreachable_origin_is_a_502_with_a_json_body(
+    make_proxy: MakeProxy, path: str
+) -> None:
+    proxy = await make_proxy(upstream=f"http://127.0.0.1:{free_port()}")
+    response = await proxy.get(path)
+    assert response.status == 502
+    body = await response.json()
+    assert body["error"] == "origin unreachable"
+    assert "cannot connect to 127.0.0.1" in body["detail"]
+    assert response.headers["X-Cache"] == ("MISS" if path == "/users/1" else "BYPASS")
+
+
+@pytest.mark.parametrize("path", ["/users/1", "/raw/1"])
+async def test_an_origin_slower_than_upstream_timeout_is_a_504_with_a_json_body(
+    make_proxy: MakeProxy, origin: Origin, path: str
+) -> None:
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(3)
+        return web.Response()
+
+    origin.handlers[path] = slow
+    proxy = await make_proxy()  # upstream.timeout: 1s
+    response = await proxy.get(path)
+    assert response.status == 504
+    assert await response.json() == {"error": "origin timeout", "detail": "no answer within 1s"}
+
+
+async def test_an_origin_that_breaks_off_a_streamed_answer_is_not_passed_off_as_complete(
+    make_proxy: MakeProxy, origin: Origin
+) -> None:
+    async def broken(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        await response.write(b"half of it")
+        assert request.transport is not None
+        request.transport.abort()
+        return response
+
+    origin.handlers["/raw/broken"] = broken
+    proxy = await make_proxy()
+    response = await proxy.get("/raw/broken")
+    assert response.status == 200
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await response.read()
+
+
+async def test_an_l2_on_a_dead_port_changes_nothing_for_clients(
+    make_proxy: MakeProxy, origin: Origin, observer: RecordingObserver
+) -> None:
+    proxy = await make_proxy(l2=f"redis://127.0.0.1:{free_port()}")
+    first = await proxy.get("/users/1")
+    second = await proxy.get("/users/1")
+    assert (first.status, first.headers["X-Cache"]) == (200, "MISS")
+    assert (second.status, second.headers["X-Cache"]) == (200, "HIT-L1")
+    assert (await proxy.put("/users/1", data=b"{}")).status == 200
+    assert (await proxy.get("/users/1")).headers["X-Cache"] == "MISS"
+    assert observer.errors["l2", "get"] >= 1
+
+
+@pytest.fixture
+async def silent_redis() -> AsyncIterator[int]:
+    """A port that accepts connections and never answers: a hung Redis."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def accept(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    yield server.sockets[0].getsockname()[1]
+    for writer in held:
+        writer.close()
+    server.close()
+    await server.wait_closed()
+
+
+async def test_a_hung_l2_is_cut_off_and_reads_are_served_from_the_origin(
+    make_proxy: MakeProxy, origin: Origin, observer: RecordingObserver, silent_redis: int
+) -> None:
+    proxy = await make_proxy(l2=f"redis://127.0.0.1:{silent_redis}")
+    for n in range(8):  # past breaker.failures (5): the breaker opens and L2 is skipped
+        response = await proxy.get(f"/users/{n}")
+        assert response.status == 200
+    # Five consecutive failures of any L2 call (gets and the background fills) open it.
+    assert ("l2", True) in observer.breaker
+    assert sum(observer.errors.values()) == 5

@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+import pytest
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from cache.entry import Entry
+from proxy.policy import Decision, decide, not_modified, parse_cache_control
+from proxy.routes import Router
+from proxy.settings import parse_settings
+
+ROUTE = Router.from_settings(
+    parse_settings(
+        "upstream: {url: http://o}\nl1: {ttl: 30s}\nl2: {ttl: 10m}\n"
+        "routes: [{path: /a, negative_ttl: 5s, vary: [Accept]}]",
+        env={},
+    )
+).routes[0]
+NOW = 1_767_225_600.0  # Thu, 01 Jan 2026 00:00:00 GMT
+SENT = frozenset({"accept", "user-agent", "x-forwarded-for", "x-forwarded-proto"})
+
+
+def response(**values: str) -> CIMultiDictProxy[str]:
+    return CIMultiDictProxy(CIMultiDict({k.replace("_", "-"): v for k, v in values.items()}))
+
+
+def test_cache_control_directives_are_parsed_case_insensitively() -> None:
+    assert parse_cache_control(['Max-Age=60, PRIVATE, community="UCI"', "no-transform"]) == {
+        "max-age": "60",
+        "private": None,
+        "community": "UCI",
+        "no-transform": None,
+    }
+
+
+def test_the_configured_ttls_apply_when_the_origin_says_nothing() -> None:
+    assert decide(200, response(), ROUTE, SENT, NOW) == Decision(l1_ttl=30, l2_ttl=600)
+
+
+def test_s_maxage_wins_over_max_age_for_a_shared_cache() -> None:
+    decision = decide(200, response(Cache_Control="max-age=5, s-maxage=90"), ROUTE, SENT, NOW)
+    assert decision == Decision(l1_ttl=30, l2_ttl=90)
+
+
+@pytest.mark.parametrize("value", ["max-age=abc", "max-age=-1", "max-age"])
+def test_a_malformed_max_age_is_treated_as_stale(value: str) -> None:
+    assert decide(200, response(Cache_Control=value), ROUTE, SENT, NOW).detail == "max-age"
+
+
+def test_an_invalid_expires_means_already_expired() -> None:
+    assert decide(200, response(Expires="0"), ROUTE, SENT, NOW).detail == "max-age"
+
+
+def test_expires_counts_from_the_origin_date() -> None:
+    decision = decide(
+        200,
+        response(Date="Thu, 01 Jan 2026 00:00:00 GMT", Expires="Thu, 01 Jan 2026 00:01:00 GMT"),
+        ROUTE,
+        SENT,
+        NOW + 3600,  # our clock is ahead of the origin's: the lifetime still is 60 s
+    )
+    assert decision == Decision(l1_ttl=30, l2_ttl=60)
+
+
+def test_negative_answers_use_negative_ttl_in_both_tiers() -> None:
+    assert decide(404, response(), ROUTE, SENT, NOW) == Decision(l1_ttl=5, l2_ttl=5)
+
+
+def test_a_vary_on_a_keyed_header_is_fine_and_on_an_unkeyed_sent_one_is_not() -> None:
+    assert decide(200, response(Vary="accept"), ROUTE, SENT, NOW).l2_ttl == 600
+    refused = decide(200, response(Vary="Accept, User-Agent"), ROUTE, SENT, NOW)
+    assert (refused.detail, refused.shared) == ("vary", False)
+
+
+def entry(status: int = 200, **values: str) -> Entry:
+    return Entry(status, tuple((k.replace("_", "-"), v) for k, v in values.items()), b"", 0, 60)
+
+
+@pytest.mark.parametrize(
+    ("if_none_match", "expected"),
+    [('"v1"', True), ('W/"v1"', True), ('"v0", "v1"', True), ("*", True), ('"v2"', False)],
+)
+def test_if_none_match_uses_the_weak_comparison(if_none_match: str, expected: bool) -> None:
+    assert not_modified(response(If_None_Match=if_none_match), entry(ETag='"v1"')) is expected
+
+
+def test_if_none_match_wins_over_if_modified_since() -> None:
+    request = response(If_None_Match='"v2"', If_Modified_Since="Fri, 01 Jan 2100 00:00:00 GMT")
+    cached = entry(ETag='"v1"', Last_Modified="Wed, 01 Jan 2025 00:00:00 GMT")
+    assert not not_modified(request, cached)
+
+
+def test_only_a_200_is_ever_answered_304() -> None:
+    assert not not_modified(response(If_None_Match="*"), entry(404, ETag='"v1"'))

@@ -1,0 +1,104 @@
+from __future__ import annotations
+
+import pytest
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from proxy.routes import KeyTemplate, PathTemplate, Router, TemplateError
+from proxy.settings import parse_settings
+
+SETTINGS = parse_settings(
+    """
+upstream: {url: http://127.0.0.1:9000}
+l1: {ttl: 7s}
+routes:
+  - path: /users/{id}/orders/{order}
+    key: "orders:{id}:{order}"
+    vary: [Accept, X-Lang]
+  - path: /users/{id}
+    key: "users:{id}"
+    ttl: {l1: 1s, l2: 2s}
+  - path: /users/{id}.json
+  - path: /static/logo
+    mode: bypass
+""",
+    env={},
+)
+
+
+def headers(**values: str) -> CIMultiDictProxy[str]:
+    return CIMultiDictProxy(CIMultiDict({k.replace("_", "-"): v for k, v in values.items()}))
+
+
+def test_the_first_matching_route_wins_and_gives_its_parameters() -> None:
+    router = Router.from_settings(SETTINGS)
+    found = router.match("/users/42/orders/7")
+    assert found is not None
+    route, params = found
+    assert route.name == "/users/{id}/orders/{order}"
+    assert params == {"id": "42", "order": "7"}
+    assert route.key_for(params, "/users/42/orders/7", "") == "orders:42:7"
+
+
+def test_a_parameter_matches_one_segment_only() -> None:
+    router = Router.from_settings(SETTINGS)
+    assert router.match("/users/1/2") is None
+    assert router.match("/users/") is None
+    found = router.match("/users/1.json")
+    assert found is not None
+    assert found[0].name == "/users/{id}"  # first match wins over /users/{id}.json
+
+
+def test_route_ttls_fall_back_to_the_tier_ttls() -> None:
+    routes = Router.from_settings(SETTINGS).routes
+    assert (routes[0].l1_ttl, routes[0].l2_ttl) == (7.0, 600.0)
+    assert (routes[1].l1_ttl, routes[1].l2_ttl) == (1.0, 2.0)
+    assert not routes[3].cached
+
+
+def test_the_variant_depends_on_vary_headers_case_insensitively_and_hides_values() -> None:
+    route = Router.from_settings(SETTINGS).routes[0]
+    json = route.variant_for(headers(Accept="application/json"), "")
+    assert json == route.variant_for(headers(accept="application/json"), "")
+    assert json != route.variant_for(headers(Accept="text/html"), "")
+    assert json != route.variant_for(headers(Accept="application/json", X_Lang="fr"), "")
+    assert "json" not in json  # hashed: a token in a vary header never lands in Redis
+    assert Router.from_settings(SETTINGS).routes[1].variant_for(headers(Accept="x"), "") == ""
+
+
+def test_on_a_key_template_the_sorted_query_is_part_of_the_variant() -> None:
+    route = Router.from_settings(SETTINGS).routes[1]
+    assert route.variant_for(headers(), "b=2&a=1") == route.variant_for(headers(), "a=1&b=2")
+    assert route.variant_for(headers(), "a=1") != route.variant_for(headers(), "")
+
+
+def test_without_a_key_template_the_key_is_the_path_and_sorted_query() -> None:
+    route = Router.from_settings(SETTINGS).routes[2]
+    assert route.key_for({"id": "1"}, "/users/1.json", "z=1&a=2") == "/users/1.json?a=2&z=1"
+    assert route.key_for({"id": "1"}, "/users/1.json", "") == "/users/1.json"
+
+
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [
+        ("/a/{x}/{x}", "appears twice"),
+        ("/a/{x", "unbalanced"),
+        ("/a/x}", "unbalanced"),
+        ("/a/{}", "is not a parameter name"),
+        ("a/{x}", "must start with /"),
+    ],
+)
+def test_bad_path_templates_are_refused(template: str, message: str) -> None:
+    with pytest.raises(TemplateError, match=message):
+        PathTemplate.compile(template)
+
+
+def test_literal_text_in_a_template_is_not_a_pattern() -> None:
+    template = PathTemplate.compile("/v1.0/{id}")
+    assert template.match("/v1.0/3") == {"id": "3"}
+    assert template.match("/v1x0/3") is None
+
+
+@pytest.mark.parametrize("template", ["u:{other}", "u:{id!r}", "u:{id:>5}", "", "u:{"])
+def test_bad_key_templates_are_refused(template: str) -> None:
+    with pytest.raises(TemplateError):
+        KeyTemplate.compile(template, ["id"])

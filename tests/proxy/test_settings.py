@@ -1,0 +1,257 @@
+"""The config loader: every problem names its key path and its bad value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from proxy.routes import Mode
+from proxy.settings import Address, ConfigError, effective_yaml, load_settings, parse_settings
+
+MINIMAL = "upstream: {url: http://127.0.0.1:9000}\n"
+REPO = Path(__file__).resolve().parents[2]
+
+
+def problems(text: str, env: dict[str, str] | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        parse_settings(text, env=env or {})
+    return caught.value.problems
+
+
+def test_a_minimal_config_gets_the_documented_defaults() -> None:
+    settings = parse_settings(MINIMAL, env={})
+    assert settings.server.listen == Address("127.0.0.1", 8080)
+    assert settings.server.max_body == 10 << 20
+    assert settings.admin.listen == Address("127.0.0.1", 8081)
+    assert settings.admin.token == ""
+    assert settings.upstream.timeout == 5.0
+    assert settings.l1.max_bytes == 64 << 20
+    assert settings.l1.ttl == 30.0
+    assert settings.l2.url is None  # absent: L1 only
+    assert settings.l2.timeout == 0.05
+    assert settings.l2.key_prefix == "cachecar:"
+    assert settings.l2.breaker.failures == 5
+    assert settings.routes == ()
+
+
+def test_durations_and_sizes_are_numbers_after_loading() -> None:
+    settings = parse_settings(
+        MINIMAL
+        + "l1: {ttl: 1h, max_bytes: 512KiB}\n"
+        + "l2: {url: 'memory://', timeout: 250ms, ttl: 10m}\n"
+        + "server: {max_body: 1048576, shutdown_grace: 1.5s}\n"
+        + "routes: [{path: /a, ttl: {l1: 2m}, negative_ttl: 1d}]\n",
+        env={},
+    )
+    assert settings.l1.ttl == 3600.0
+    assert settings.l1.max_bytes == 512 << 10
+    assert settings.l2.timeout == 0.25
+    assert settings.server.max_body == 1 << 20
+    assert settings.server.shutdown_grace == 1.5
+    route = settings.routes[0]
+    assert (route.ttl.l1, route.ttl.l2, route.negative_ttl) == (120.0, None, 86400.0)
+    assert route.mode is Mode.CACHE_ASIDE
+
+
+def test_environment_variables_are_replaced_in_values() -> None:
+    settings = parse_settings(
+        "upstream: {url: '${ORIGIN}'}\n"
+        "admin: {token: '${TOKEN:-}', listen: '127.0.0.1:${ADMIN_PORT:-9999}'}\n"
+        "l2: {key_prefix: 'app$${literal}:'}\n",
+        env={"ORIGIN": "http://origin:8000"},
+    )
+    assert settings.upstream.url == "http://origin:8000"
+    assert settings.admin.token == ""
+    assert settings.admin.listen.port == 9999
+    assert settings.l2.key_prefix == "app${literal}:"
+
+
+def test_an_unset_variable_without_a_default_names_the_variable_and_the_key() -> None:
+    assert problems(MINIMAL + "admin: {token: '${CACHECAR_TOKEN}'}\n") == [
+        "admin.token: environment variable CACHECAR_TOKEN is not set "
+        "(set it, or give a default: ${CACHECAR_TOKEN:-default})"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "routes: [{path: /a}, {path: /b, ttl: {l1: 30 seconds}}]",
+            "routes[1].ttl.l1: '30 seconds' is not a duration (use 250ms, 30s, 10m, 1h)",
+        ),
+        ("l1: {ttl: 30}", "l1.ttl: 30 is not a duration (use 250ms, 30s, 10m, 1h)"),
+        (
+            "l1: {max_bytes: lots}",
+            "l1.max_bytes: 'lots' is not a size (use 512KiB, 64MiB, 1GiB or bytes)",
+        ),
+        ("l1: {max_entries: many}", "l1.max_entries: expected a whole number, got 'many'"),
+        ("l1: {max_entries: 0}", "l1.max_entries: 0 must be at least 1"),
+        ("l2: {timeout: 0s}", "l2.timeout: '0s' must be more than 0"),
+        ("l1: {ttll: 30s}", "l1.ttll: unknown key (did you mean 'ttl'?)"),
+        ("cache: {}", "cache: unknown key (known keys: server, admin, upstream, l1, l2, routes)"),
+        (
+            "routes: [{path: /a, tag: x}]",
+            "routes[0].tag: unknown key (known keys: path, mode, key, ttl, negative_ttl, vary, "
+            "forward_headers)",
+        ),
+        (
+            "server: {listen: 8080}",
+            "server.listen: 8080 is not an address (use host:port, e.g. 127.0.0.1:8080)",
+        ),
+        (
+            "server: {listen: 'localhost:99999'}",
+            "server.listen: 'localhost:99999' is not an address (use host:port, e.g. 127.0.0.1:8080)",
+        ),
+        (
+            "l2: {url: 'mysql://x'}",
+            "l2.url: 'mysql://x' is not a Redis URL (use memory://, redis://host:port/db, rediss:// or unix://)",
+        ),
+        (
+            "routes: [{path: /a, mode: lazy}]",
+            "routes[0].mode: 'lazy' is not one of 'cache-aside', 'write-through', 'write-behind' or 'bypass'",
+        ),
+        ("routes: [{path: users}]", "routes[0].path: 'users' must start with /"),
+        (
+            "routes: [{path: '/u/{id}/{id}'}]",
+            "routes[0].path: {id} appears twice in '/u/{id}/{id}'",
+        ),
+        ("routes: [{path: '/u/{id'}]", "routes[0].path: '/u/{id' has an unbalanced brace"),
+        (
+            "routes: [{path: '/u/{1d}'}]",
+            "routes[0].path: {1d} in '/u/{1d}' is not a parameter name",
+        ),
+        (
+            "routes: [{path: '/u/{id}', key: 'u:{uid}'}]",
+            "routes[0].key: {uid} is not a parameter of the route's path (it has {id})",
+        ),
+        (
+            "routes: [{path: /a, vary: [Connection]}]",
+            "routes[0].vary: 'Connection' is a hop-by-hop header and cannot select a variant",
+        ),
+        (
+            "routes: [{path: /a, vary: ['bad header']}]",
+            "routes[0].vary[0]: 'bad header' is not a header name",
+        ),
+        ("routes: {path: /a}", "routes: expected a list, got {'path': '/a'}"),
+        ("server: [1]", "server: expected a mapping of keys, got [1]"),
+    ],
+)
+def test_each_problem_names_its_key_and_value(text: str, expected: str) -> None:
+    assert problems(MINIMAL + text + "\n") == [expected]
+
+
+def test_forwarding_credentials_unkeyed_is_refused() -> None:
+    [problem] = problems(MINIMAL + "routes: [{path: /a, forward_headers: [Authorization]}]\n")
+    assert problem.startswith("routes[0].forward_headers: 'Authorization' carries credentials")
+
+
+def test_the_origin_url_must_be_http_with_a_host() -> None:
+    assert problems("upstream: {url: 'ftp://x'}") == [
+        "upstream.url: 'ftp://x' is not an http:// or https:// URL with a host"
+    ]
+    assert problems("server: {}") == ["upstream: required"]
+    assert problems("upstream: {timeout: 1s}") == ["upstream.url: required"]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "coherence: {enabled: true}",
+            "coherence: is in the documented contract but not implemented in this version yet",
+        ),
+        (
+            "write_behind: {batch_size: 10}",
+            "write_behind: is in the documented contract but not implemented in this version yet",
+        ),
+        (
+            "routes: [{path: /a, stale_if_error: 10m}]",
+            "routes[0].stale_if_error: is in the documented contract but not implemented in this version yet",
+        ),
+        (
+            "routes: [{path: /a, tags: ['a']}]",
+            "routes[0].tags: is in the documented contract but not implemented in this version yet",
+        ),
+        (
+            "routes: [{path: /a, mode: write-behind}]",
+            "routes[0].mode: 'write-behind' is not implemented in this version yet (use cache-aside or bypass)",
+        ),
+        (
+            "server: {workers: 4}",
+            "server.workers: 4 workers: only 1 is implemented in this version yet",
+        ),
+        (
+            "l2: {url: 'redis+cluster://h:7000'}",
+            "l2.url: redis+cluster:// is not implemented in this version yet",
+        ),
+    ],
+)
+def test_contract_keys_this_version_does_not_implement_are_refused_by_name(
+    text: str, expected: str
+) -> None:
+    assert problems(MINIMAL + text + "\n") == [expected]
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    found = problems(MINIMAL + "l1: {ttl: soon, max_entries: -1}\nl2: {ttl: later}\n")
+    assert sorted(found) == [
+        "l1.max_entries: -1 must be at least 1",
+        "l1.ttl: 'soon' is not a duration (use 250ms, 30s, 10m, 1h)",
+        "l2.ttl: 'later' is not a duration (use 250ms, 30s, 10m, 1h)",
+    ]
+
+
+def test_a_key_given_twice_is_an_error_with_its_line() -> None:
+    [problem] = problems(MINIMAL + "l1: {ttl: 1s}\nl1: {ttl: 2s}\n")
+    assert problem == "line 3, column 1: key 'l1' appears twice in one mapping (not valid YAML)"
+
+
+def test_yaml_that_does_not_parse_names_the_line() -> None:
+    [problem] = problems(MINIMAL + "routes: [\n")
+    assert problem.startswith("line 3")
+    assert problem.endswith("(not valid YAML)")
+
+
+def test_a_file_that_is_not_a_mapping_is_refused() -> None:
+    assert problems("- a\n- b\n") == [
+        "the file must be a mapping of sections (server:, routes:, ...)"
+    ]
+
+
+def test_yaml_tags_that_build_objects_are_refused() -> None:
+    [problem] = problems(MINIMAL + "l2: {key_prefix: !!python/object/apply:os.system [id]}\n")
+    assert "not valid YAML" in problem
+
+
+def test_a_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(tmp_path / "nope.yaml")
+    assert caught.value.problems == ["cannot read the file: No such file or directory"]
+
+
+def test_the_effective_settings_fill_defaults_and_hide_the_token() -> None:
+    text = effective_yaml(
+        parse_settings(
+            MINIMAL + "admin: {token: s3cret}\nl1: {ttl: 45s}\nroutes: [{path: /a}]\n", env={}
+        )
+    )
+    assert "s3cret" not in text
+    assert "token: <redacted>" in text
+    assert "max_bytes: 64MiB" in text
+    assert "l1: 45s" in text  # the route inherits l1.ttl
+    assert "l2: 10m" in text
+    assert parse_settings(text.replace("<redacted>", "x"), env={}).l1.ttl == 45.0
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted(
+        p.relative_to(REPO)
+        for p in [REPO / "config/cachecar.yaml", *REPO.glob("config/examples/*.yaml")]
+    ),
+    ids=str,
+)
+def test_every_shipped_config_is_valid(path: Path) -> None:
+    load_settings(REPO / path, env={})
