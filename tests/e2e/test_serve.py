@@ -1,0 +1,175 @@
+"""``cachecar serve`` as a user runs it: a real process, a real config file, HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+
+import aiohttp
+import pytest
+import redis
+
+from tests.e2e.conftest import (
+    Spawn,
+    free_port,
+    start_origin,
+    start_proxy,
+    start_redis,
+    wait_http,
+    write_config,
+)
+
+
+async def get(url: str) -> tuple[int, str, bytes]:
+    """Status, X-Cache and body of a GET."""
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        return response.status, response.headers.get("X-Cache", ""), await response.read()
+
+
+async def test_miss_then_hit_l1_then_a_clean_stop(spawn: Spawn, tmp_path: Path) -> None:
+    origin = await start_origin(spawn)
+    await origin.put("/users/1", {"name": "ada"})
+    proxy = await start_proxy(spawn, write_config(tmp_path / "c.yaml", origin.url))
+    assert await get(proxy.url + "/users/1") == (200, "MISS", b'{"name": "ada"}')
+    assert await get(proxy.url + "/users/1") == (200, "HIT-L1", b'{"name": "ada"}')
+    assert await origin.count("/users/1") == 1
+    assert proxy.process.stop() == 0
+    assert "stopped" in proxy.process.output()
+
+
+@pytest.mark.redis
+async def test_a_restarted_proxy_answers_from_l2(
+    spawn: Spawn, tmp_path: Path, redis_url: str, key_prefix: str
+) -> None:
+    origin = await start_origin(spawn)
+    await origin.put("/users/1", {"name": "ada"})
+    config = write_config(tmp_path / "c.yaml", origin.url, l2=redis_url, key_prefix=key_prefix)
+    try:
+        first = await start_proxy(spawn, config, "first")
+        assert (await get(first.url + "/users/1"))[1] == "MISS"
+        assert first.process.stop() == 0  # a clean stop waits for the L2 fill
+        restarted = await start_proxy(spawn, config, "restarted")
+        assert await get(restarted.url + "/users/1") == (200, "HIT-L2", b'{"name": "ada"}')
+        assert (await get(restarted.url + "/users/1"))[1] == "HIT-L1"
+        assert await origin.count("/users/1") == 1
+    finally:
+        with redis.Redis.from_url(redis_url) as client:
+            for key in client.scan_iter(match=f"{key_prefix}*"):
+                client.delete(key)
+
+
+@pytest.mark.redis
+async def test_two_proxies_on_one_redis_share_l2(
+    spawn: Spawn, tmp_path: Path, redis_url: str, key_prefix: str
+) -> None:
+    origin = await start_origin(spawn)
+    await origin.put("/users/1", {"name": "ada"})
+    try:
+        a = await start_proxy(
+            spawn,
+            write_config(tmp_path / "a.yaml", origin.url, l2=redis_url, key_prefix=key_prefix),
+            "a",
+        )
+        b = await start_proxy(
+            spawn,
+            write_config(tmp_path / "b.yaml", origin.url, l2=redis_url, key_prefix=key_prefix),
+            "b",
+        )
+        assert (await get(a.url + "/users/1"))[1] == "MISS"
+        for _ in range(50):  # the fill reaches L2 just after A answers
+            status, outcome, body = await get(b.url + "/users/1")
+            if outcome == "HIT-L2":
+                break
+            await asyncio.sleep(0.02)
+        assert (status, outcome, body) == (200, "HIT-L2", b'{"name": "ada"}')
+        assert await origin.count("/users/1") == 1
+    finally:
+        with redis.Redis.from_url(redis_url) as client:
+            for key in client.scan_iter(match=f"{key_prefix}*"):
+                client.delete(key)
+
+
+async def test_500_concurrent_gets_on_a_cold_key_make_one_origin_request(
+    spawn: Spawn, tmp_path: Path
+) -> None:
+    origin = await start_origin(spawn, latency="300ms")
+    await origin.put("/users/42", {"hot": True})
+    proxy = await start_proxy(spawn, write_config(tmp_path / "c.yaml", origin.url))
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def one() -> tuple[int, str]:
+            async with session.get(proxy.url + "/users/42") as response:
+                await response.read()
+                return response.status, response.headers["X-Cache"]
+
+        results = await asyncio.gather(*(one() for _ in range(500)))
+    assert {status for status, _ in results} == {200}
+    assert await origin.count("/users/42") == 1
+
+
+async def test_reads_keep_answering_while_redis_is_killed_and_use_it_again_when_back(
+    spawn: Spawn, tmp_path: Path
+) -> None:
+    port = free_port()
+    redis_process = start_redis(spawn, port)
+    origin = await start_origin(spawn)
+    for n in range(20):
+        await origin.put(f"/users/{n}", {"n": n})
+    config = write_config(
+        tmp_path / "c.yaml",
+        origin.url,
+        l2=f"redis://127.0.0.1:{port}/0",
+        extra="l1: {ttl: 1s}\n",
+    )
+    proxy = await start_proxy(spawn, config)
+    statuses: list[int] = []
+    outcomes: list[str] = []
+
+    async def read_for(seconds: float) -> None:
+        for round_ in range(int(seconds / 0.05)):
+            status, outcome, _ = await get(f"{proxy.url}/users/{round_ % 20}")
+            statuses.append(status)
+            outcomes.append(outcome)
+            await asyncio.sleep(0.05)
+
+    await read_for(1.0)
+    assert "MISS" in outcomes
+    redis_process.stop(signal.SIGKILL)
+    await read_for(2.5)  # past the breaker opening, and past L1's TTL
+    assert set(statuses) == {200}, f"{statuses.count(200)} of {len(statuses)} were 200"
+
+    start_redis(spawn, port, "redis-again")
+    outcomes.clear()
+    for _ in range(100):  # the breaker probes every second; fills then hits reach L2 again
+        await read_for(0.5)
+        if "HIT-L2" in outcomes:
+            break
+    assert "HIT-L2" in outcomes
+    assert set(statuses) == {200}
+    assert proxy.process.stop() == 0
+
+
+async def test_sigterm_finishes_requests_in_flight(spawn: Spawn, tmp_path: Path) -> None:
+    origin = await start_origin(spawn, latency="1s")
+    await origin.put("/users/1", {"slow": True})
+    proxy = await start_proxy(spawn, write_config(tmp_path / "c.yaml", origin.url))
+    in_flight = asyncio.create_task(get(proxy.url + "/users/1"))
+    await asyncio.sleep(0.3)
+    proxy.process.popen.send_signal(signal.SIGTERM)
+    assert await in_flight == (200, "MISS", b'{"slow": true}')
+    assert await asyncio.to_thread(proxy.process.stop) == 0
+
+
+async def test_cachecar_starts_without_redis(spawn: Spawn, tmp_path: Path) -> None:
+    origin = await start_origin(spawn)
+    await origin.put("/users/1", {})
+    config = write_config(tmp_path / "c.yaml", origin.url, l2=f"redis://127.0.0.1:{free_port()}")
+    proxy = await start_proxy(spawn, config)
+    assert (await get(proxy.url + "/users/1"))[:2] == (200, "MISS")
+    assert (await get(proxy.url + "/users/1"))[:2] == (200, "HIT-L1")
+    await wait_http(proxy.admin + "/healthz", proxy.process)
+    status, _, body = await get(proxy.admin + "/readyz")
+    assert status == 503
+    assert b'"l2"' in body
