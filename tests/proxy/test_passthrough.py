@@ -161,3 +161,12 @@ async def test_a_chunked_body_over_max_body_is_refused_with_413(
     assert response.status == 413
     assert (await response.json())["error"] == "request body too large"
     assert all(len(r.body) <= 1024 for r in origin.received)
+
+
+async def test_an_origin_url_with_a_base_path_prefixes_every_request(
+    make_proxy: MakeProxy, origin: Origin
+) -> None:
+    proxy = await make_proxy(upstream=origin.url + "/v1/")
+    await proxy.get("/users/1?x=1")
+    await proxy.get("/elsewhere")
+    assert [r.path for r in origin.received] == ["/v1/users/1?x=1", "/v1/elsewhere"]
