@@ -55,6 +55,8 @@ class Demo:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
+        # Kept for the life of the loop: a second Ctrl-C while stopping must not leave the
+        # children (in sessions of their own) running.
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, self._stop.set)
         children: list[subprocess.Popen[bytes]] = []
@@ -84,8 +86,6 @@ class Demo:
                 self._banner()
                 await self._traffic(session)
         finally:
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(signum)
             await _stop_children(children)
         print(f"\nstopped. {self._summary()}")
         return 0

@@ -29,6 +29,8 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
     """Serve until ``stop`` is set (or a signal arrives), then stop gracefully."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
+    # Installed for the life of the loop: a second signal while stopping is absorbed, so the
+    # graceful stop is never cut short by the default handler (it is bounded by the grace).
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
 
@@ -55,8 +57,6 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
     finally:
         await admin_runner.cleanup()
         await proxy_runner.cleanup()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(signum)
     logger.info("stopped")
 
 

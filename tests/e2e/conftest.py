@@ -44,6 +44,15 @@ class Process:
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def wait(self, within: float = 20) -> int:
+        """Wait for the process to exit by itself; kill it if it does not in time."""
+        try:
+            return self.popen.wait(within)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait()
+            raise AssertionError(f"{self.name} did not exit within {within}s") from None
+
     def stop(self, signum: int = signal.SIGTERM, within: float = 20) -> int:
         """Signal the process and wait for it; kill it if it does not stop in time."""
         if self.popen.poll() is None:

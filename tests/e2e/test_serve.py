@@ -158,8 +158,9 @@ async def test_sigterm_finishes_requests_in_flight(spawn: Spawn, tmp_path: Path)
     in_flight = asyncio.create_task(get(proxy.url + "/users/1"))
     await asyncio.sleep(0.3)
     proxy.process.popen.send_signal(signal.SIGTERM)
+    proxy.process.popen.send_signal(signal.SIGTERM)  # impatience must not cut the stop short
     assert await in_flight == (200, "MISS", b'{"slow": true}')
-    assert await asyncio.to_thread(proxy.process.stop) == 0
+    assert await asyncio.to_thread(proxy.process.wait) == 0
 
 
 async def test_cachecar_starts_without_redis(spawn: Spawn, tmp_path: Path) -> None:
