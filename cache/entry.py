@@ -21,6 +21,7 @@ All integers are big-endian.
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
 
@@ -100,6 +101,10 @@ def decode(data: bytes) -> Entry:
         raise CorruptEntry(f"envelope version {version} is not supported (this build reads 1)")
     if flags:
         raise CorruptEntry(f"unknown envelope flags {flags:#x}")
+    if not 100 <= status <= 599:
+        raise CorruptEntry(f"status {status} is not an HTTP status")
+    if not (math.isfinite(stored_at) and math.isfinite(ttl)) or ttl < 0:
+        raise CorruptEntry(f"stored_at {stored_at} / ttl {ttl} are not times")
     view = memoryview(data)
     offset = _HEAD.size
     headers: list[tuple[str, str]] = []

@@ -7,6 +7,8 @@ so a variant kept alive by a newer sibling is still never served past its TTL.
 
 Every call is bounded by ``timeout`` and any failure (refused, reset, slow, an error reply) is
 raised as ``TierUnavailable``: the tiered cache counts it and carries on as if it had missed.
+A key that holds something else (another Redis type, bytes that are not an envelope) is a
+``CorruptEntry``: Redis is healthy, the key is dropped.
 """
 
 from __future__ import annotations
@@ -17,10 +19,10 @@ from collections.abc import AsyncIterator
 
 from redis.asyncio import Redis
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from cache.entry import Entry, decode, encode
-from cache.errors import TierUnavailable
+from cache.errors import CorruptEntry, TierUnavailable
 from cache.tier import Stored
 
 MEMORY_URL = "memory://"
@@ -114,6 +116,11 @@ class RedisTier:
                 yield
         except TimeoutError as exc:
             raise TierUnavailable(op, f"no answer within {self._timeout * 1000:g}ms") from exc
+        except ResponseError as exc:
+            if "WRONGTYPE" in str(exc):
+                # Redis is fine; the key holds something that is not a cachecar hash.
+                raise CorruptEntry(f"{op}: the key holds another Redis type") from exc
+            raise TierUnavailable(op, _describe(exc)) from exc
         except (RedisError, OSError) as exc:
             raise TierUnavailable(op, _describe(exc)) from exc
 

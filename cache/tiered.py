@@ -9,6 +9,7 @@
 
     invalidate(key)
       -> running lookups of the key are detached: they answer whoever already waits, store nothing
+      -> until L2 has dropped the key, reads do not trust L2 for it (nor fill it)
       -> L1 drops the key; pending L2 fills of the key are waited for; L2 drops the key
       -> L2 down: the key is remembered, reads skip L2 for it and the delete is retried as soon
          as L2 answers, so an outage cannot resurrect a value a write replaced
@@ -23,6 +24,7 @@ import asyncio
 import dataclasses
 import enum
 import logging
+from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
 from functools import partial
 from typing import Any
@@ -102,6 +104,7 @@ class TieredCache:
         self._fills: dict[str, set[asyncio.Task[None]]] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._pending_deletes: set[str] = set()
+        self._deleting: Counter[str] = Counter()
         self._retrying_deletes = False
         self._l2_ok = True
 
@@ -155,13 +158,17 @@ class TieredCache:
         if flights is not None:
             for flight in flights.values():
                 flight.stale = True
+        drop = None
+        if self._l2 is not None:
+            # Until Redis has dropped the key, L2 is not trusted for it: a read arriving in
+            # between must not copy the old value back into L1.
+            self._deleting[key] += 1
+            # The L2 half is a task of its own: a caller cancelled now (its client gone, the
+            # shutdown grace over) must not leave the old value in Redis; aclose waits for it.
+            drop = self._spawn(self._drop_from_l2(key))
         await self._l1.delete(key)
-        if self._l2 is None:
-            return
-        fills = self._fills.get(key)
-        if fills:
-            await asyncio.wait(list(fills))
-        await self._l2_delete(key)
+        if drop is not None:
+            await asyncio.shield(drop)
 
     async def aclose(self) -> None:
         """Wait for background L2 work (each call is bounded), then close both tiers."""
@@ -213,7 +220,7 @@ class TieredCache:
 
     async def _l2_get(self, key: str, variant: str) -> Stored | None:
         l2 = self._l2
-        if l2 is None or key in self._pending_deletes or not self._l2_allowed():
+        if l2 is None or self._untrusted(key) or not self._l2_allowed():
             return None
         try:
             stored = await l2.get(key, variant)
@@ -222,11 +229,8 @@ class TieredCache:
             self._observer.lookup("l2", False)
             return None
         except CorruptEntry as exc:
-            self._l2_answered()
-            self._observer.tier_error("l2", "decode")
+            self._foreign(key, exc)
             self._observer.lookup("l2", False)
-            logger.warning("L2 entry %r is not readable (%s); dropping it", key, exc)
-            self._spawn(self._l2_delete(key))
             return None
         self._l2_answered()
         if stored is not None:
@@ -253,14 +257,28 @@ class TieredCache:
         self, key: str, variant: str, entry: Entry, ttl: float, flight: _Flight
     ) -> None:
         l2 = self._l2
-        if l2 is None or flight.stale or key in self._pending_deletes or not self._l2_allowed():
+        if l2 is None or flight.stale or self._untrusted(key) or not self._l2_allowed():
             return
         try:
             await l2.set(key, variant, entry, ttl)
         except TierUnavailable as exc:
             self._l2_failed(exc)
             return
+        except CorruptEntry as exc:
+            self._foreign(key, exc)
+            return
         self._l2_answered()
+
+    async def _drop_from_l2(self, key: str) -> None:
+        try:
+            fills = self._fills.get(key)
+            if fills:
+                await asyncio.wait(list(fills))
+            await self._l2_delete(key)
+        finally:
+            self._deleting[key] -= 1
+            if self._deleting[key] <= 0:
+                del self._deleting[key]
 
     async def _l2_delete(self, key: str) -> None:
         l2 = self._l2
@@ -279,10 +297,14 @@ class TieredCache:
             self._pending_deletes.add(key)
         else:
             logger.error(
-                "L2 is down and %d deletes are pending; %r may be stale in L2 until its TTL",
+                "L2 is down with %d deletes pending; %r may be stale in L2 until its TTL",
                 MAX_PENDING_DELETES,
                 key,
             )
+
+    def _untrusted(self, key: str) -> bool:
+        """L2 may hold a value a write replaced: being dropped now, or a drop that failed."""
+        return key in self._deleting or key in self._pending_deletes
 
     async def _retry_deletes(self) -> None:
         if self._retrying_deletes:
@@ -299,6 +321,13 @@ class TieredCache:
                 self._pending_deletes.discard(key)
         finally:
             self._retrying_deletes = False
+
+    def _foreign(self, key: str, exc: CorruptEntry) -> None:
+        """Redis answered, but what it holds under ``key`` is not ours to read: drop it."""
+        self._l2_answered()
+        self._observer.tier_error("l2", "decode")
+        logger.warning("L2 entry %r is not readable (%s); dropping it", key, exc)
+        self._spawn(self._l2_delete(key))
 
     def _l2_allowed(self) -> bool:
         return self._breaker is None or self._breaker.allow()

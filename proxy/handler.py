@@ -28,7 +28,7 @@ from cache.tiered import Loaded, Lookup, Source, TieredCache
 from proxy import headers as forwarding
 from proxy.origin import OriginClient, OriginError
 from proxy.paths import BadPath, normalize_path
-from proxy.policy import bypass_reason, decide, not_modified
+from proxy.policy import bypass_reason, decide, delta_seconds, not_modified
 from proxy.routes import Route, Router
 from proxy.units import format_size
 
@@ -90,7 +90,7 @@ class Proxy:
             reason = bypass_reason(request.headers, route)
             if reason is not None:
                 return await self._pass(request, path, query, f"{BYPASS_ROUTE}; detail={reason}")
-            return await self._read(request, route, route.key_for(params, path, query), path, query)
+            return await self._read(request, route, params, path, query)
         if method in WRITES:
             return await self._write(request, route.key_for(params, path, query), path, query)
         return await self._pass(request, path, query, BYPASS_METHOD)
@@ -98,9 +98,10 @@ class Proxy:
     # -- cached reads ----------------------------------------------------------------------------
 
     async def _read(
-        self, request: web.Request, route: Route, key: str, path: str, query: str
+        self, request: web.Request, route: Route, params: dict[str, str], path: str, query: str
     ) -> web.StreamResponse:
-        variant = route.variant_for(request.headers, query)
+        key = route.key_for(params, path, query)
+        variant = route.variant_for(request.headers, query, params)
         loader = functools.partial(self._load, request, route, path, query)
         try:
             lookup = await self._cache.get(key, variant, l1_ttl=route.l1_ttl, loader=loader)
@@ -115,19 +116,23 @@ class Proxy:
         )
         response = await self._origin.fetch("GET", self._origin.url(path, query), sent)
         now = self._clock.time()
+        age = delta_seconds(response.headers.get("Age")) or 0.0
         decision = decide(
             response.status,
             response.headers,
             route,
             frozenset(name.lower() for name in sent),
             now,
+            age,
         )
+        # stored_at is when the origin (or a cache before it) produced the answer, so Age keeps
+        # counting from there; the entry is fresh until now + fresh_for.
         entry = Entry(
             status=response.status,
             headers=forwarding.to_store(response.headers),
             body=response.body,
-            stored_at=now - _age(response.headers.get("Age")),
-            ttl=decision.fresh_for,
+            stored_at=now - age,
+            ttl=decision.fresh_for + age,
         )
         return Loaded(entry, decision.l1_ttl, decision.l2_ttl, decision.shared, decision.detail)
 
@@ -255,10 +260,6 @@ def _miss_status(lookup: Lookup) -> str:
     if lookup.detail:
         status += f"; detail={lookup.detail}"
     return status
-
-
-def _age(value: str | None) -> float:
-    return float(value) if value is not None and value.isdigit() else 0.0
 
 
 def error_response(

@@ -60,9 +60,14 @@ def _remove_dot_segments(path: str) -> str:
 
 
 def sorted_query(query: str) -> str:
-    """The query string with its parameters in a fixed order, for keys; empty pairs dropped."""
+    """The query string ordered by parameter name, for keys; empty pairs dropped.
+
+    The sort is by name only and stable, so a repeated parameter keeps the order of its values:
+    ``id=1&id=2`` and ``id=2&id=1`` can be different requests and stay different keys.
+    """
     if not query:
         return ""
     if "&" not in query:
         return query
-    return "&".join(sorted(pair for pair in query.split("&") if pair))
+    pairs = [pair for pair in query.split("&") if pair]
+    return "&".join(sorted(pairs, key=lambda pair: pair.partition("=")[0]))

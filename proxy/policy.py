@@ -56,12 +56,18 @@ def parse_cache_control(values: list[str]) -> dict[str, str | None]:
 
 
 def decide(
-    status: int, headers: CIMultiDictProxy[str], route: Route, sent: frozenset[str], now: float
+    status: int,
+    headers: CIMultiDictProxy[str],
+    route: Route,
+    sent: frozenset[str],
+    now: float,
+    age: float = 0.0,
 ) -> Decision:
-    """May this response to a cacheable request be stored, and for how long?
+    """May this response to a cacheable request be stored, and for how long from now?
 
     ``sent`` holds the (lower-case) request headers that went to the origin: a ``Vary`` on one
-    of them that the route does not key on makes the response someone's own.
+    of them that the route does not key on makes the response someone's own. ``age`` is the
+    origin's ``Age``: time the answer has already spent fresh elsewhere, taken off its lifetime.
     """
     directives = parse_cache_control(headers.getall("Cache-Control", []))
     if "no-store" in directives:
@@ -84,6 +90,7 @@ def decide(
         return Decision(detail="no-cache")  # stored, it would need revalidating on every use
     cap = _freshness_cap(directives, headers, now)
     if cap is not None:
+        cap -= age
         if cap <= 0:
             return Decision(detail="max-age")
         l1_ttl, l2_ttl = min(l1_ttl, cap), min(l2_ttl, cap)
@@ -98,7 +105,7 @@ def _freshness_cap(
     """The origin's own freshness lifetime, which caps the configured TTL (s-maxage first)."""
     for name in ("s-maxage", "max-age"):
         if name in directives:
-            seconds = _delta_seconds(directives[name])
+            seconds = delta_seconds(directives[name])
             # A malformed value is treated as stale, as RFC 9111 §4.2.1 asks.
             return 0.0 if seconds is None else seconds
     expires = headers.get("Expires")
@@ -111,8 +118,9 @@ def _freshness_cap(
     return None
 
 
-def _delta_seconds(value: str | None) -> float | None:
-    if value is None or not value.isdigit():
+def delta_seconds(value: str | None) -> float | None:
+    """An RFC 9111 delta-seconds (ASCII digits only), or None when it is not one."""
+    if value is None or not (value.isascii() and value.isdigit()):
         return None
     return float(value)
 

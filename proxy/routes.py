@@ -5,8 +5,9 @@ template ``users:{id}`` a format string checked against the path's parameters. A
 costs one ``match`` per route until the first hit (first match wins).
 
 A key names a resource (what a write or purge drops); a *variant* names one representation of
-it: the values of the route's ``vary`` headers and, on a route with a key template, the sorted
-query string. Variants are hashed so that a header value (a token, say) never appears in Redis.
+it: the values of the route's ``vary`` headers and, on a route with a key template, what the
+template leaves out (path parameters it does not name, the sorted query string). Variants are
+hashed so that a header value (a token, say) never appears in Redis.
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ class KeyTemplate:
     """``users:{id}``: a format string over the path's parameters."""
 
     template: str
+    fields: frozenset[str]
 
     @classmethod
     def compile(cls, template: str, params: Sequence[str]) -> KeyTemplate:
@@ -101,7 +103,7 @@ class KeyTemplate:
                 )
             if spec or conversion:
                 raise TemplateError(f"{{{name}}} takes no format spec or conversion")
-        return cls(template)
+        return cls(template, frozenset(name for _, name, _, _ in fields if name is not None))
 
     def render(self, params: Mapping[str, str]) -> str:
         return self.template.format_map(params)
@@ -120,20 +122,24 @@ class Route:
     negative_ttl: float
     vary: tuple[str, ...]  # lower-case request header names
     forward_headers: tuple[str, ...]  # lower-case request header names
+    unkeyed: tuple[str, ...]  # path parameters the key template leaves out
 
     @classmethod
     def from_settings(cls, route: RouteSettings, settings: Settings) -> Route:
         path = PathTemplate.compile(route.path)
+        key = KeyTemplate.compile(route.key, path.params) if route.key is not None else None
+        l1_ttl, l2_ttl = settings.route_ttls(route)
         return cls(
             name=route.path,
             path=path,
             mode=route.mode,
-            key=KeyTemplate.compile(route.key, path.params) if route.key is not None else None,
-            l1_ttl=route.ttl.l1 if route.ttl.l1 is not None else settings.l1.ttl,
-            l2_ttl=route.ttl.l2 if route.ttl.l2 is not None else settings.l2.ttl,
+            key=key,
+            l1_ttl=l1_ttl,
+            l2_ttl=l2_ttl,
             negative_ttl=route.negative_ttl,
             vary=tuple(name.lower() for name in route.vary),
             forward_headers=tuple(name.lower() for name in route.forward_headers),
+            unkeyed=tuple(p for p in path.params if key is not None and p not in key.fields),
         )
 
     @property
@@ -147,9 +153,17 @@ class Route:
         query = sorted_query(query)
         return f"{path}?{query}" if query else path
 
-    def variant_for(self, headers: CIMultiDictProxy[str], query: str) -> str:
-        """Which representation of the key this request asks for; "" when there is one."""
+    def variant_for(
+        self, headers: CIMultiDictProxy[str], query: str, params: Mapping[str, str]
+    ) -> str:
+        """Which representation of the key this request asks for; "" when there is one.
+
+        On a key template, what the template leaves out of the request (path parameters it does
+        not name, the query string) selects a variant: two requests for different resources
+        never share an entry, and a write of the key still drops them all.
+        """
         parts = [f"{name}:{','.join(headers.getall(name, ()))}" for name in self.vary]
+        parts.extend(f"{{{name}}}={params[name]}" for name in self.unkeyed)
         if self.key is not None and query:
             parts.append("?" + sorted_query(query))
         if not parts:

@@ -259,6 +259,17 @@ class Settings(_Section):
     coherence: NotYet
     write_behind: NotYet
 
+    def route_ttls(self, route: RouteSettings) -> tuple[float, float]:
+        """A route's effective (L1, L2) TTLs: its own, else the tiers'.
+
+        With an L2, the L1 TTL is cut to the L2 one: an L1 entry never outlives its L2 entry.
+        """
+        l1_ttl = route.ttl.l1 if route.ttl.l1 is not None else self.l1.ttl
+        l2_ttl = route.ttl.l2 if route.ttl.l2 is not None else self.l2.ttl
+        if self.l2.url is not None:
+            l1_ttl = min(l1_ttl, l2_ttl)
+        return l1_ttl, l2_ttl
+
 
 # -- loading -------------------------------------------------------------------------------------
 
@@ -299,9 +310,9 @@ def parse_settings(text: str, *, source: str = "<config>", env: Mapping[str, str
 def effective_yaml(settings: Settings) -> str:
     """The settings as YAML, every default filled in, the admin token redacted."""
     data = settings.model_dump(mode="json")
-    for route in data["routes"]:
-        for tier in ("l1", "l2"):
-            route["ttl"][tier] = route["ttl"][tier] or data[tier]["ttl"]
+    for route, dumped in zip(settings.routes, data["routes"], strict=True):
+        l1_ttl, l2_ttl = settings.route_ttls(route)
+        dumped["ttl"] = {"l1": format_duration(l1_ttl), "l2": format_duration(l2_ttl)}
     if data["admin"]["token"]:
         data["admin"]["token"] = "<redacted>"
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)

@@ -34,10 +34,11 @@ def format_duration(seconds: float) -> str:
     for unit, factor in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
         if seconds >= factor and (seconds / factor).is_integer():
             return f"{int(seconds // factor)}{unit}"
-    milliseconds = seconds * 1000
+    # Rounded to the nanosecond: what float arithmetic adds below that is noise, not duration.
+    milliseconds = round(seconds * 1000, 6)
     if milliseconds.is_integer():
         return f"{int(milliseconds)}ms"
-    return f"{milliseconds:g}ms"
+    return f"{milliseconds:.6f}".rstrip("0") + "ms"
 
 
 def parse_size(value: object) -> int:

@@ -53,7 +53,7 @@ class RecordingObserver:
 
 
 class FlakyTier:
-    """Wraps a tier: while ``down`` every call fails; ``hold_sets`` parks sets until released."""
+    """Wraps a tier: while ``down`` every call fails; ops named in ``hold`` wait for ``released``."""
 
     name = "l2"
 
@@ -61,7 +61,7 @@ class FlakyTier:
         self.inner = inner
         self.down = False
         self.calls: Counter[str] = Counter()
-        self.hold_sets = False
+        self.hold: set[str] = set()
         self.released = asyncio.Event()
 
     def _check(self, op: str) -> None:
@@ -75,12 +75,14 @@ class FlakyTier:
 
     async def set(self, key: str, variant: str, entry: Entry, ttl: float) -> None:
         self._check("set")
-        if self.hold_sets:
+        if "set" in self.hold:
             await self.released.wait()
         await self.inner.set(key, variant, entry, ttl)
 
     async def delete(self, key: str) -> bool:
         self._check("delete")
+        if "delete" in self.hold:
+            await self.released.wait()
         return await self.inner.delete(key)
 
     async def aclose(self) -> None:

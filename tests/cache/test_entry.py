@@ -84,3 +84,21 @@ def test_size_counts_body_headers_and_overhead() -> None:
     big = Entry(200, (("Name", "value"),), b"x" * 1000, 0.0, 1.0)
     assert big.size() - small.size() == 1000 + len("Name") + len("value")
     assert small.size() > 0
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        Entry(0, (), b"", 1.0, 1.0),
+        Entry(600, (), b"", 1.0, 1.0),
+        Entry(200, (), b"", float("nan"), 1.0),
+        Entry(200, (), b"", 1.0, float("inf")),
+        Entry(200, (), b"", 1.0, -1.0),
+    ],
+    ids=["status-0", "status-600", "nan-stored-at", "infinite-ttl", "negative-ttl"],
+)
+def test_well_formed_envelopes_with_impossible_values_are_refused(entry: Entry) -> None:
+    # Written by something else (or a bug): read as a miss, never served with a NaN freshness
+    # or a status aiohttp cannot send.
+    with pytest.raises(CorruptEntry):
+        decode(encode(entry))

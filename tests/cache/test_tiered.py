@@ -6,6 +6,7 @@ import asyncio
 
 import fakeredis
 import pytest
+from redis.asyncio import Redis
 
 from cache.breaker import Breaker
 from cache.entry import Entry
@@ -226,7 +227,7 @@ async def test_invalidate_waits_for_a_pending_l2_fill_so_the_old_value_cannot_la
     clock: FakeClock, observer: RecordingObserver
 ) -> None:
     l2 = FlakyTier(fake_l2())
-    l2.hold_sets = True
+    l2.hold = {"set"}
     cache = TieredCache(memory_l1(clock, observer), l2, clock=clock, observer=observer)
     await cache.get("k", "", l1_ttl=30, loader=Origin(clock))  # its L2 fill is parked
     invalidation = asyncio.create_task(cache.invalidate("k"))
@@ -350,3 +351,62 @@ async def test_l1_only_works_without_l2(clock: FakeClock, observer: RecordingObs
     await cache.invalidate("k")
     assert (await cache.get("k", "", l1_ttl=30, loader=origin)).source is Source.LOADER
     assert ("l2", False) not in observer.lookups
+
+
+async def test_a_read_during_an_invalidation_neither_serves_nor_keeps_the_old_l2_value(
+    clock: FakeClock, observer: RecordingObserver
+) -> None:
+    l2 = FlakyTier(fake_l2())
+    cache = TieredCache(memory_l1(clock, observer), l2, clock=clock, observer=observer)
+    origin = Origin(clock)
+    await cache.get("k", "", l1_ttl=30, loader=origin)
+    await settle(cache)  # v1 is in L2
+    origin.body = b"v2"  # the write reached the origin
+    l2.hold = {"delete"}  # and Redis is slow to drop the key
+    invalidation = asyncio.create_task(cache.invalidate("k"))
+    await asyncio.sleep(0.01)
+    during = await cache.get("k", "", l1_ttl=30, loader=origin)
+    assert during.entry.body == b"v2"
+    l2.released.set()
+    await invalidation
+    after = await cache.get("k", "", l1_ttl=30, loader=origin)
+    assert (after.source, after.entry.body) == (Source.L1, b"v2")
+
+
+async def test_a_cancelled_invalidation_still_drops_the_key_from_l2(
+    clock: FakeClock, observer: RecordingObserver
+) -> None:
+    l2 = FlakyTier(fake_l2())
+    cache = TieredCache(memory_l1(clock, observer), l2, clock=clock, observer=observer)
+    await cache.get("k", "", l1_ttl=30, loader=Origin(clock))
+    await settle(cache)
+    l2.hold = {"delete"}
+    invalidation = asyncio.create_task(cache.invalidate("k"))
+    await asyncio.sleep(0.01)
+    invalidation.cancel()  # the client went away, or the shutdown grace ran out
+    l2.released.set()
+    await cache.aclose()  # waits for the L2 half
+    assert await l2.inner.get("k") is None
+
+
+@pytest.mark.redis
+async def test_a_key_of_another_redis_type_is_dropped_and_does_not_open_the_breaker(
+    clock: FakeClock, observer: RecordingObserver, redis_client: Redis, key_prefix: str
+) -> None:
+    for n in range(6):
+        await redis_client.set(f"{key_prefix}k{n}", b"a plain string from some other tool")
+    breaker = Breaker(failures=3, reset_after=10, clock=clock)
+    cache = TieredCache(
+        memory_l1(clock, observer),
+        RedisTier(redis_client, key_prefix=key_prefix, timeout=1),
+        clock=clock,
+        observer=observer,
+        breaker=breaker,
+    )
+    for n in range(6):
+        found = await cache.get(f"k{n}", "", l1_ttl=30, loader=Origin(clock))
+        assert found.source is Source.LOADER
+    await settle(cache)
+    assert not breaker.is_open
+    assert observer.errors == {("l2", "decode"): 6}
+    assert await redis_client.type(f"{key_prefix}k0") in (b"none", b"hash")

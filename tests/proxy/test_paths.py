@@ -60,5 +60,8 @@ def test_a_canonical_path_has_no_dot_segments_empty_segments_or_lowercase_escape
 
 def test_query_parameters_are_sorted_and_empty_ones_dropped() -> None:
     assert sorted_query("b=2&a=1&&c") == "a=1&b=2&c"
+    # By name only: the values of a repeated parameter keep their order (they may mean it).
+    assert sorted_query("id=2&x=0&id=1") == "id=2&id=1&x=0"
+    assert sorted_query("id=1&id=2") != sorted_query("id=2&id=1")
     assert sorted_query("") == ""
     assert sorted_query("only=1") == "only=1"

@@ -406,3 +406,56 @@ async def test_a_range_request_bypasses_the_cache(make_proxy: MakeProxy, origin:
     response = await proxy.get("/users/1", headers={"Range": "bytes=0-3"})
     assert response.headers["X-Cache"] == "BYPASS"
     assert origin.last("/users/1").headers["Range"] == "bytes=0-3"
+
+
+async def test_repeated_query_parameters_in_another_order_are_another_entry(
+    make_proxy: MakeProxy, origin: Origin
+) -> None:
+    proxy = await make_proxy()
+    await proxy.get("/products?id=1&id=2")
+    other = await proxy.get("/products?id=2&id=1")
+    assert other.headers["X-Cache"] == "MISS"
+
+
+async def test_time_spent_fresh_elsewhere_counts_against_max_age(
+    make_proxy: MakeProxy, origin: Origin, clock: FakeClock
+) -> None:
+    # A cache before the origin already held it 55 of its 60 seconds.
+    origin.reply("/users/1", b"x", headers={"Cache-Control": "max-age=60", "Age": "55"})
+    origin.reply("/users/2", b"x", headers={"Cache-Control": "max-age=60", "Age": "60"})
+    proxy = await make_proxy()
+    await proxy.get("/users/1")
+    clock.advance(4.9)
+    hit = await proxy.get("/users/1")
+    assert (hit.headers["X-Cache"], hit.headers["Age"]) == ("HIT-L1", "59")
+    clock.advance(0.2)
+    assert (await proxy.get("/users/1")).headers["X-Cache"] == "MISS"
+    assert (await proxy.get("/users/2")).headers[
+        "Cache-Status"
+    ] == "cachecar; fwd=miss; detail=max-age"
+
+
+@pytest.mark.parametrize("headers", [{"Age": "²"}, {"Cache-Control": "max-age=¹"}, {"Age": "-3"}])
+async def test_odd_numbers_in_origin_headers_are_never_a_500(
+    make_proxy: MakeProxy, origin: Origin, headers: dict[str, str]
+) -> None:
+    origin.reply("/users/1", b"x", headers=headers)
+    proxy = await make_proxy()
+    response = await proxy.get("/users/1")
+    assert response.status == 200
+    assert await response.read() == b"x"
+
+
+async def test_a_key_template_that_leaves_out_a_parameter_never_mixes_two_resources(
+    make_proxy: MakeProxy, origin: Origin
+) -> None:
+    proxy = await make_proxy(
+        routes="routes: [{path: '/users/{id}/posts/{post}', key: 'users:{id}'}]"
+    )
+    first = await proxy.get("/users/1/posts/1")
+    second = await proxy.get("/users/1/posts/2")
+    assert second.headers["X-Cache"] == "MISS"
+    assert await second.json() != await first.json()
+    assert (await proxy.get("/users/1/posts/2")).headers["X-Cache"] == "HIT-L1"
+    await proxy.put("/users/1/posts/1", data=b"{}")  # drops users:1, every post of it
+    assert (await proxy.get("/users/1/posts/2")).headers["X-Cache"] == "MISS"

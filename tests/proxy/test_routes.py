@@ -20,6 +20,8 @@ routes:
   - path: /users/{id}.json
   - path: /static/logo
     mode: bypass
+  - path: /users/{id}/posts/{post}
+    key: "users:{id}"
 """,
     env={},
 )
@@ -57,18 +59,20 @@ def test_route_ttls_fall_back_to_the_tier_ttls() -> None:
 
 def test_the_variant_depends_on_vary_headers_case_insensitively_and_hides_values() -> None:
     route = Router.from_settings(SETTINGS).routes[0]
-    json = route.variant_for(headers(Accept="application/json"), "")
-    assert json == route.variant_for(headers(accept="application/json"), "")
-    assert json != route.variant_for(headers(Accept="text/html"), "")
-    assert json != route.variant_for(headers(Accept="application/json", X_Lang="fr"), "")
+    json = route.variant_for(headers(Accept="application/json"), "", {})
+    assert json == route.variant_for(headers(accept="application/json"), "", {})
+    assert json != route.variant_for(headers(Accept="text/html"), "", {})
+    assert json != route.variant_for(headers(Accept="application/json", X_Lang="fr"), "", {})
     assert "json" not in json  # hashed: a token in a vary header never lands in Redis
-    assert Router.from_settings(SETTINGS).routes[1].variant_for(headers(Accept="x"), "") == ""
+    assert Router.from_settings(SETTINGS).routes[1].variant_for(headers(Accept="x"), "", {}) == ""
 
 
 def test_on_a_key_template_the_sorted_query_is_part_of_the_variant() -> None:
     route = Router.from_settings(SETTINGS).routes[1]
-    assert route.variant_for(headers(), "b=2&a=1") == route.variant_for(headers(), "a=1&b=2")
-    assert route.variant_for(headers(), "a=1") != route.variant_for(headers(), "")
+    assert route.variant_for(headers(), "b=2&a=1", {}) == route.variant_for(
+        headers(), "a=1&b=2", {}
+    )
+    assert route.variant_for(headers(), "a=1", {}) != route.variant_for(headers(), "", {})
 
 
 def test_without_a_key_template_the_key_is_the_path_and_sorted_query() -> None:
@@ -102,3 +106,20 @@ def test_literal_text_in_a_template_is_not_a_pattern() -> None:
 def test_bad_key_templates_are_refused(template: str) -> None:
     with pytest.raises(TemplateError):
         KeyTemplate.compile(template, ["id"])
+
+
+def test_path_parameters_a_key_template_leaves_out_select_variants() -> None:
+    route = Router.from_settings(SETTINGS).routes[4]
+    assert route.unkeyed == ("post",)
+    one = route.variant_for(headers(), "", {"id": "1", "post": "1"})
+    two = route.variant_for(headers(), "", {"id": "1", "post": "2"})
+    assert one != two  # two posts never share an entry
+    assert route.key_for({"id": "1", "post": "2"}, "/users/1/posts/2", "") == "users:1"
+
+
+def test_an_l1_ttl_longer_than_the_l2_ttl_is_cut_to_it_when_there_is_an_l2() -> None:
+    text = "upstream: {url: http://o}\nroutes: [{path: /a, ttl: {l1: 10m, l2: 30s}}]\n"
+    with_l2 = parse_settings(text + "l2: {url: 'memory://'}\n", env={})
+    assert (Router.from_settings(with_l2).routes[0].l1_ttl) == 30.0
+    l1_only = parse_settings(text, env={})
+    assert Router.from_settings(l1_only).routes[0].l1_ttl == 600.0

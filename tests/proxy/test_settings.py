@@ -242,6 +242,10 @@ def test_the_effective_settings_fill_defaults_and_hide_the_token() -> None:
     assert "max_bytes: 64MiB" in text
     assert "l1: 45s" in text  # the route inherits l1.ttl
     assert "l2: 10m" in text
+    with_l2 = parse_settings(
+        MINIMAL + "l2: {url: 'memory://', ttl: 20s}\nroutes: [{path: /a}]\n", env={}
+    )
+    assert "l1: 20s" in effective_yaml(with_l2)  # cut to L2's: an L1 entry never outlives L2
     assert parse_settings(text.replace("<redacted>", "x"), env={}).l1.ttl == 45.0
 
 

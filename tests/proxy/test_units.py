@@ -50,6 +50,21 @@ def test_what_is_not_a_size(bad: object) -> None:
         parse_size(bad)
 
 
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (0, "0s"),
+        (0.25, "250ms"),
+        (90, "90s"),
+        (600, "10m"),
+        (1032.849, "1032849ms"),
+        (0.0015, "1.5ms"),
+    ],
+)
+def test_durations_print_exactly(seconds: float, text: str) -> None:
+    assert format_duration(seconds) == text
+
+
 @given(st.integers(0, 10**7))
 def test_formatted_durations_parse_back(milliseconds: int) -> None:
     seconds = milliseconds / 1000
