@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import socket
-from collections.abc import AsyncIterator
-
 import fakeredis
 import pytest
 from redis.asyncio import Redis
@@ -13,30 +9,7 @@ from redis.asyncio import Redis
 from cache.entry import Entry
 from cache.errors import CorruptEntry, TierUnavailable
 from cache.redis_tier import RedisTier, client_from_url
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
-@pytest.fixture
-async def silent_server() -> AsyncIterator[int]:
-    """A TCP server that accepts and never answers: a Redis that hangs."""
-    held: list[asyncio.StreamWriter] = []
-
-    async def accept(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        held.append(writer)
-
-    server = await asyncio.start_server(accept, "127.0.0.1", 0)
-    yield server.sockets[0].getsockname()[1]
-    for writer in held:
-        writer.close()
-    server.close()
-    await server.wait_closed()
-
+from tests.ports import free_port, silent_port
 
 ENTRY = Entry(200, (("Content-Type", "text/plain"),), b"hello", 1_700_000_000.0, 60.0)
 
@@ -63,12 +36,13 @@ async def test_a_dead_port_is_unavailable_not_an_exception_of_redis() -> None:
     await tier.aclose()
 
 
-async def test_a_redis_that_never_answers_is_cut_off_at_the_timeout(silent_server: int) -> None:
-    client = client_from_url(f"redis://127.0.0.1:{silent_server}", timeout=0.05)
-    tier = RedisTier(client, key_prefix="t:", timeout=0.05)
-    with pytest.raises(TierUnavailable, match="no answer within 50ms"):
-        await tier.get("k")
-    await tier.aclose()
+async def test_a_redis_that_never_answers_is_cut_off_at_the_timeout() -> None:
+    async with silent_port() as port:
+        client = client_from_url(f"redis://127.0.0.1:{port}", timeout=0.05)
+        tier = RedisTier(client, key_prefix="t:", timeout=0.05)
+        with pytest.raises(TierUnavailable, match="no answer within 50ms"):
+            await tier.get("k")
+        await tier.aclose()
 
 
 async def test_foreign_bytes_under_our_key_are_a_corrupt_entry() -> None:

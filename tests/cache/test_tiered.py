@@ -14,8 +14,8 @@ from cache.memory import MemoryTier
 from cache.observer import Eviction
 from cache.redis_tier import RedisTier, client_from_url
 from cache.tiered import Loaded, Source, TieredCache
-from tests.cache.test_redis_tier import free_port
 from tests.fakes import FakeClock, FlakyTier, RecordingObserver
+from tests.ports import free_port
 
 
 def memory_l1(clock: FakeClock, observer: RecordingObserver) -> MemoryTier:

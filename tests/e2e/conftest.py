@@ -10,7 +10,6 @@ import asyncio
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -22,17 +21,11 @@ import aiohttp
 import pytest
 
 from tests.conftest import IN_CI
+from tests.ports import free_port
 
 CACHECAR = str(Path(sys.executable).parent / "cachecar")
 
 pytestmark = pytest.mark.e2e
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 @dataclass

@@ -12,7 +12,8 @@ import aiohttp
 import pytest
 import yaml
 
-from tests.e2e.conftest import CACHECAR, Spawn, free_port, wait_http
+from tests.e2e.conftest import CACHECAR, Spawn, wait_http
+from tests.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 VALID = "upstream: {url: 'http://127.0.0.1:9000'}\n"

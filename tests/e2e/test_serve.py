@@ -8,17 +8,17 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-import redis
+from redis.asyncio import Redis
 
 from tests.e2e.conftest import (
     Spawn,
-    free_port,
     start_origin,
     start_proxy,
     start_redis,
     wait_http,
     write_config,
 )
+from tests.ports import free_port
 
 
 async def get(url: str) -> tuple[int, str, bytes]:
@@ -40,54 +40,40 @@ async def test_miss_then_hit_l1_then_a_clean_stop(spawn: Spawn, tmp_path: Path) 
 
 @pytest.mark.redis
 async def test_a_restarted_proxy_answers_from_l2(
-    spawn: Spawn, tmp_path: Path, redis_url: str, key_prefix: str
+    spawn: Spawn, tmp_path: Path, redis_url: str, key_prefix: str, redis_client: Redis
 ) -> None:
     origin = await start_origin(spawn)
     await origin.put("/users/1", {"name": "ada"})
     config = write_config(tmp_path / "c.yaml", origin.url, l2=redis_url, key_prefix=key_prefix)
-    try:
-        first = await start_proxy(spawn, config, "first")
-        assert (await get(first.url + "/users/1"))[1] == "MISS"
-        assert first.process.stop() == 0  # a clean stop waits for the L2 fill
-        restarted = await start_proxy(spawn, config, "restarted")
-        assert await get(restarted.url + "/users/1") == (200, "HIT-L2", b'{"name": "ada"}')
-        assert (await get(restarted.url + "/users/1"))[1] == "HIT-L1"
-        assert await origin.count("/users/1") == 1
-    finally:
-        with redis.Redis.from_url(redis_url) as client:
-            for key in client.scan_iter(match=f"{key_prefix}*"):
-                client.delete(key)
+    first = await start_proxy(spawn, config, "first")
+    assert (await get(first.url + "/users/1"))[1] == "MISS"
+    assert first.process.stop() == 0  # a clean stop waits for the L2 fill
+    assert await redis_client.exists(f"{key_prefix}users:1")
+    restarted = await start_proxy(spawn, config, "restarted")
+    assert await get(restarted.url + "/users/1") == (200, "HIT-L2", b'{"name": "ada"}')
+    assert (await get(restarted.url + "/users/1"))[1] == "HIT-L1"
+    assert await origin.count("/users/1") == 1
 
 
 @pytest.mark.redis
 async def test_two_proxies_on_one_redis_share_l2(
-    spawn: Spawn, tmp_path: Path, redis_url: str, key_prefix: str
+    spawn: Spawn, tmp_path: Path, redis_url: str, key_prefix: str, redis_client: Redis
 ) -> None:
     origin = await start_origin(spawn)
     await origin.put("/users/1", {"name": "ada"})
-    try:
-        a = await start_proxy(
-            spawn,
-            write_config(tmp_path / "a.yaml", origin.url, l2=redis_url, key_prefix=key_prefix),
-            "a",
-        )
-        b = await start_proxy(
-            spawn,
-            write_config(tmp_path / "b.yaml", origin.url, l2=redis_url, key_prefix=key_prefix),
-            "b",
-        )
-        assert (await get(a.url + "/users/1"))[1] == "MISS"
-        for _ in range(50):  # the fill reaches L2 just after A answers
-            status, outcome, body = await get(b.url + "/users/1")
-            if outcome == "HIT-L2":
-                break
-            await asyncio.sleep(0.02)
-        assert (status, outcome, body) == (200, "HIT-L2", b'{"name": "ada"}')
-        assert await origin.count("/users/1") == 1
-    finally:
-        with redis.Redis.from_url(redis_url) as client:
-            for key in client.scan_iter(match=f"{key_prefix}*"):
-                client.delete(key)
+    configs = [
+        write_config(tmp_path / f"{name}.yaml", origin.url, l2=redis_url, key_prefix=key_prefix)
+        for name in ("a", "b")
+    ]
+    a = await start_proxy(spawn, configs[0], "a")
+    b = await start_proxy(spawn, configs[1], "b")
+    assert (await get(a.url + "/users/1"))[1] == "MISS"
+    for _ in range(100):  # the fill reaches L2 just after A answers
+        if await redis_client.exists(f"{key_prefix}users:1"):
+            break
+        await asyncio.sleep(0.01)
+    assert await get(b.url + "/users/1") == (200, "HIT-L2", b'{"name": "ada"}')
+    assert await origin.count("/users/1") == 1
 
 
 async def test_500_concurrent_gets_on_a_cold_key_make_one_origin_request(

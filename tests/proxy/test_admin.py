@@ -7,7 +7,7 @@ from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
 from proxy.app import build_admin_app, build_proxy_app
-from tests.cache.test_redis_tier import free_port
+from tests.ports import free_port
 from tests.proxy.conftest import Origin, settings_for
 
 Client = TestClient[web.Request, web.Application]

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.cache.test_redis_tier import free_port
 from tests.fakes import RecordingObserver
+from tests.ports import free_port, silent_port
 from tests.proxy.conftest import MakeProxy, Origin
 
 
@@ -74,29 +73,14 @@ async def test_an_l2_on_a_dead_port_changes_nothing_for_clients(
     assert observer.errors["l2", "get"] >= 1
 
 
-@pytest.fixture
-async def silent_redis() -> AsyncIterator[int]:
-    """A port that accepts connections and never answers: a hung Redis."""
-    held: list[asyncio.StreamWriter] = []
-
-    async def accept(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        held.append(writer)
-
-    server = await asyncio.start_server(accept, "127.0.0.1", 0)
-    yield server.sockets[0].getsockname()[1]
-    for writer in held:
-        writer.close()
-    server.close()
-    await server.wait_closed()
-
-
 async def test_a_hung_l2_is_cut_off_and_reads_are_served_from_the_origin(
-    make_proxy: MakeProxy, origin: Origin, observer: RecordingObserver, silent_redis: int
+    make_proxy: MakeProxy, origin: Origin, observer: RecordingObserver
 ) -> None:
-    proxy = await make_proxy(l2=f"redis://127.0.0.1:{silent_redis}")
-    for n in range(8):  # past breaker.failures (5): the breaker opens and L2 is skipped
-        response = await proxy.get(f"/users/{n}")
-        assert response.status == 200
+    async with silent_port() as port:
+        proxy = await make_proxy(l2=f"redis://127.0.0.1:{port}")
+        for n in range(8):  # past breaker.failures (5): the breaker opens and L2 is skipped
+            response = await proxy.get(f"/users/{n}")
+            assert response.status == 200
     # Five consecutive failures of any L2 call (gets and the background fills) open it.
     assert ("l2", True) in observer.breaker
     assert sum(observer.errors.values()) == 5
