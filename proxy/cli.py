@@ -11,7 +11,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from proxy.settings import ConfigError, Settings, effective_yaml, load_settings
+from proxy.config import ConfigError, effective_yaml, load_settings
+from proxy.settings import Settings
 from proxy.units import parse_duration
 
 DEFAULT_CONFIG = Path("config/cachecar.yaml")

@@ -15,7 +15,8 @@ from pytest_aiohttp import AiohttpClient, AiohttpServer
 from yarl import URL
 
 from proxy.app import build_proxy_app
-from proxy.settings import Settings, parse_settings
+from proxy.config import parse_settings
+from proxy.settings import Settings
 from tests.fakes import FakeClock, RecordingObserver
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

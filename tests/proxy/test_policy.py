@@ -4,9 +4,9 @@ import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from cache.entry import Entry
+from proxy.config import parse_settings
 from proxy.policy import Decision, decide, not_modified, parse_cache_control
 from proxy.routes import Router
-from proxy.settings import parse_settings
 
 ROUTE = Router.from_settings(
     parse_settings(

@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from proxy.config import parse_settings
 from proxy.routes import KeyTemplate, PathTemplate, Router, TemplateError
-from proxy.settings import parse_settings
 
 SETTINGS = parse_settings(
     """

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from proxy.config import ConfigError, effective_yaml, load_settings, parse_settings
 from proxy.routes import Mode
-from proxy.settings import Address, ConfigError, effective_yaml, load_settings, parse_settings
+from proxy.settings import Address
 
 MINIMAL = "upstream: {url: http://127.0.0.1:9000}\n"
 REPO = Path(__file__).resolve().parents[2]
