@@ -33,7 +33,7 @@ def client_from_url(url: str, *, timeout: float) -> Redis:
 
     ``memory://`` is an in-process Redis (fakeredis): one per call, shared by nobody.
     """
-    if url == MEMORY_URL or url.startswith(MEMORY_URL):
+    if url.startswith(MEMORY_URL):
         import fakeredis
 
         # A server of its own: two apps in one process (tests) must not share a "memory" L2.
@@ -65,10 +65,6 @@ class RedisTier:
         self._client = client
         self._prefix = key_prefix
         self._timeout = timeout
-
-    @property
-    def key_prefix(self) -> str:
-        return self._prefix
 
     async def get(self, key: str, variant: str = "") -> Stored | None:
         name = self._prefix + key

@@ -15,6 +15,7 @@ from importlib.metadata import version
 from aiohttp import web
 from yarl import URL
 
+from cache.redis_tier import MEMORY_URL
 from proxy.app import RUNTIME, build_admin_app, build_proxy_app
 from proxy.settings import Settings
 
@@ -73,7 +74,7 @@ def _announce(settings: Settings, routes: int) -> None:
     url = settings.l2.url
     if url is None:
         logger.info("L2: none (l2.url is not set): L1 and the origin only")
-    elif url.startswith("memory://"):
+    elif url.startswith(MEMORY_URL):
         logger.info("L2: memory:// (in this process only: not shared between replicas)")
     else:
         logger.info("L2: %s, keys under %r", redact(url), settings.l2.key_prefix)
