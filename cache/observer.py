@@ -31,6 +31,12 @@ class CacheObserver(Protocol):
     def breaker_changed(self, tier: str, is_open: bool) -> None:
         """The circuit breaker in front of ``tier`` opened or closed."""
 
+    def queued(self, coalesced: bool) -> None:
+        """A write-behind write was made durable; ``coalesced``: it replaced an unflushed one."""
+
+    def flushed(self, result: str) -> None:
+        """The flusher sent a write: ``ok``, ``retry`` (will be sent again) or ``dead``."""
+
 
 class NullObserver:
     """Listens to nothing; the default."""
@@ -47,4 +53,10 @@ class NullObserver:
         pass
 
     def breaker_changed(self, tier: str, is_open: bool) -> None:
+        pass
+
+    def queued(self, coalesced: bool) -> None:
+        pass
+
+    def flushed(self, result: str) -> None:
         pass

@@ -7,12 +7,14 @@
            -> in L2, fresh, breaker closed? --yes--> fill L1 with the time L2 has left --> HIT-L2
            -> no, or L2 failed (a counted miss) --> loader() --> L1 now, L2 in the background
 
-    invalidate(key)
+    invalidate(key)                         put(key, variant, entry): the same, then
       -> running lookups of the key are detached: they answer whoever already waits, store nothing
       -> until L2 has dropped the key, reads do not trust L2 for it (nor fill it)
       -> L1 drops the key; pending L2 fills of the key are waited for; L2 drops the key
       -> L2 down: the key is remembered, reads skip L2 for it and the delete is retried as soon
          as L2 answers, so an outage cannot resurrect a value a write replaced
+      put: after the drop, ``entry`` is stored as the key's only variant in L1, then in L2 (an
+         L2 that does not take it leaves the key dropped there, never holding the old value)
 
 An L2 failure is never the caller's problem: it is counted, logged once per change of state, fed
 to the breaker, and the read carries on as a miss.
@@ -102,6 +104,7 @@ class TieredCache:
         self._breaker = breaker
         self._flights: dict[str, dict[str, _Flight]] = {}
         self._fills: dict[str, set[asyncio.Task[None]]] = {}
+        self._drops: dict[str, asyncio.Task[None]] = {}  # the latest L2 drop or put of a key
         self._background: set[asyncio.Task[Any]] = set()
         self._pending_deletes: set[str] = set()
         self._deleting: Counter[str] = Counter()
@@ -154,6 +157,15 @@ class TieredCache:
 
     async def invalidate(self, key: str) -> None:
         """Drop ``key`` (every variant) from both tiers; see the module docstring for the order."""
+        await self._replace(key, None)
+
+    async def put(
+        self, key: str, variant: str, entry: Entry, *, l1_ttl: float, l2_ttl: float
+    ) -> None:
+        """Make ``entry`` the key's value (a written one): every other variant is dropped."""
+        await self._replace(key, (variant, entry, l1_ttl, l2_ttl))
+
+    async def _replace(self, key: str, new: tuple[str, Entry, float, float] | None) -> None:
         flights = self._flights.pop(key, None)
         if flights is not None:
             for flight in flights.values():
@@ -165,8 +177,13 @@ class TieredCache:
             self._deleting[key] += 1
             # The L2 half is a task of its own: a caller cancelled now (its client gone, the
             # shutdown grace over) must not leave the old value in Redis; aclose waits for it.
-            drop = self._spawn(self._drop_from_l2(key))
+            drop = self._spawn(self._drop_from_l2(key, new, self._drops.get(key)))
+            self._drops[key] = drop
+            drop.add_done_callback(partial(self._dropped, key))
         await self._l1.delete(key)
+        if new is not None:
+            variant, entry, l1_ttl, _ = new
+            await self._l1.set(key, variant, entry, l1_ttl)
         if drop is not None:
             await asyncio.shield(drop)
 
@@ -269,21 +286,45 @@ class TieredCache:
             return
         self._l2_answered()
 
-    async def _drop_from_l2(self, key: str) -> None:
+    async def _drop_from_l2(
+        self,
+        key: str,
+        new: tuple[str, Entry, float, float] | None,
+        previous: asyncio.Task[None] | None,
+    ) -> None:
         try:
-            fills = self._fills.get(key)
-            if fills:
-                await asyncio.wait(list(fills))
-            await self._l2_delete(key)
+            # Two writes of one key reach L2 in the order they were made.
+            waited = [*self._fills.get(key, ()), *([previous] if previous else [])]
+            if waited:
+                await asyncio.wait(waited)
+            if await self._l2_delete(key) and new is not None:
+                variant, entry, _, l2_ttl = new
+                await self._l2_set_written(key, variant, entry, l2_ttl)
         finally:
             self._deleting[key] -= 1
             if self._deleting[key] <= 0:
                 del self._deleting[key]
 
-    async def _l2_delete(self, key: str) -> None:
+    def _dropped(self, key: str, task: asyncio.Task[None]) -> None:
+        if self._drops.get(key) is task:
+            del self._drops[key]
+
+    async def _l2_set_written(self, key: str, variant: str, entry: Entry, ttl: float) -> None:
+        assert self._l2 is not None
+        try:
+            await self._l2.set(key, variant, entry, ttl)
+        except TierUnavailable as exc:
+            self._l2_failed(exc)  # the key stays dropped in L2: a miss there, never a stale hit
+        except CorruptEntry as exc:
+            self._foreign(key, exc)
+        else:
+            self._l2_answered()
+
+    async def _l2_delete(self, key: str) -> bool:
+        """Drop ``key`` from L2; False (and the key remembered as pending) when L2 did not."""
         l2 = self._l2
         if l2 is None:
-            return
+            return False
         if self._l2_allowed():
             try:
                 await l2.delete(key)
@@ -292,7 +333,7 @@ class TieredCache:
             else:
                 self._pending_deletes.discard(key)
                 self._l2_answered()
-                return
+                return True
         if len(self._pending_deletes) < MAX_PENDING_DELETES:
             self._pending_deletes.add(key)
         else:
@@ -301,6 +342,7 @@ class TieredCache:
                 MAX_PENDING_DELETES,
                 key,
             )
+        return False
 
     def _untrusted(self, key: str) -> bool:
         """L2 may hold a value a write replaced: being dropped now, or a drop that failed."""

@@ -38,6 +38,8 @@ class RecordingObserver:
         self.evictions: Counter[Eviction] = Counter()
         self.errors: Counter[tuple[str, str]] = Counter()
         self.breaker: list[tuple[str, bool]] = []
+        self.writes_queued: Counter[bool] = Counter()
+        self.flushes: Counter[str] = Counter()
 
     def lookup(self, tier: str, hit: bool) -> None:
         self.lookups[tier, hit] += 1
@@ -50,6 +52,12 @@ class RecordingObserver:
 
     def breaker_changed(self, tier: str, is_open: bool) -> None:
         self.breaker.append((tier, is_open))
+
+    def queued(self, coalesced: bool) -> None:
+        self.writes_queued[coalesced] += 1
+
+    def flushed(self, result: str) -> None:
+        self.flushes[result] += 1
 
 
 class FlakyTier:

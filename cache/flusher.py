@@ -1,0 +1,198 @@
+"""The flusher: sends queued writes to the origin, in batches, until the queue is empty.
+
+    every flush_interval (at once again while batches come back full):
+      claim up to batch_size ready keys (each leased to this replica)
+      -> send each key's newest write, at most ``concurrency`` at a time
+           ok         -> ack: the key leaves the queue (or goes again at once if rewritten)
+           retry      -> fail: ready again after an exponential backoff with jitter
+           permanent,
+           or the last
+           attempt    -> dead letter; ``on_dead(key)`` so caches stop serving what the origin
+                         refused
+
+Order per key holds because a key is leased to one flusher at a time, each send carries the
+newest value at claim time, and a send is only started while at least ``send_timeout`` of the
+lease is left: a replica that stalls past its lease does not send, so it cannot land an old
+value after a newer one sent by the replica that took the key over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from typing import NamedTuple, Protocol
+
+from cache.clock import Clock
+from cache.errors import CacheError, TierUnavailable
+from cache.observer import CacheObserver, NullObserver
+from cache.queue import Claim, QueuedWrite, WriteQueue
+
+logger = logging.getLogger("cachecar.write_behind")
+
+
+class Outcome(enum.Enum):
+    OK = "ok"  # the origin has the write
+    RETRY = "retry"  # the origin may take it later (5xx, 408, 429, no answer)
+    PERMANENT = "permanent"  # the origin refused it for good (any other 4xx)
+
+
+class Sent(NamedTuple):
+    outcome: Outcome
+    detail: str = ""  # what the origin said, for the dead letter
+
+
+class Sink(Protocol):
+    async def send(self, write: QueuedWrite) -> Sent:
+        """Deliver ``write`` to the origin; must return within the flusher's ``send_timeout``."""
+        ...
+
+
+class Backoff:
+    """Exponential with equal jitter: attempt n waits between d/2 and d, d = initial * 2^(n-1)."""
+
+    def __init__(self, initial: float, maximum: float, rng: random.Random | None = None) -> None:
+        if not 0 < initial <= maximum:
+            raise ValueError("backoff needs 0 < initial <= max")
+        self._initial = initial
+        self._max = maximum
+        self._rng = rng or random.Random()
+
+    def delay(self, attempt: int) -> float:
+        ceiling = min(self._max, self._initial * 2 ** min(attempt - 1, 60))
+        return float(ceiling / 2 + self._rng.uniform(0, ceiling / 2))
+
+
+class Flusher:
+    def __init__(
+        self,
+        queue: WriteQueue,
+        sink: Sink,
+        *,
+        clock: Clock,
+        interval: float,
+        batch_size: int,
+        concurrency: int,
+        max_attempts: int,
+        backoff: Backoff,
+        send_timeout: float,
+        on_dead: Callable[[str], Awaitable[None]] | None = None,
+        observer: CacheObserver | None = None,
+    ) -> None:
+        self._queue = queue
+        self._sink = sink
+        self._clock = clock
+        self._interval = interval
+        self._batch_size = batch_size
+        self._limit = asyncio.Semaphore(concurrency)
+        self._max_attempts = max_attempts
+        self._backoff = backoff
+        self._send_timeout = send_timeout
+        # Long enough for any send to finish, with room for a slow claim round trip.
+        self.lease = 2 * send_timeout + interval
+        self._on_dead = on_dead
+        self._observer: CacheObserver = observer or NullObserver()
+        self._wake = asyncio.Event()
+        self._queue_ok = True
+
+    def wake(self) -> None:
+        """Flush now rather than at the next interval (a write arrived, a replay was asked)."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Flush until cancelled."""
+        while True:
+            try:
+                full = await self.flush_once() >= self._batch_size
+            except TierUnavailable as exc:
+                self._queue_failed(exc)
+                full = False
+            if not full:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._interval):
+                        await self._wake.wait()
+                self._wake.clear()
+
+    async def drain(self, within: float) -> int:
+        """Flush what is ready until nothing is, or ``within`` seconds pass; returns sends made.
+
+        Keys waiting out a backoff stay queued: their origin is failing, and they survive a stop.
+        """
+        sent = 0
+        try:
+            async with asyncio.timeout(within):
+                while count := await self.flush_once():
+                    sent += count
+        except TimeoutError:
+            logger.warning("write-behind: stop grace (%gs) over with writes still queued", within)
+        except TierUnavailable as exc:
+            self._queue_failed(exc)
+        return sent
+
+    async def flush_once(self) -> int:
+        """Claim one batch and send it; returns how many writes were claimed."""
+        claims = await self._queue.claim(self._batch_size, self.lease)
+        if claims:
+            await asyncio.gather(*(self._flush(claim) for claim in claims))
+        if not self._queue_ok:
+            self._queue_ok = True
+            logger.info("write-behind queue answers again")
+        return len(claims)
+
+    async def _flush(self, claim: Claim) -> None:
+        async with self._limit:
+            # A claim that waited its turn too long may have been taken over already.
+            if self._clock.time() + self._send_timeout > claim.leased_until:
+                return
+            try:
+                async with asyncio.timeout(self._send_timeout):
+                    sent = await self._sink.send(claim.write)
+            except TimeoutError:
+                sent = Sent(Outcome.RETRY, f"no answer within {self._send_timeout:g}s")
+            try:
+                await self._settle(claim, sent)
+            except CacheError as exc:
+                # The lease runs out and the write is sent again: at least once, never lost.
+                logger.warning("write-behind: could not record %s: %s", claim.write.key, exc)
+
+    async def _settle(self, claim: Claim, sent: Sent) -> None:
+        key = claim.write.key
+        if sent.outcome is Outcome.OK:
+            await self._queue.ack(claim)
+            self._observer.flushed("ok")
+            return
+        attempt = claim.tries + 1
+        if sent.outcome is Outcome.RETRY and attempt < self._max_attempts:
+            delay = self._backoff.delay(attempt)
+            await self._queue.fail(claim, sent.detail, retry_in=delay)
+            self._observer.flushed("retry")
+            logger.info(
+                "write-behind: %s %s failed (%s), attempt %d of %d, next in %.2fs",
+                claim.write.method,
+                claim.write.target,
+                sent.detail,
+                attempt,
+                self._max_attempts,
+                delay,
+            )
+            return
+        left = await self._queue.fail(claim, sent.detail, retry_in=None)
+        self._observer.flushed("dead")
+        logger.error(
+            "write-behind: %s %s moved to dead letters after %d attempt%s: %s",
+            claim.write.method,
+            claim.write.target,
+            attempt,
+            "" if attempt == 1 else "s",
+            sent.detail,
+        )
+        if left and self._on_dead is not None:
+            await self._on_dead(key)
+
+    def _queue_failed(self, exc: TierUnavailable) -> None:
+        if self._queue_ok:
+            self._queue_ok = False
+            logger.warning("write-behind queue unavailable (%s); retrying", exc)

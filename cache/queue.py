@@ -1,0 +1,397 @@
+"""The write-behind queue: durable in Redis, coalesced per key, leased to one flusher at a time.
+
+Layout (every key shares the hash tag ``{wb}``, so each script touches one Cluster slot)::
+
+    {prefix}{wb}:seq      string  the last sequence number given to a write (INCR)
+    {prefix}{wb}:values   hash    key -> the newest unflushed write (``QueuedWrite`` bytes)
+    {prefix}{wb}:seqs     hash    key -> that write's sequence number
+    {prefix}{wb}:ready    zset    key -> when it may be claimed next (ms): now for a fresh
+                                  write, now + lease while a flusher holds it, now + backoff
+                                  after a failure
+    {prefix}{wb}:since    zset    key -> when its oldest unflushed write was acknowledged (ms)
+    {prefix}{wb}:tries    hash    key -> failed attempts on its current value
+    {prefix}{wb}:dead     hash    key -> dead letter: JSON (key, method, path, attempts,
+                                  last_error, failed_at)
+    {prefix}{wb}:corpses  hash    key -> the dead write's bytes, for replay
+
+    enqueue  -> values/seqs replaced (a newer write coalesces an unflushed one), ready NX now
+    claim    -> keys ready by now: ready = now + lease (the lease), their newest value returned
+    ack      -> sent seq is still the newest: key leaves the queue
+                a newer write arrived meanwhile: ready = now, so it goes out next
+    fail     -> retry: ready = now + backoff; dead: moved to dead/corpses, key leaves the queue
+                (unless a newer write is waiting: that one stays and is tried at once)
+
+Every step is one Lua script, so a crash between two steps leaves the queue consistent: a
+claimed key whose holder died becomes ready again when its lease runs out. Times come from the
+caller's clock (injected); replicas' clocks only need to agree to well within a lease.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import struct
+from collections.abc import AsyncIterator
+from typing import Any, cast
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from cache.clock import Clock
+from cache.entry import Entry, decode, encode
+from cache.errors import CacheError, CorruptEntry, TierUnavailable
+
+
+class QueueFull(CacheError):
+    """``max_pending`` keys are waiting for the origin; a write to another key is refused."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class QueuedWrite:
+    """A write the origin has not seen yet.
+
+    ``method`` is what the flusher sends (``PUT`` with ``entry``'s body and Content-Type, or
+    ``DELETE``); ``entry`` is also what reads of the key answer until it is flushed (a DELETE's
+    entry is a 404 tombstone).
+    """
+
+    key: str
+    method: str
+    target: str  # the path (and query) the client wrote to
+    entry: Entry
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Claim:
+    """A write leased to this flusher: send it, then ``ack`` or ``fail`` it with ``seq``."""
+
+    write: QueuedWrite
+    seq: int
+    tries: int  # failed attempts before this one
+    leased_until: float  # wall-clock seconds; past this another replica may take the key
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DeadLetter:
+    key: str
+    method: str
+    path: str
+    attempts: int
+    last_error: str
+    failed_at: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class QueueStats:
+    depth: int  # keys with an unflushed write
+    oldest_age: float  # seconds since the oldest unflushed write was acknowledged (0: none)
+    dead: int  # dead letters
+
+
+# -- the record ----------------------------------------------------------------------------------
+
+_RECORD = struct.Struct(">2sBHH")  # magic, version, method length, target length
+_MAGIC = b"CW"
+_VERSION = 1
+
+
+def _dump(write: QueuedWrite) -> bytes:
+    method, target = write.method.encode(), write.target.encode()
+    return (
+        _RECORD.pack(_MAGIC, _VERSION, len(method), len(target))
+        + method
+        + target
+        + encode(write.entry)
+    )
+
+
+def _load(key: str, data: bytes) -> QueuedWrite:
+    try:
+        magic, version, method_len, target_len = _RECORD.unpack_from(data)
+    except struct.error as exc:
+        raise CorruptEntry("a queued write is truncated") from exc
+    if magic != _MAGIC or version != _VERSION:
+        raise CorruptEntry(f"not a queued write (magic {magic!r}, version {version})")
+    start = _RECORD.size
+    method = data[start : start + method_len].decode()
+    target = data[start + method_len : start + method_len + target_len].decode()
+    entry = decode(data[start + method_len + target_len :])
+    return QueuedWrite(key, method, target, entry)
+
+
+# -- the scripts ---------------------------------------------------------------------------------
+
+# KEYS: seq values seqs ready since   ARGV: key record now_ms max_pending
+_ENQUEUE = """
+local key = ARGV[1]
+local present = redis.call('HEXISTS', KEYS[2], key)
+local max = tonumber(ARGV[4])
+if present == 0 and max > 0 and redis.call('HLEN', KEYS[2]) >= max then
+  return -1
+end
+local seq = redis.call('INCR', KEYS[1])
+redis.call('HSET', KEYS[2], key, ARGV[2])
+redis.call('HSET', KEYS[3], key, seq)
+redis.call('ZADD', KEYS[4], 'NX', ARGV[3], key)
+redis.call('ZADD', KEYS[5], 'NX', ARGV[3], key)
+return {seq, present}
+"""
+
+# KEYS: ready values seqs tries   ARGV: now_ms lease_ms limit
+_CLAIM = """
+local now = tonumber(ARGV[1])
+local keys = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[3]))
+local out = {}
+for _, key in ipairs(keys) do
+  local value = redis.call('HGET', KEYS[2], key)
+  if value then
+    redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), key)
+    table.insert(out, key)
+    table.insert(out, redis.call('HGET', KEYS[3], key))
+    table.insert(out, redis.call('HGET', KEYS[4], key) or '0')
+    table.insert(out, value)
+  else
+    redis.call('ZREM', KEYS[1], key)
+  end
+end
+return out
+"""
+
+# KEYS: ready values seqs since tries   ARGV: key seq now_ms
+_ACK = """
+local key = ARGV[1]
+local current = redis.call('HGET', KEYS[3], key)
+redis.call('HDEL', KEYS[5], key)
+if current == ARGV[2] then
+  redis.call('HDEL', KEYS[2], key)
+  redis.call('HDEL', KEYS[3], key)
+  redis.call('ZREM', KEYS[1], key)
+  redis.call('ZREM', KEYS[4], key)
+  return 1
+end
+if current then
+  redis.call('ZADD', KEYS[1], ARGV[3], key)
+  redis.call('ZADD', KEYS[4], 'XX', ARGV[3], key)
+end
+return 0
+"""
+
+# KEYS: ready values seqs since tries dead corpses
+# ARGV: key seq now_ms retry_at_ms dead(0/1) letter record
+# Returns 1 when the key left the queue (dead, nothing newer waiting), else 0.
+_FAIL = """
+local key = ARGV[1]
+local current = redis.call('HGET', KEYS[3], key)
+if ARGV[5] == '0' then
+  redis.call('HINCRBY', KEYS[5], key, 1)
+  if current then
+    redis.call('ZADD', KEYS[1], ARGV[4], key)
+  end
+  return 0
+end
+redis.call('HSET', KEYS[6], key, ARGV[6])
+redis.call('HSET', KEYS[7], key, ARGV[7])
+redis.call('HDEL', KEYS[5], key)
+if current == ARGV[2] then
+  redis.call('HDEL', KEYS[2], key)
+  redis.call('HDEL', KEYS[3], key)
+  redis.call('ZREM', KEYS[1], key)
+  redis.call('ZREM', KEYS[4], key)
+  return 1
+end
+if current then
+  redis.call('ZADD', KEYS[1], ARGV[3], key)
+end
+return 0
+"""
+
+# KEYS: seq values seqs ready since tries dead corpses   ARGV: now_ms
+# A dead letter whose key has a newer write waiting is superseded by it and only dropped.
+_REPLAY = """
+local entries = redis.call('HGETALL', KEYS[8])
+local replayed = 0
+for i = 1, #entries, 2 do
+  local key = entries[i]
+  if redis.call('HEXISTS', KEYS[2], key) == 0 then
+    local seq = redis.call('INCR', KEYS[1])
+    redis.call('HSET', KEYS[2], key, entries[i + 1])
+    redis.call('HSET', KEYS[3], key, seq)
+    redis.call('ZADD', KEYS[4], ARGV[1], key)
+    redis.call('ZADD', KEYS[5], ARGV[1], key)
+    redis.call('HDEL', KEYS[6], key)
+    replayed = replayed + 1
+  end
+end
+redis.call('DEL', KEYS[7], KEYS[8])
+return replayed
+"""
+
+
+class WriteQueue:
+    """The durable queue over one Redis client (``memory://``: in process, not crash-safe)."""
+
+    def __init__(
+        self,
+        client: Redis,
+        *,
+        key_prefix: str,
+        timeout: float,
+        clock: Clock,
+        max_pending: int = 0,
+    ) -> None:
+        if client.get_encoder().decode_responses:  # type: ignore[no-untyped-call]
+            raise ValueError("the queue's client must be built with decode_responses=False")
+        if timeout <= 0:
+            raise ValueError("the queue timeout must be positive")
+        self._client = client
+        self._timeout = timeout
+        self._clock = clock
+        self._max_pending = max_pending
+        names = ("seq", "values", "seqs", "ready", "since", "tries", "dead", "corpses")
+        self._keys = {name: f"{key_prefix}{{wb}}:{name}" for name in names}
+        self._enqueue = client.register_script(_ENQUEUE)
+        self._claim = client.register_script(_CLAIM)
+        self._ack = client.register_script(_ACK)
+        self._fail = client.register_script(_FAIL)
+        self._replay = client.register_script(_REPLAY)
+
+    def _k(self, *names: str) -> list[str]:
+        return [self._keys[name] for name in names]
+
+    def _now_ms(self) -> int:
+        return round(self._clock.time() * 1000)
+
+    async def enqueue(self, write: QueuedWrite) -> bool:
+        """Make ``write`` durable; True when it replaced an unflushed write of its key.
+
+        Raises ``TierUnavailable`` when Redis does not take it (the write is then not
+        acknowledged) and ``QueueFull`` past ``max_pending`` keys.
+        """
+        async with self._bounded("enqueue"):
+            result = await self._enqueue(
+                keys=self._k("seq", "values", "seqs", "ready", "since"),
+                args=[write.key, _dump(write), self._now_ms(), self._max_pending],
+            )
+        if result == -1:
+            raise QueueFull(f"{self._max_pending} keys are waiting for the origin")
+        return bool(result[1])
+
+    async def pending(self, key: str) -> QueuedWrite | None:
+        """The newest unflushed write of ``key``, if any."""
+        async with self._bounded("pending"):
+            data = await self._client.hget(self._keys["values"], key)
+        return None if data is None else _load(key, cast(bytes, data))
+
+    async def claim(self, limit: int, lease: float) -> list[Claim]:
+        """Lease up to ``limit`` ready keys to the caller, with their newest writes."""
+        now = self._now_ms()
+        async with self._bounded("claim"):
+            flat = await self._claim(
+                keys=self._k("ready", "values", "seqs", "tries"),
+                args=[now, round(lease * 1000), limit],
+            )
+        leased_until = (now + round(lease * 1000)) / 1000
+        claims = []
+        for i in range(0, len(flat), 4):
+            key = flat[i].decode()
+            claims.append(
+                Claim(_load(key, flat[i + 3]), int(flat[i + 1]), int(flat[i + 2]), leased_until)
+            )
+        return claims
+
+    async def ack(self, claim: Claim) -> bool:
+        """The origin has ``claim``'s write; True when the key left the queue."""
+        async with self._bounded("ack"):
+            done = await self._ack(
+                keys=self._k("ready", "values", "seqs", "since", "tries"),
+                args=[claim.write.key, claim.seq, self._now_ms()],
+            )
+        return bool(done)
+
+    async def fail(self, claim: Claim, error: str, *, retry_in: float | None) -> bool:
+        """The send failed: retry after ``retry_in`` seconds, or (None) dead-letter it.
+
+        True when the key left the queue (dead, with no newer write waiting).
+        """
+        now = self._now_ms()
+        dead = retry_in is None
+        letter = json.dumps(
+            {
+                "key": claim.write.key,
+                "method": claim.write.method,
+                "path": claim.write.target,
+                "attempts": claim.tries + 1,
+                "last_error": error,
+                "failed_at": now / 1000,
+            }
+        )
+        async with self._bounded("fail"):
+            gone = await self._fail(
+                keys=self._k("ready", "values", "seqs", "since", "tries", "dead", "corpses"),
+                args=[
+                    claim.write.key,
+                    claim.seq,
+                    now,
+                    now + round((retry_in or 0) * 1000),
+                    int(dead),
+                    letter,
+                    _dump(claim.write),
+                ],
+            )
+        return bool(gone)
+
+    async def replay(self) -> int:
+        """Queue every dead letter again (tries reset); returns how many were queued."""
+        async with self._bounded("replay"):
+            replayed: int = await self._replay(
+                keys=self._k("seq", "values", "seqs", "ready", "since", "tries", "dead", "corpses"),
+                args=[self._now_ms()],
+            )
+        return replayed
+
+    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        letters = []
+        async with self._bounded("dead_letters"):
+            async for _key, raw in self._client.hscan_iter(self._keys["dead"], count=limit):
+                letters.append(DeadLetter(**json.loads(raw)))
+                if len(letters) >= limit:
+                    break
+        return sorted(letters, key=lambda letter: letter.failed_at)
+
+    async def stats(self) -> QueueStats:
+        async with self._bounded("stats"):
+            pipe = self._client.pipeline(transaction=False)
+            pipe.zcard(self._keys["ready"])
+            pipe.zrange(self._keys["since"], 0, 0, withscores=True)
+            pipe.hlen(self._keys["dead"])
+            depth, oldest, dead = await pipe.execute()
+        age = max(0.0, self._clock.time() - oldest[0][1] / 1000) if oldest else 0.0
+        return QueueStats(depth=depth, oldest_age=age, dead=dead)
+
+    async def aclose(self) -> None:
+        with contextlib.suppress(RedisError, OSError):
+            await self._client.aclose()
+
+    @contextlib.asynccontextmanager
+    async def _bounded(self, op: str) -> AsyncIterator[None]:
+        try:
+            async with asyncio.timeout(self._timeout):
+                yield
+        except TimeoutError as exc:
+            raise TierUnavailable(
+                f"queue {op}", f"no answer within {self._timeout * 1000:g}ms"
+            ) from exc
+        except (RedisError, OSError) as exc:
+            raise TierUnavailable(f"queue {op}", f"{type(exc).__name__}: {exc}") from exc
+
+
+def describe(stats: QueueStats, letters: list[DeadLetter]) -> dict[str, Any]:
+    """The admin API's view of the queue."""
+    return {
+        "queue_depth": stats.depth,
+        "oldest_pending_age_seconds": round(stats.oldest_age, 3),
+        "dead_letter_count": stats.dead,
+        "dead_letters": [dataclasses.asdict(letter) for letter in letters],
+    }

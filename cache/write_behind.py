@@ -1,0 +1,91 @@
+"""Write-behind: a write is acknowledged once it is durable, and reads see it from then on.
+
+write(w)  -> the queue takes it (Redis; refused -> the caller answers 503, nothing changed)
+          -> L1 and L2 hold it as the key's value (a DELETE: a 404 tombstone)
+read miss -> L1, L2 as usual; then, before the origin, the key's unflushed write if there is
+             one: read-your-writes even after both tiers dropped the value
+flusher   -> sends each key's newest write to the origin (``cache.flusher``); a write the
+             origin refuses for good is dead-lettered and the key dropped from the tiers,
+             so reads go back to what the origin holds
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from cache.errors import CorruptEntry, TierUnavailable
+from cache.flusher import Flusher
+from cache.observer import CacheObserver, NullObserver
+from cache.queue import QueuedWrite, WriteQueue
+from cache.tiered import Loaded, Loader, TieredCache
+
+logger = logging.getLogger("cachecar.write_behind")
+
+
+class WriteBehind:
+    def __init__(
+        self,
+        cache: TieredCache,
+        queue: WriteQueue,
+        flusher: Flusher,
+        observer: CacheObserver | None = None,
+    ) -> None:
+        self._cache = cache
+        self.queue = queue
+        self.flusher = flusher
+        self._observer: CacheObserver = observer or NullObserver()
+        self._task: asyncio.Task[None] | None = None
+
+    async def write(
+        self, write: QueuedWrite, variant: str, *, l1_ttl: float, l2_ttl: float
+    ) -> None:
+        """Queue ``write``, then make it the cached value; raises when the queue refuses it."""
+        coalesced = await self.queue.enqueue(write)
+        self._observer.queued(coalesced)
+        await self._cache.put(write.key, variant, write.entry, l1_ttl=l1_ttl, l2_ttl=l2_ttl)
+
+    def loader(self, key: str, origin: Loader, *, l1_ttl: float, l2_ttl: float) -> Loader:
+        """``origin``, preceded by a look at the key's unflushed write."""
+
+        async def load() -> Loaded:
+            try:
+                pending = await self.queue.pending(key)
+            except (TierUnavailable, CorruptEntry) as exc:
+                # Without the queue there is no knowing; the origin's value is the best left.
+                logger.warning(
+                    "write-behind queue unreadable for %r (%s); asking the origin", key, exc
+                )
+                pending = None
+            if pending is not None:
+                return Loaded(pending.entry, l1_ttl, l2_ttl)
+            return await origin()
+
+        return load
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self.flusher.run())
+
+    async def aclose(self, grace: float) -> None:
+        """Stop the periodic flush, send what is ready within ``grace``, leave the rest queued."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        sent = await self.flusher.drain(grace)
+        if sent:
+            logger.info(
+                "write-behind: flushed %d write%s on the way out", sent, "" if sent == 1 else "s"
+            )
+        try:
+            stats = await self.queue.stats()
+        except TierUnavailable:
+            stats = None
+        if stats is not None and stats.depth:
+            logger.warning(
+                "write-behind: %d key%s still queued for the next start",
+                stats.depth,
+                "" if stats.depth == 1 else "s",
+            )
+        await self.queue.aclose()
