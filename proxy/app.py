@@ -1,11 +1,12 @@
-"""The two aiohttp applications and what they share.
+"""The proxy application and the runtime it owns.
 
     proxy app (server.listen)   every path -> Proxy
-    admin app (admin.listen)    /healthz, /readyz (and, later, /metrics, /admin/*)
+    admin app (admin.listen)    see ``proxy.admin``
 
-The proxy app owns the runtime: its ``cleanup_ctx`` opens the origin client, the Redis client and
-the cache, and closes them after the last in-flight request. The admin app reaches the runtime
-through the proxy app, so both listeners see one cache.
+The proxy app owns the runtime: its ``cleanup_ctx`` opens the origin client, the Redis clients,
+the cache and the write-behind flusher, and closes them after the last in-flight request (the
+flusher first drains the queue within what is left of the grace). The admin app reaches the
+runtime through the proxy app, so both listeners see one cache.
 """
 
 from __future__ import annotations
@@ -18,18 +19,21 @@ from aiohttp import web
 
 from cache.breaker import Breaker
 from cache.clock import Clock, SystemClock
-from cache.errors import TierUnavailable
+from cache.flusher import Backoff, Flusher
 from cache.memory import MemoryTier
 from cache.observer import CacheObserver, NullObserver
+from cache.queue import WriteQueue
 from cache.redis_tier import RedisTier, client_from_url
 from cache.tiered import TieredCache, breaker_logger
+from cache.write_behind import WriteBehind
 from proxy.handler import Proxy
 from proxy.origin import OriginClient
-from proxy.routes import Router
+from proxy.routes import Mode, Router
 from proxy.settings import Settings
+from proxy.writes import OriginSink
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class Runtime:
     """Everything a running proxy holds open."""
 
@@ -38,6 +42,9 @@ class Runtime:
     l2: RedisTier | None
     origin: OriginClient
     proxy: Proxy
+    write_behind: WriteBehind | None
+    # When the stop began (loop time): the write-behind drain gets what is left of the grace.
+    stopping_since: float | None = None
 
     @classmethod
     def open(cls, settings: Settings, clock: Clock, observer: CacheObserver) -> Runtime:
@@ -63,22 +70,70 @@ class Runtime:
             timeout=settings.upstream.timeout,
             max_connections=settings.upstream.max_connections,
         )
+        router = Router.from_settings(settings)
+        write_behind = None
+        if settings.l2.url is not None and any(
+            route.mode is Mode.WRITE_BEHIND for route in router.routes
+        ):
+            write_behind = _write_behind(settings, cache, origin, clock, observer)
         proxy = Proxy(
-            Router.from_settings(settings),
+            router,
             cache,
             origin,
             max_body=settings.server.max_body,
             clock=clock,
+            write_behind=write_behind,
         )
-        return cls(settings, cache, l2, origin, proxy)
+        return cls(settings, cache, l2, origin, proxy, write_behind)
+
+    def start(self) -> None:
+        if self.write_behind is not None:
+            self.write_behind.start()
 
     async def aclose(self) -> None:
+        if self.write_behind is not None:
+            grace = self.settings.server.shutdown_grace
+            if self.stopping_since is not None:
+                grace -= asyncio.get_running_loop().time() - self.stopping_since
+            await self.write_behind.aclose(max(0.0, grace))
         await self.cache.aclose()
         await self.origin.aclose()
 
 
+def _write_behind(
+    settings: Settings,
+    cache: TieredCache,
+    origin: OriginClient,
+    clock: Clock,
+    observer: CacheObserver,
+) -> WriteBehind:
+    assert settings.l2.url is not None
+    config = settings.write_behind
+    queue = WriteQueue(
+        # A client of its own: queue calls have their own timeout, longer than a cache read's.
+        client_from_url(settings.l2.url, timeout=config.timeout),
+        key_prefix=settings.l2.key_prefix,
+        timeout=config.timeout,
+        clock=clock,
+        max_pending=config.max_pending,
+    )
+    flusher = Flusher(
+        queue,
+        OriginSink(origin),
+        clock=clock,
+        interval=config.flush_interval,
+        batch_size=config.batch_size,
+        concurrency=config.concurrency,
+        max_attempts=config.max_attempts,
+        backoff=Backoff(config.backoff.initial, config.backoff.max),
+        send_timeout=settings.upstream.timeout + 1.0,
+        on_dead=cache.invalidate,
+        observer=observer,
+    )
+    return WriteBehind(cache, queue, flusher, observer)
+
+
 RUNTIME = web.AppKey("runtime", Runtime)
-PROXY_APP = web.AppKey("proxy_app", web.Application)
 
 
 def build_proxy_app(
@@ -88,6 +143,7 @@ def build_proxy_app(
 
     async def runtime(app: web.Application) -> AsyncIterator[None]:
         app[RUNTIME] = Runtime.open(settings, clock or SystemClock(), observer or NullObserver())
+        app[RUNTIME].start()
         yield
         await app[RUNTIME].aclose()
 
@@ -97,39 +153,3 @@ def build_proxy_app(
     app.cleanup_ctx.append(runtime)
     app.router.add_route("*", "/{path:.*}", handle)
     return app
-
-
-def build_admin_app(proxy_app: web.Application) -> web.Application:
-    """The admin listener's app; ``proxy_app`` must be started first."""
-    app = web.Application()
-    app[PROXY_APP] = proxy_app
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    return app
-
-
-async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "alive"})
-
-
-async def readyz(request: web.Request) -> web.Response:
-    """200 when the origin and L2 answer; 503 naming what does not."""
-    runtime = request.app[PROXY_APP][RUNTIME]
-    checks = {"origin": runtime.origin.probe(runtime.settings.upstream.health_path)}
-    if runtime.l2 is not None:
-        checks["l2"] = _l2_problem(runtime.l2)
-    results = dict(zip(checks, await asyncio.gather(*checks.values()), strict=True))
-    problems = {name: problem for name, problem in results.items() if problem is not None}
-    body = {name: problems.get(name, "up") for name in results}
-    if problems:
-        reason = "; ".join(f"{name}: {problem}" for name, problem in problems.items())
-        return web.json_response({"status": "unavailable", "reason": reason, **body}, status=503)
-    return web.json_response({"status": "ready", **body})
-
-
-async def _l2_problem(l2: RedisTier) -> str | None:
-    try:
-        await l2.ping()
-    except TierUnavailable as exc:
-        return str(exc)
-    return None

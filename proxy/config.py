@@ -173,7 +173,9 @@ def _describe(error: ErrorDetails) -> str:
     if kind == "missing":
         return f"{path}: required"
     if kind == "value_error":
-        return f"{path}: " + error["msg"].removeprefix("Value error, ")
+        message = error["msg"].removeprefix("Value error, ")
+        # A check across sections (at the top level) names its own key path.
+        return f"{path}: {message}" if loc else message
     if kind == "enum":
         return f"{path}: {value!r} is not one of {ctx.get('expected')}"
     if kind in {"greater_than_equal", "greater_than"}:

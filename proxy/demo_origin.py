@@ -7,7 +7,9 @@
     PATCH  /{collection}/{id}    JSON merge patch (RFC 7386) onto a stored object: 200; 404
     DELETE /{collection}/{id}    204; 404 when absent
     GET    /_stats               what it received: requests by method and by path
-    POST   /_stats/reset         forget those counts
+    GET    /_writes[?path=P]     every PUT/PATCH/DELETE it applied, in arrival order, with the
+                                 body as received (the newest 100,000)
+    POST   /_stats/reset         forget those counts and writes
 
 ``latency`` is added to every data request, as a slow database would. Used by the demo, the
 tests and the benchmarks, which read ``/_stats`` to count what reached the origin.
@@ -19,7 +21,7 @@ import asyncio
 import json
 import sqlite3
 import time
-from collections import Counter
+from collections import Counter, deque
 from email.utils import formatdate
 from typing import Any
 
@@ -83,12 +85,15 @@ class Store:
 
 STORE = web.AppKey("store", Store)
 STATS = web.AppKey("stats", Counter[tuple[str, str]])
+WRITES = web.AppKey("writes", deque[dict[str, Any]])
+WRITES_KEPT = 100_000
 LATENCY = web.AppKey("latency", float)
 
 
 def build_origin_app(db: str = ":memory:", latency: float = 0.0) -> web.Application:
     app = web.Application(client_max_size=16 << 20)
     app[STATS] = Counter()
+    app[WRITES] = deque(maxlen=WRITES_KEPT)
     app[LATENCY] = latency
 
     async def store_ctx(app: web.Application) -> Any:
@@ -100,6 +105,7 @@ def build_origin_app(db: str = ":memory:", latency: float = 0.0) -> web.Applicat
     app.router.add_get("/", health)
     app.router.add_get("/_stats", stats)
     app.router.add_post("/_stats/reset", reset_stats)
+    app.router.add_get("/_writes", writes)
     app.router.add_get("/{collection}", list_items)
     app.router.add_route("*", "/{collection}/{id}", item)
     return app
@@ -138,7 +144,26 @@ async def stats(request: web.Request) -> web.Response:
 
 async def reset_stats(request: web.Request) -> web.Response:
     request.app[STATS].clear()
+    request.app[WRITES].clear()
     return web.json_response({"requests": 0})
+
+
+async def writes(request: web.Request) -> web.Response:
+    path = request.query.get("path")
+    found = [w for w in request.app[WRITES] if path is None or w["path"] == path]
+    return web.json_response({"writes": found, "count": len(found)})
+
+
+def _applied(request: web.Request, status: int, body: bytes) -> None:
+    request.app[WRITES].append(
+        {
+            "method": request.method,
+            "path": request.raw_path,
+            "status": status,
+            "body": body.decode("utf-8", "replace"),
+            "at": time.time(),
+        }
+    )
 
 
 async def list_items(request: web.Request) -> web.Response:
@@ -179,6 +204,7 @@ async def item(request: web.Request) -> web.Response:
         if not _is_json(raw):
             return _error(400, "the body must be JSON")
         created = store.put(collection, key, raw)
+        _applied(request, 201 if created else 200, raw)
         return web.Response(
             body=raw, status=201 if created else 200, content_type="application/json"
         )
@@ -192,10 +218,12 @@ async def item(request: web.Request) -> web.Response:
             return _error(400, "the body must be JSON")
         merged = json.dumps(_merge_patch(json.loads(found[0]), patch)).encode()
         store.put(collection, key, merged)
+        _applied(request, 200, merged)
         return web.Response(body=merged, content_type="application/json")
     if request.method == "DELETE":
         if not store.delete(collection, key):
             return _error(404, f"{collection}/{key} not found")
+        _applied(request, 204, b"")
         return web.Response(status=204)
     return _error(405, f"{request.method} is not supported here")
 

@@ -6,7 +6,7 @@
            -> credentials the route does not key on, or a Range          -> pass through (BYPASS)
            -> cache.get(key, variant): L1 -> L2 -> origin, one fetch per key at a time
            -> answer from the entry: X-Cache, Cache-Status, Age; 304 when the validator matches
-      -> PUT/PATCH/POST/DELETE on a cached route -> pass through; then drop the key (cache-aside)
+      -> PUT/PATCH/POST/DELETE on a cached route -> by the route's mode (see ``proxy.writes``)
 
 Everything passed through is streamed both ways; only a cacheable miss is read whole, because it
 is about to be stored.
@@ -24,13 +24,17 @@ from multidict import CIMultiDict
 
 from cache.clock import Clock
 from cache.entry import Entry
-from cache.tiered import Loaded, Lookup, Source, TieredCache
+from cache.errors import CorruptEntry, TierUnavailable
+from cache.queue import QueuedWrite, QueueFull
+from cache.tiered import Loaded, Loader, Lookup, Source, TieredCache
+from cache.write_behind import WriteBehind
 from proxy import headers as forwarding
 from proxy.origin import OriginClient, OriginError
 from proxy.paths import BadPath, normalize_path
 from proxy.policy import bypass_reason, decide, delta_seconds, not_modified
-from proxy.routes import Route, Router
+from proxy.routes import Mode, Route, Router
 from proxy.units import format_size
+from proxy.writes import tombstone, validators_of, written_entry
 
 logger = logging.getLogger("cachecar.proxy")
 
@@ -42,6 +46,7 @@ HIT_L1 = "cachecar; hit; detail=l1"
 HIT_L2 = "cachecar; hit; detail=l2"
 BYPASS_ROUTE = "cachecar; fwd=bypass"
 BYPASS_METHOD = "cachecar; fwd=method"
+WRITTEN = "cachecar; fwd=method; stored"
 
 _X_CACHE = {Source.L1: "HIT-L1", Source.L2: "HIT-L2", Source.LOADER: "MISS"}
 _KEEP_ON_304 = forwarding.NOT_MODIFIED_HEADERS | {"x-cache", "cache-status", "age"}
@@ -62,12 +67,14 @@ class Proxy:
         *,
         max_body: int,
         clock: Clock,
+        write_behind: WriteBehind | None = None,
     ) -> None:
         self._router = router
         self._cache = cache
         self._origin = origin
         self._max_body = max_body
         self._clock = clock
+        self._write_behind = write_behind
 
     @property
     def routes(self) -> tuple[Route, ...]:
@@ -92,7 +99,7 @@ class Proxy:
                 return await self._pass(request, path, query, f"{BYPASS_ROUTE}; detail={reason}")
             return await self._read(request, route, params, path, query)
         if method in WRITES:
-            return await self._write(request, route.key_for(params, path, query), path, query)
+            return await self._write(request, route, params, path, query)
         return await self._pass(request, path, query, BYPASS_METHOD)
 
     # -- cached reads ----------------------------------------------------------------------------
@@ -102,7 +109,11 @@ class Proxy:
     ) -> web.StreamResponse:
         key = route.key_for(params, path, query)
         variant = route.variant_for(request.headers, query, params)
-        loader = functools.partial(self._load, request, route, path, query)
+        loader: Loader = functools.partial(self._load, request, route, path, query)
+        if route.mode is Mode.WRITE_BEHIND and self._write_behind is not None:
+            loader = self._write_behind.loader(
+                key, loader, l1_ttl=route.l1_ttl, l2_ttl=route.l2_ttl
+            )
         try:
             lookup = await self._cache.get(key, variant, l1_ttl=route.l1_ttl, loader=loader)
         except OriginError as exc:
@@ -153,8 +164,19 @@ class Proxy:
     # -- writes ----------------------------------------------------------------------------------
 
     async def _write(
-        self, request: web.Request, key: str, path: str, query: str
+        self, request: web.Request, route: Route, params: dict[str, str], path: str, query: str
     ) -> web.StreamResponse:
+        key = route.key_for(params, path, query)
+        method = request.method
+        if route.mode is Mode.WRITE_BEHIND and self._write_behind is not None:
+            if method in {"PUT", "DELETE"}:
+                return await self._queue(request, route, params, key, path, query)
+            conflict = await self._still_queued(key)
+            if conflict is not None:
+                return conflict
+        elif route.mode is Mode.WRITE_THROUGH and method == "PUT":
+            return await self._write_through(request, route, params, key, path, query)
+
         async def invalidate(status: int | None) -> None:
             # Dropped on success, and also when the outcome is unknown (the origin may have
             # applied a write it never confirmed): a needless miss is cheap, a stale hit is not.
@@ -162,6 +184,107 @@ class Proxy:
                 await self._cache.invalidate(key)
 
         return await self._pass(request, path, query, BYPASS_METHOD, on_answer=invalidate)
+
+    async def _write_through(
+        self,
+        request: web.Request,
+        route: Route,
+        params: dict[str, str],
+        key: str,
+        path: str,
+        query: str,
+    ) -> web.StreamResponse:
+        body = await self._body(request)
+        if body is None:
+            return self._too_large(BYPASS_METHOD)
+        sent = forwarding.forward_uncached(request.headers, request.remote, request.scheme)
+        try:
+            response = await self._origin.fetch("PUT", self._origin.url(path, query), sent, body)
+        except OriginError as exc:
+            await self._cache.invalidate(key)  # the origin may have applied it: unknown
+            return error_response(exc.status, exc.title, str(exc), BYPASS_METHOD)
+        stored = 200 <= response.status < 300
+        if stored:
+            now = self._clock.time()
+            entry = written_entry(
+                body,
+                request.headers.get("Content-Type"),
+                now,
+                max(route.l1_ttl, route.l2_ttl),
+                validators_of(response.headers),
+            )
+            variant = route.variant_for(request.headers, query, params)
+            await self._cache.put(key, variant, entry, l1_ttl=route.l1_ttl, l2_ttl=route.l2_ttl)
+        headers = forwarding.to_pass(response.headers)
+        headers.popall("Content-Length", None)
+        headers["X-Cache"] = "BYPASS"
+        headers["Cache-Status"] = WRITTEN if stored else BYPASS_METHOD
+        return web.Response(status=response.status, headers=headers, body=response.body)
+
+    async def _queue(
+        self,
+        request: web.Request,
+        route: Route,
+        params: dict[str, str],
+        key: str,
+        path: str,
+        query: str,
+    ) -> web.StreamResponse:
+        assert self._write_behind is not None
+        now = self._clock.time()
+        ttl = max(route.l1_ttl, route.l2_ttl)
+        if request.method == "PUT":
+            body = await self._body(request)
+            if body is None:
+                return self._too_large(BYPASS_METHOD)
+            entry = written_entry(body, request.headers.get("Content-Type"), now, ttl)
+        else:
+            entry = tombstone(key, now, ttl)
+        target = f"{path}?{query}" if query else path
+        write = QueuedWrite(key, request.method, target, entry)
+        variant = route.variant_for(request.headers, query, params)
+        try:
+            await self._write_behind.write(write, variant, l1_ttl=route.l1_ttl, l2_ttl=route.l2_ttl)
+        except (TierUnavailable, QueueFull) as exc:
+            response = error_response(
+                503, "write-behind queue unavailable", f"not accepted: {exc}", BYPASS_METHOD
+            )
+            response.headers["Retry-After"] = "1"
+            return response
+        return web.json_response(
+            {"queued": request.method, "key": key},
+            status=202,
+            headers={"X-Cache": "BYPASS", "Cache-Status": WRITTEN, "X-Cache-Write": "queued"},
+        )
+
+    async def _still_queued(self, key: str) -> web.Response | None:
+        """A 409 when ``key`` has a queued write a PATCH or POST would race; else None."""
+        assert self._write_behind is not None
+        try:
+            pending = await self._write_behind.queue.pending(key)
+        except (TierUnavailable, CorruptEntry) as exc:
+            return error_response(
+                503,
+                "write-behind queue unavailable",
+                f"cannot tell whether a write of {key} is still queued: {exc}",
+                BYPASS_METHOD,
+            )
+        if pending is None:
+            return None
+        return error_response(
+            409,
+            "write still queued",
+            f"a {pending.method} of {key} has not reached the origin yet; retry once it is "
+            "flushed, or PUT the whole value",
+            BYPASS_METHOD,
+        )
+
+    async def _body(self, request: web.Request) -> bytes | None:
+        """The whole request body; None when it is larger than ``server.max_body``."""
+        try:
+            return await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return None
 
     # -- passing through -------------------------------------------------------------------------
 

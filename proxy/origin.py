@@ -73,12 +73,14 @@ class OriginClient:
         """The origin URL for a normalized path and its raw query string."""
         return URL(f"{self._base}{path}?{query}" if query else f"{self._base}{path}", encoded=True)
 
-    async def fetch(self, method: str, url: URL, headers: CIMultiDict[str]) -> OriginResponse:
+    async def fetch(
+        self, method: str, url: URL, headers: CIMultiDict[str], data: bytes | None = None
+    ) -> OriginResponse:
         """The whole response, within ``upstream.timeout``."""
         try:
             async with asyncio.timeout(self._timeout):
                 async with self._session.request(
-                    method, url, headers=headers, allow_redirects=False
+                    method, url, headers=headers, data=data, allow_redirects=False
                 ) as response:
                     body = await response.read()
                     return OriginResponse(response.status, response.headers, body)

@@ -2,7 +2,9 @@
 
 start: proxy app (opens origin client, Redis client, cache) -> admin app -> both listen
 SIGTERM/SIGINT: stop accepting -> finish in-flight requests within server.shutdown_grace
-                -> wait for background L2 writes -> close clients
+                -> flush the write-behind queue within what is left of the grace (the rest stays
+                   queued in Redis for the next start) -> wait for background L2 writes
+                -> close clients
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from aiohttp import web
 from yarl import URL
 
 from cache.redis_tier import MEMORY_URL
-from proxy.app import RUNTIME, build_admin_app, build_proxy_app
+from proxy.admin import build_admin_app
+from proxy.app import RUNTIME, build_proxy_app
 from proxy.settings import Settings
 
 logger = logging.getLogger("cachecar")
@@ -52,8 +55,9 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
             except OSError as exc:
                 raise ListenError(f"cannot listen on {address}: {exc.strerror or exc}") from exc
         cached = sum(route.cached for route in proxy_app[RUNTIME].proxy.routes)
-        _announce(settings, cached)
+        _announce(settings, cached, proxy_app[RUNTIME].write_behind is not None)
         await stop.wait()
+        proxy_app[RUNTIME].stopping_since = loop.time()
         logger.info("stopping: finishing in-flight requests (up to %gs)", grace)
     finally:
         await admin_runner.cleanup()
@@ -61,7 +65,7 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
     logger.info("stopped")
 
 
-def _announce(settings: Settings, routes: int) -> None:
+def _announce(settings: Settings, routes: int, write_behind: bool) -> None:
     logger.info(
         "cachecar %s proxying http://%s -> %s (%d cached route%s, others passed through)",
         version("cachecar"),
@@ -70,7 +74,9 @@ def _announce(settings: Settings, routes: int) -> None:
         routes,
         "" if routes == 1 else "s",
     )
-    logger.info("admin on http://%s (/healthz, /readyz)", settings.admin.listen)
+    logger.info(
+        "admin on http://%s (/healthz, /readyz, /admin/write-behind)", settings.admin.listen
+    )
     url = settings.l2.url
     if url is None:
         logger.info("L2: none (l2.url is not set): L1 and the origin only")
@@ -78,6 +84,15 @@ def _announce(settings: Settings, routes: int) -> None:
         logger.info("L2: memory:// (in this process only: not shared between replicas)")
     else:
         logger.info("L2: %s, keys under %r", redact(url), settings.l2.key_prefix)
+    if write_behind and url is not None and url.startswith(MEMORY_URL):
+        logger.warning(
+            "write-behind queue is in memory:// (in this process): writes acknowledged but not "
+            "yet flushed are LOST if the process dies; set l2.url to a Redis for a durable queue"
+        )
+    elif write_behind:
+        logger.info(
+            "write-behind queue in Redis: acknowledged writes survive a crash of this process"
+        )
 
 
 def redact(url: str) -> str:

@@ -23,6 +23,7 @@ from pydantic import (
     PlainSerializer,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 from yarl import URL
 
@@ -157,6 +158,30 @@ class L2Settings(_Section):
         return value
 
 
+class BackoffSettings(_Section):
+    initial: PositiveDuration = 0.1
+    max: PositiveDuration = 30.0
+
+    @model_validator(mode="after")
+    def _ordered(self) -> BackoffSettings:
+        if self.initial > self.max:
+            raise ValueError(
+                f"initial ({format_duration(self.initial)}) is longer than max "
+                f"({format_duration(self.max)})"
+            )
+        return self
+
+
+class WriteBehindSettings(_Section):
+    flush_interval: PositiveDuration = 1.0
+    batch_size: int = Field(100, ge=1)
+    concurrency: int = Field(16, ge=1)
+    max_attempts: int = Field(10, ge=1)
+    backoff: BackoffSettings = BackoffSettings()
+    max_pending: int = Field(1_000_000, ge=1)
+    timeout: PositiveDuration = 1.0
+
+
 class RouteTTL(_Section):
     l1: Duration | None = None
     l2: Duration | None = None
@@ -181,16 +206,6 @@ class RouteSettings(_Section):
             PathTemplate.compile(value)
         except TemplateError as exc:
             raise ValueError(str(exc)) from None
-        return value
-
-    @field_validator("mode")
-    @classmethod
-    def _implemented_mode(cls, value: Mode) -> Mode:
-        if value in {Mode.WRITE_THROUGH, Mode.WRITE_BEHIND}:
-            raise ValueError(
-                f"{value.value!r} is not implemented in this version yet "
-                "(use cache-aside or bypass)"
-            )
         return value
 
     @field_validator("key")
@@ -235,7 +250,19 @@ class Settings(_Section):
     l2: L2Settings = L2Settings()
     routes: tuple[RouteSettings, ...] = ()
     coherence: NotYet
-    write_behind: NotYet
+    write_behind: WriteBehindSettings = WriteBehindSettings()
+
+    @model_validator(mode="after")
+    def _queue_for_write_behind(self) -> Settings:
+        if self.l2.url is None:
+            for index, route in enumerate(self.routes):
+                if route.mode is Mode.WRITE_BEHIND:
+                    raise ValueError(
+                        f"routes[{index}].mode: write-behind keeps its queue in Redis; set "
+                        "l2.url (memory:// for an in-process queue that does not survive a "
+                        "restart)"
+                    )
+        return self
 
     def route_ttls(self, route: RouteSettings) -> tuple[float, float]:
         """A route's effective (L1, L2) TTLs: its own, else the tiers'.

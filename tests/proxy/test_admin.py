@@ -6,7 +6,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
-from proxy.app import build_admin_app, build_proxy_app
+from proxy.admin import build_admin_app
+from proxy.app import build_proxy_app
 from tests.ports import free_port
 from tests.proxy.conftest import Origin, settings_for
 

@@ -91,7 +91,10 @@ def test_an_unset_variable_without_a_default_names_the_variable_and_the_key() ->
         ("l1: {max_entries: 0}", "l1.max_entries: 0 must be at least 1"),
         ("l2: {timeout: 0s}", "l2.timeout: '0s' must be more than 0"),
         ("l1: {ttll: 30s}", "l1.ttll: unknown key (did you mean 'ttl'?)"),
-        ("cache: {}", "cache: unknown key (known keys: server, admin, upstream, l1, l2, routes)"),
+        (
+            "cache: {}",
+            "cache: unknown key (known keys: server, admin, upstream, l1, l2, routes, write_behind)",
+        ),
         (
             "routes: [{path: /a, tag: x}]",
             "routes[0].tag: unknown key (known keys: path, mode, key, ttl, negative_ttl, vary, "
@@ -164,20 +167,12 @@ def test_the_origin_url_must_be_http_with_a_host() -> None:
             "coherence: is in the documented contract but not implemented in this version yet",
         ),
         (
-            "write_behind: {batch_size: 10}",
-            "write_behind: is in the documented contract but not implemented in this version yet",
-        ),
-        (
             "routes: [{path: /a, stale_if_error: 10m}]",
             "routes[0].stale_if_error: is in the documented contract but not implemented in this version yet",
         ),
         (
             "routes: [{path: /a, tags: ['a']}]",
             "routes[0].tags: is in the documented contract but not implemented in this version yet",
-        ),
-        (
-            "routes: [{path: /a, mode: write-behind}]",
-            "routes[0].mode: 'write-behind' is not implemented in this version yet (use cache-aside or bypass)",
         ),
         (
             "server: {workers: 4}",
@@ -193,6 +188,46 @@ def test_contract_keys_this_version_does_not_implement_are_refused_by_name(
     text: str, expected: str
 ) -> None:
     assert problems(MINIMAL + text + "\n") == [expected]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "routes: [{path: /a}, {path: /b, mode: write-behind}]",
+            "routes[1].mode: write-behind keeps its queue in Redis; set l2.url (memory:// for an in-process queue that does not survive a restart)",
+        ),
+        (
+            "l2: {url: 'memory://'}\nwrite_behind: {backoff: {initial: 1m, max: 1s}}",
+            "write_behind.backoff: initial (1m) is longer than max (1s)",
+        ),
+        ("write_behind: {batch_size: 0}", "write_behind.batch_size: 0 must be at least 1"),
+        (
+            "write_behind: {flush_interval: 0s}",
+            "write_behind.flush_interval: '0s' must be more than 0",
+        ),
+        (
+            "write_behind: {max_attempts: lots}",
+            "write_behind.max_attempts: expected a whole number, got 'lots'",
+        ),
+    ],
+)
+def test_write_behind_settings_are_checked(text: str, expected: str) -> None:
+    assert problems(MINIMAL + text + "\n") == [expected]
+
+
+def test_write_modes_are_accepted_with_an_l2() -> None:
+    settings = parse_settings(
+        MINIMAL
+        + "l2: {url: 'memory://'}\n"
+        + "write_behind: {flush_interval: 250ms, batch_size: 10}\n"
+        + "routes: [{path: /a, mode: write-behind}, {path: /b, mode: write-through}]\n",
+        env={},
+    )
+    assert [route.mode.value for route in settings.routes] == ["write-behind", "write-through"]
+    assert settings.write_behind.flush_interval == 0.25
+    assert settings.write_behind.batch_size == 10
+    assert settings.write_behind.max_attempts == 10  # the default
 
 
 def test_every_problem_is_reported_at_once() -> None:

@@ -1,0 +1,121 @@
+"""The admin listener (``admin.listen``, 127.0.0.1 by default).
+
+    GET  /healthz                       200 while the process lives
+    GET  /readyz                        200 when the origin and L2 answer; 503 naming what does not
+    GET  /admin/write-behind            queue depth, oldest pending age, dead letters
+    POST /admin/write-behind/replay     dead letters queued again          (bearer token)
+
+Read-only calls need no token. A mutating call answers 401 without ``Authorization: Bearer``,
+403 with a wrong token, and 403 while ``admin.token`` is empty: no token configured means no
+one may mutate, never that anyone may.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+
+from aiohttp import web
+
+from cache.errors import CorruptEntry, TierUnavailable
+from cache.queue import describe
+from cache.redis_tier import RedisTier
+from proxy.app import RUNTIME
+
+PROXY_APP = web.AppKey("proxy_app", web.Application)
+DEAD_LETTERS_SHOWN = 100
+
+
+def build_admin_app(proxy_app: web.Application) -> web.Application:
+    """The admin listener's app; ``proxy_app`` must be started first."""
+    app = web.Application()
+    app[PROXY_APP] = proxy_app
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/admin/write-behind", write_behind)
+    app.router.add_post("/admin/write-behind/replay", replay)
+    return app
+
+
+def _error(status: int, error: str, detail: str) -> web.Response:
+    return web.json_response({"error": error, "detail": detail}, status=status)
+
+
+def _refused(request: web.Request) -> web.Response | None:
+    """Why a mutating call may not proceed, or None when its bearer token is right."""
+    token = request.app[PROXY_APP][RUNTIME].settings.admin.token
+    if not token:
+        return _error(
+            403, "admin calls disabled", "no admin.token is configured, so mutating calls are off"
+        )
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not given:
+        response = _error(401, "unauthorized", "send Authorization: Bearer <admin.token>")
+        response.headers["WWW-Authenticate"] = 'Bearer realm="cachecar admin"'
+        return response
+    if not hmac.compare_digest(given.strip().encode(), token.encode()):
+        return _error(403, "forbidden", "the bearer token is not admin.token")
+    return None
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "alive"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """200 when the origin and L2 answer; 503 naming what does not."""
+    runtime = request.app[PROXY_APP][RUNTIME]
+    checks = {"origin": runtime.origin.probe(runtime.settings.upstream.health_path)}
+    if runtime.l2 is not None:
+        checks["l2"] = _l2_problem(runtime.l2)
+    results = dict(zip(checks, await asyncio.gather(*checks.values()), strict=True))
+    problems = {name: problem for name, problem in results.items() if problem is not None}
+    body = {name: problems.get(name, "up") for name in results}
+    if problems:
+        reason = "; ".join(f"{name}: {problem}" for name, problem in problems.items())
+        return web.json_response({"status": "unavailable", "reason": reason, **body}, status=503)
+    return web.json_response({"status": "ready", **body})
+
+
+async def _l2_problem(l2: RedisTier) -> str | None:
+    try:
+        await l2.ping()
+    except TierUnavailable as exc:
+        return str(exc)
+    return None
+
+
+async def write_behind(request: web.Request) -> web.Response:
+    """The queue as every replica sees it (it lives in Redis): depth, lag, dead letters."""
+    wb = request.app[PROXY_APP][RUNTIME].write_behind
+    if wb is None:
+        return web.json_response(
+            {
+                "enabled": False,
+                "queue_depth": 0,
+                "oldest_pending_age_seconds": 0.0,
+                "dead_letter_count": 0,
+                "dead_letters": [],
+            }
+        )
+    try:
+        stats = await wb.queue.stats()
+        letters = await wb.queue.dead_letters(DEAD_LETTERS_SHOWN)
+    except (TierUnavailable, CorruptEntry) as exc:
+        return _error(503, "write-behind queue unavailable", str(exc))
+    return web.json_response({"enabled": True, **describe(stats, letters)})
+
+
+async def replay(request: web.Request) -> web.Response:
+    refused = _refused(request)
+    if refused is not None:
+        return refused
+    wb = request.app[PROXY_APP][RUNTIME].write_behind
+    if wb is None:
+        return _error(404, "write-behind not enabled", "no route has mode: write-behind")
+    try:
+        replayed = await wb.queue.replay()
+    except TierUnavailable as exc:
+        return _error(503, "write-behind queue unavailable", str(exc))
+    wb.flusher.wake()
+    return web.json_response({"replayed": replayed})
