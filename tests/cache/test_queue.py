@@ -1,0 +1,217 @@
+"""The durable write-behind queue, on fakeredis (memory://) and on the real Redis."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import fakeredis
+import pytest
+from redis.asyncio import Redis
+
+from cache.entry import Entry
+from cache.errors import CorruptEntry, TierUnavailable
+from cache.queue import QueuedWrite, QueueFull, WriteQueue
+from cache.redis_tier import client_from_url
+from tests.fakes import FakeClock
+from tests.ports import free_port
+from tests.redis_keys import drop_prefix
+
+LEASE = 10.0
+
+
+def put(key: str, body: bytes) -> QueuedWrite:
+    entry = Entry(200, (("Content-Type", "application/json"),), body, 1_700_000_000.0, 60.0)
+    return QueuedWrite(key, "PUT", f"/{key.replace(':', '/')}", entry)
+
+
+@pytest.fixture(params=["fakeredis", "redis"])
+async def client(request: pytest.FixtureRequest, key_prefix: str) -> AsyncIterator[Redis]:
+    found: Redis
+    if request.param == "fakeredis":
+        found = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+    else:
+        found = Redis.from_url(request.getfixturevalue("redis_url"))
+    try:
+        yield found
+    finally:
+        await drop_prefix(found, key_prefix)
+        await found.aclose()
+
+
+def queue_on(client: Redis, key_prefix: str, clock: FakeClock, max_pending: int = 0) -> WriteQueue:
+    return WriteQueue(
+        client, key_prefix=key_prefix, timeout=2.0, clock=clock, max_pending=max_pending
+    )
+
+
+@pytest.fixture
+def queue(client: Redis, key_prefix: str, clock: FakeClock) -> WriteQueue:
+    return queue_on(client, key_prefix, clock)
+
+
+async def test_a_queued_write_is_pending_until_acked(queue: WriteQueue) -> None:
+    assert await queue.enqueue(put("users:1", b"1")) is False
+    assert await queue.pending("users:1") == put("users:1", b"1")
+    [claim] = await queue.claim(10, LEASE)
+    assert claim.write == put("users:1", b"1")
+    assert claim.tries == 0
+    assert await queue.ack(claim) is True
+    assert await queue.pending("users:1") is None
+    assert (await queue.stats()).depth == 0
+
+
+async def test_writes_to_one_key_coalesce_into_the_newest(queue: WriteQueue) -> None:
+    assert await queue.enqueue(put("users:1", b"1")) is False
+    assert await queue.enqueue(put("users:1", b"2")) is True
+    assert await queue.enqueue(put("users:1", b"3")) is True
+    [claim] = await queue.claim(10, LEASE)
+    assert claim.write.entry.body == b"3"
+    assert (await queue.stats()).depth == 1
+
+
+async def test_a_claimed_key_is_leased_to_one_flusher_until_the_lease_lapses(
+    queue: WriteQueue, clock: FakeClock
+) -> None:
+    await queue.enqueue(put("users:1", b"1"))
+    assert len(await queue.claim(10, LEASE)) == 1
+    assert await queue.claim(10, LEASE) == []  # another replica finds nothing to take
+    clock.advance(LEASE + 0.01)  # the holder died: its lease lapses
+    [taken_over] = await queue.claim(10, LEASE)
+    assert taken_over.write.entry.body == b"1"
+
+
+async def test_a_write_during_a_flush_goes_out_next_and_is_not_lost(
+    queue: WriteQueue,
+) -> None:
+    await queue.enqueue(put("users:1", b"old"))
+    [claim] = await queue.claim(10, LEASE)
+    await queue.enqueue(put("users:1", b"new"))  # arrives while "old" is on its way
+    assert await queue.ack(claim) is False  # the key stays: "new" is not at the origin
+    [again] = await queue.claim(10, LEASE)  # ready at once, not after the lease
+    assert again.write.entry.body == b"new"
+    assert again.seq > claim.seq
+    assert await queue.ack(again) is True
+
+
+async def test_claims_are_bounded_and_oldest_first(queue: WriteQueue, clock: FakeClock) -> None:
+    for n in range(5):
+        await queue.enqueue(put(f"users:{n}", b"x"))
+        clock.advance(0.001)
+    claims = await queue.claim(3, LEASE)
+    assert [c.write.key for c in claims] == ["users:0", "users:1", "users:2"]
+    assert [c.write.key for c in await queue.claim(3, LEASE)] == ["users:3", "users:4"]
+
+
+async def test_a_failed_write_waits_out_its_backoff(queue: WriteQueue, clock: FakeClock) -> None:
+    await queue.enqueue(put("users:1", b"1"))
+    [claim] = await queue.claim(10, LEASE)
+    assert await queue.fail(claim, "the origin answered 503", retry_in=2.0) is False
+    assert await queue.claim(10, LEASE) == []
+    clock.advance(2.0)
+    [again] = await queue.claim(10, LEASE)
+    assert again.tries == 1
+    assert await queue.dead_letters() == []
+
+
+async def test_a_dead_write_leaves_the_queue_for_the_dead_letters_and_replays(
+    queue: WriteQueue, clock: FakeClock
+) -> None:
+    await queue.enqueue(put("users:1", b"refused"))
+    await queue.enqueue(put("users:2", b"fine"))
+    claims = {c.write.key: c for c in await queue.claim(10, LEASE)}
+    assert await queue.fail(claims["users:1"], "the origin answered 400", retry_in=None) is True
+    await queue.ack(claims["users:2"])
+    [letter] = await queue.dead_letters()
+    assert (letter.key, letter.method, letter.path, letter.attempts) == (
+        "users:1",
+        "PUT",
+        "/users/1",
+        1,
+    )
+    assert letter.last_error == "the origin answered 400"
+    assert letter.failed_at == pytest.approx(clock.time())
+    stats = await queue.stats()
+    assert (stats.depth, stats.dead) == (0, 1)
+    assert await queue.pending("users:1") is None
+
+    assert await queue.replay() == 1
+    assert await queue.dead_letters() == []
+    [replayed] = await queue.claim(10, LEASE)
+    assert replayed.write == put("users:1", b"refused")
+    assert replayed.tries == 0
+
+
+async def test_a_dead_letter_does_not_take_a_newer_write_with_it(queue: WriteQueue) -> None:
+    await queue.enqueue(put("users:1", b"refused"))
+    [claim] = await queue.claim(10, LEASE)
+    await queue.enqueue(put("users:1", b"newer"))
+    assert await queue.fail(claim, "400", retry_in=None) is False  # "newer" still waits
+    [next_claim] = await queue.claim(10, LEASE)  # at once
+    assert next_claim.write.entry.body == b"newer"
+    # Replaying the dead letter now would send a value older than the queued one: it is dropped.
+    assert await queue.replay() == 0
+    assert await queue.dead_letters() == []
+    assert (await queue.pending("users:1")) == put("users:1", b"newer")
+
+
+async def test_past_max_pending_keys_new_keys_are_refused_and_queued_ones_still_take_writes(
+    client: Redis, key_prefix: str, clock: FakeClock
+) -> None:
+    queue = queue_on(client, key_prefix, clock, max_pending=2)
+    await queue.enqueue(put("users:1", b"1"))
+    await queue.enqueue(put("users:2", b"2"))
+    with pytest.raises(QueueFull, match="2 keys are waiting"):
+        await queue.enqueue(put("users:3", b"3"))
+    assert await queue.enqueue(put("users:1", b"1b")) is True
+    assert await queue.pending("users:3") is None
+
+
+async def test_stats_report_depth_and_the_oldest_pending_age(
+    queue: WriteQueue, clock: FakeClock
+) -> None:
+    assert (await queue.stats()).oldest_age == 0.0
+    await queue.enqueue(put("users:1", b"1"))
+    clock.advance(3)
+    await queue.enqueue(put("users:2", b"2"))
+    await queue.enqueue(put("users:1", b"1b"))  # a rewrite does not make the key younger
+    clock.advance(2)
+    stats = await queue.stats()
+    assert stats.depth == 2
+    assert stats.oldest_age == pytest.approx(5.0)
+
+
+async def test_every_queue_key_shares_one_hash_tag(
+    queue: WriteQueue, client: Redis, key_prefix: str
+) -> None:
+    await queue.enqueue(put("users:1", b"1"))
+    [claim] = await queue.claim(10, LEASE)
+    await queue.fail(claim, "x", retry_in=1.0)
+    keys = [key.decode() async for key in client.scan_iter(match=f"{key_prefix}*")]
+    assert keys
+    assert all(key.startswith(f"{key_prefix}{{wb}}:") for key in keys), keys
+
+
+async def test_bytes_that_are_not_a_queued_write_are_corrupt(
+    queue: WriteQueue, client: Redis, key_prefix: str
+) -> None:
+    await client.hset(f"{key_prefix}{{wb}}:values", "users:1", b"not ours")
+    with pytest.raises(CorruptEntry):
+        await queue.pending("users:1")
+
+
+async def test_a_dead_redis_is_unavailable(clock: FakeClock) -> None:
+    client = client_from_url(f"redis://127.0.0.1:{free_port()}", timeout=0.2)
+    queue = WriteQueue(client, key_prefix="x:", timeout=0.2, clock=clock)
+    with pytest.raises(TierUnavailable, match="queue enqueue"):
+        await queue.enqueue(put("users:1", b"1"))
+    await queue.aclose()
+
+
+async def test_a_client_that_decodes_responses_is_refused(clock: FakeClock) -> None:
+    with pytest.raises(ValueError, match="decode_responses"):
+        WriteQueue(
+            fakeredis.FakeAsyncRedis(decode_responses=True),
+            key_prefix="x:",
+            timeout=1.0,
+            clock=clock,
+        )
