@@ -108,7 +108,10 @@ class MemoryTier:
                 return None
             return Stored(entry, expires - now)
 
-    async def set(self, key: str, variant: str, entry: Entry, ttl: float) -> None:
+    async def set(
+        self, key: str, variant: str, entry: Entry, ttl: float, *, fetched_at: float | None = None
+    ) -> None:
+        # ``fetched_at`` needs no check here: this process's own writes detach its fills.
         if ttl <= 0:
             return
         with self._store.timer as now:
@@ -129,6 +132,17 @@ class MemoryTier:
             self._count += len(by_variant)
             while self._count > self._max_entries:
                 self._store.popitem()
+
+    async def replace(
+        self, key: str, variant: str, entry: Entry, ttl: float, *, version: int | None = None
+    ) -> bool:
+        # One process orders its own writes (the write-behind lock), so no version is checked.
+        with self._store.timer:
+            dropped = self._store.pop(key, None)
+        if dropped is not None:
+            self._dropped(dropped, Eviction.INVALIDATED)
+        await self.set(key, variant, entry, ttl)
+        return True
 
     async def delete(self, key: str) -> bool:
         with self._store.timer:

@@ -5,6 +5,17 @@ entry envelope. Dropping a key is one ``DEL`` (all variants, one slot on a clust
 lives as long as the variant written last says. A variant's own freshness is in its envelope,
 so a variant kept alive by a newer sibling is still never served past its TTL.
 
+Fills are fenced against writes made elsewhere. Dropping or replacing a key (a write, a purge)
+leaves a mark in its hash, field ``!w`` = when (wall clock), kept at least ``fence`` seconds; a
+fill carries the time its origin fetch started and is stored only if no mark is that recent (a
+script checks and sets in one step). So a replica that fetched the old value just before another
+replica's write cannot put it back into the shared tier after that write.
+
+Written values are ordered too: a write-behind write carries its queue sequence number, kept in
+``!v``, and a replace with an older number than the key holds is dropped, so two replicas
+writing one key at once leave L2 with the value the queue will send last. ``!w`` and ``!v``
+cannot collide with a variant name (those are "" or hex digests).
+
 Every call is bounded by ``timeout`` and any failure (refused, reset, slow, an error reply) is
 raised as ``TierUnavailable``: the tiered cache counts it and carries on as if it had missed.
 A key that holds something else (another Redis type, bytes that are not an envelope) is a
@@ -21,6 +32,7 @@ from redis.asyncio import Redis
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
+from cache.clock import Clock, SystemClock
 from cache.entry import Entry, decode, encode
 from cache.errors import CorruptEntry, TierUnavailable
 from cache.tier import Stored
@@ -52,12 +64,84 @@ def client_from_url(url: str, *, timeout: float) -> Redis:
     )
 
 
+MARK = "!w"
+# Clocks of replicas differ a little: a fill that started this soon after a mark is not trusted.
+CLOCK_SLACK = 1.0
+
+# KEYS: the key   ARGV: variant envelope fetched_at ttl_ms slack
+_FILL = """
+local mark = redis.call('HGET', KEYS[1], '!w')
+if mark and tonumber(mark) + tonumber(ARGV[5]) >= tonumber(ARGV[3]) then
+  return 0
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[4]) then
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+end
+return 1
+"""
+
+# KEYS: the key   ARGV: now fence_ms   -> how many variants were dropped (a key of another
+# Redis type, which is not ours to read, counts as one). The queue version survives the drop.
+_DROP = """
+local held = 0
+local version = false
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind == 'hash' then
+  version = redis.call('HGET', KEYS[1], '!v')
+  held = redis.call('HLEN', KEYS[1]) - redis.call('HEXISTS', KEYS[1], '!w')
+  if version then
+    held = held - 1
+  end
+elseif kind ~= 'none' then
+  held = 1
+end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], '!w', ARGV[1])
+if version then
+  redis.call('HSET', KEYS[1], '!v', version)
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return held
+"""
+
+# KEYS: the key   ARGV: variant envelope ttl_ms now fence_ms version ("" = none)
+# -> 1 when stored; 0 when the key holds a newer written version (left as it is)
+_REPLACE = """
+local version = ARGV[6]
+if redis.call('TYPE', KEYS[1])['ok'] == 'hash' then
+  local held = redis.call('HGET', KEYS[1], '!v')
+  if version ~= '' and held and tonumber(held) >= tonumber(version) then
+    return 0
+  end
+  if version == '' and held then
+    version = held
+  end
+end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2], '!w', ARGV[4])
+if version ~= '' then
+  redis.call('HSET', KEYS[1], '!v', version)
+end
+redis.call('PEXPIRE', KEYS[1], math.max(tonumber(ARGV[3]), tonumber(ARGV[5])))
+return 1
+"""
+
+
 class RedisTier:
     """L2 over ``redis.asyncio``; the client must return bytes (``decode_responses=False``)."""
 
     name = "l2"
 
-    def __init__(self, client: Redis, *, key_prefix: str, timeout: float) -> None:
+    def __init__(
+        self,
+        client: Redis,
+        *,
+        key_prefix: str,
+        timeout: float,
+        clock: Clock | None = None,
+        fence: float = 60.0,
+    ) -> None:
         if client.get_encoder().decode_responses:  # type: ignore[no-untyped-call]
             raise ValueError("the L2 client must be built with decode_responses=False")
         if timeout <= 0:
@@ -65,6 +149,11 @@ class RedisTier:
         self._client = client
         self._prefix = key_prefix
         self._timeout = timeout
+        self._clock: Clock = clock or SystemClock()
+        self._fence_ms = max(1, round(fence * 1000))
+        self._fill = client.register_script(_FILL)
+        self._drop = client.register_script(_DROP)
+        self._replace = client.register_script(_REPLACE)
 
     async def get(self, key: str, variant: str = "") -> Stored | None:
         name = self._prefix + key
@@ -80,21 +169,53 @@ class RedisTier:
         ttl_left = pttl / 1000 if pttl >= 0 else entry.ttl
         return Stored(entry, ttl_left)
 
-    async def set(self, key: str, variant: str, entry: Entry, ttl: float) -> None:
+    async def set(
+        self, key: str, variant: str, entry: Entry, ttl: float, *, fetched_at: float | None = None
+    ) -> None:
         if ttl <= 0:
             return
         name = self._prefix + key
         data = encode(entry)
+        ttl_ms = max(1, round(ttl * 1000))
         async with self._bounded("set"):
+            if fetched_at is not None:
+                await self._fill(keys=[name], args=[variant, data, fetched_at, ttl_ms, CLOCK_SLACK])
+                return
             pipe = self._client.pipeline(transaction=True)
             pipe.hset(name, variant, data)
-            pipe.pexpire(name, max(1, round(ttl * 1000)))
+            pipe.pexpire(name, ttl_ms)
             await pipe.execute()
 
     async def delete(self, key: str) -> bool:
+        """Drop every variant of ``key`` and mark it written now (see the module docstring)."""
         async with self._bounded("delete"):
-            removed: int = await self._client.delete(self._prefix + key)
+            removed: int = await self._drop(
+                keys=[self._prefix + key], args=[self._clock.time(), self._fence_ms]
+            )
         return removed > 0
+
+    async def replace(
+        self, key: str, variant: str, entry: Entry, ttl: float, *, version: int | None = None
+    ) -> bool:
+        """Make ``entry`` the key's only variant, marked written now, in one step.
+
+        ``version`` orders writes made by different replicas (the write-behind queue's sequence
+        number): a key already holding a newer version is left as it is (False).
+        """
+        data = encode(entry)
+        async with self._bounded("replace"):
+            stored: int = await self._replace(
+                keys=[self._prefix + key],
+                args=[
+                    variant,
+                    data,
+                    max(1, round(ttl * 1000)),
+                    self._clock.time(),
+                    self._fence_ms,
+                    "" if version is None else version,
+                ],
+            )
+        return bool(stored)
 
     async def ping(self) -> None:
         """Raises ``TierUnavailable`` unless Redis answers within the timeout."""

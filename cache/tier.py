@@ -1,4 +1,4 @@
-"""What every tier is: get, set, delete, close.
+"""What every tier is: get, set, replace, delete, close.
 
 A logical key (``users:1``) may hold several *variants* of its entry (one per value of the route's
 ``vary`` headers or query string), so that a write or purge of the key drops all of them at once.
@@ -26,8 +26,21 @@ class Tier(Protocol):
         """The stored variant of ``key``, or None when the tier does not have it."""
         ...
 
-    async def set(self, key: str, variant: str, entry: Entry, ttl: float) -> None:
-        """Keep ``entry`` as ``variant`` of ``key`` for ``ttl`` seconds."""
+    async def set(
+        self, key: str, variant: str, entry: Entry, ttl: float, *, fetched_at: float | None = None
+    ) -> None:
+        """Keep ``entry`` as ``variant`` of ``key`` for ``ttl`` seconds.
+
+        ``fetched_at`` marks a fill: the entry was fetched from the origin starting then, and a
+        shared tier must not store it if the key was written or dropped since (by any replica).
+        """
+        ...
+
+    async def replace(
+        self, key: str, variant: str, entry: Entry, ttl: float, *, version: int | None = None
+    ) -> bool:
+        """Make ``entry`` the only variant of ``key`` (a written value); False when the tier
+        already holds a newer ``version`` of the key and kept it."""
         ...
 
     async def delete(self, key: str) -> bool:

@@ -13,8 +13,8 @@
       -> L1 drops the key; pending L2 fills of the key are waited for; L2 drops the key
       -> L2 down: the key is remembered, reads skip L2 for it and the delete is retried as soon
          as L2 answers, so an outage cannot resurrect a value a write replaced
-      put: after the drop, ``entry`` is stored as the key's only variant in L1, then in L2 (an
-         L2 that does not take it leaves the key dropped there, never holding the old value)
+      put: the same, but ``entry`` replaces the key (as its only variant) instead of nothing, in
+         L2 in one step; an L2 that does not take it is treated as a failed delete
 
 An L2 failure is never the caller's problem: it is counted, logged once per change of state, fed
 to the breaker, and the read carries on as a miss.
@@ -29,7 +29,7 @@ import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 from cache.breaker import Breaker
 from cache.clock import Clock
@@ -74,6 +74,17 @@ class Lookup:
 
 
 Loader = Callable[[], Awaitable[Loaded]]
+Task = asyncio.Task[None]
+
+
+class _Written(NamedTuple):
+    """A written value on its way into the tiers."""
+
+    variant: str
+    entry: Entry
+    l1_ttl: float
+    l2_ttl: float
+    version: int | None
 
 
 class _Flight:
@@ -104,7 +115,7 @@ class TieredCache:
         self._breaker = breaker
         self._flights: dict[str, dict[str, _Flight]] = {}
         self._fills: dict[str, set[asyncio.Task[None]]] = {}
-        self._drops: dict[str, asyncio.Task[None]] = {}  # the latest L2 drop or put of a key
+        self._drops: dict[str, Task] = {}  # the latest L2 drop or put of a key
         self._background: set[asyncio.Task[Any]] = set()
         self._pending_deletes: set[str] = set()
         self._deleting: Counter[str] = Counter()
@@ -160,12 +171,23 @@ class TieredCache:
         await self._replace(key, None)
 
     async def put(
-        self, key: str, variant: str, entry: Entry, *, l1_ttl: float, l2_ttl: float
+        self,
+        key: str,
+        variant: str,
+        entry: Entry,
+        *,
+        l1_ttl: float,
+        l2_ttl: float,
+        version: int | None = None,
     ) -> None:
-        """Make ``entry`` the key's value (a written one): every other variant is dropped."""
-        await self._replace(key, (variant, entry, l1_ttl, l2_ttl))
+        """Make ``entry`` the key's value (a written one): every other variant is dropped.
 
-    async def _replace(self, key: str, new: tuple[str, Entry, float, float] | None) -> None:
+        ``version`` (the write-behind sequence number) keeps L2 from taking an older write
+        after a newer one made by another replica.
+        """
+        await self._replace(key, _Written(variant, entry, l1_ttl, l2_ttl, version))
+
+    async def _replace(self, key: str, new: _Written | None) -> None:
         flights = self._flights.pop(key, None)
         if flights is not None:
             for flight in flights.values():
@@ -180,10 +202,10 @@ class TieredCache:
             drop = self._spawn(self._drop_from_l2(key, new, self._drops.get(key)))
             self._drops[key] = drop
             drop.add_done_callback(partial(self._dropped, key))
-        await self._l1.delete(key)
-        if new is not None:
-            variant, entry, l1_ttl, _ = new
-            await self._l1.set(key, variant, entry, l1_ttl)
+        if new is None:
+            await self._l1.delete(key)
+        else:
+            await self._l1.replace(key, new.variant, new.entry, new.l1_ttl)
         if drop is not None:
             await asyncio.shield(drop)
 
@@ -206,6 +228,7 @@ class TieredCache:
                 await self._l1.set(key, variant, stored.entry, min(l1_ttl, stored.ttl_left))
             return Lookup(stored.entry, Source.L2)
 
+        fetched_at = self._clock.time()
         loaded = await loader()
         flight.shared = loaded.shared
         if flight.stale:
@@ -214,7 +237,7 @@ class TieredCache:
             await self._l1.set(key, variant, loaded.entry, loaded.l1_ttl)
         stored_l2 = loaded.l2_ttl > 0 and self._l2 is not None
         if stored_l2:
-            self._fill_l2(key, variant, loaded.entry, loaded.l2_ttl, flight)
+            self._fill_l2(key, variant, loaded.entry, loaded.l2_ttl, flight, fetched_at)
         return Lookup(
             loaded.entry,
             Source.LOADER,
@@ -258,8 +281,10 @@ class TieredCache:
         self._observer.lookup("l2", False)
         return None
 
-    def _fill_l2(self, key: str, variant: str, entry: Entry, ttl: float, flight: _Flight) -> None:
-        task = self._spawn(self._l2_set(key, variant, entry, ttl, flight))
+    def _fill_l2(
+        self, key: str, variant: str, entry: Entry, ttl: float, flight: _Flight, fetched_at: float
+    ) -> None:
+        task = self._spawn(self._l2_set(key, variant, entry, ttl, flight, fetched_at))
         self._fills.setdefault(key, set()).add(task)
         task.add_done_callback(partial(self._filled, key))
 
@@ -271,13 +296,19 @@ class TieredCache:
                 del self._fills[key]
 
     async def _l2_set(
-        self, key: str, variant: str, entry: Entry, ttl: float, flight: _Flight
+        self,
+        key: str,
+        variant: str,
+        entry: Entry,
+        ttl: float,
+        flight: _Flight,
+        fetched_at: float,
     ) -> None:
         l2 = self._l2
         if l2 is None or flight.stale or self._untrusted(key) or not self._l2_allowed():
             return
         try:
-            await l2.set(key, variant, entry, ttl)
+            await l2.set(key, variant, entry, ttl, fetched_at=fetched_at)
         except TierUnavailable as exc:
             self._l2_failed(exc)
             return
@@ -286,45 +317,50 @@ class TieredCache:
             return
         self._l2_answered()
 
-    async def _drop_from_l2(
-        self,
-        key: str,
-        new: tuple[str, Entry, float, float] | None,
-        previous: asyncio.Task[None] | None,
-    ) -> None:
+    async def _drop_from_l2(self, key: str, new: _Written | None, previous: Task | None) -> None:
         try:
             # Two writes of one key reach L2 in the order they were made.
             waited = [*self._fills.get(key, ()), *([previous] if previous else [])]
             if waited:
                 await asyncio.wait(waited)
-            if await self._l2_delete(key) and new is not None:
-                variant, entry, _, l2_ttl = new
-                await self._l2_set_written(key, variant, entry, l2_ttl)
+            if new is None:
+                await self._l2_delete(key)
+            else:
+                await self._l2_replace(key, new)
         finally:
             self._deleting[key] -= 1
             if self._deleting[key] <= 0:
                 del self._deleting[key]
 
-    def _dropped(self, key: str, task: asyncio.Task[None]) -> None:
+    def _dropped(self, key: str, task: Task) -> None:
         if self._drops.get(key) is task:
             del self._drops[key]
 
-    async def _l2_set_written(self, key: str, variant: str, entry: Entry, ttl: float) -> None:
-        assert self._l2 is not None
-        try:
-            await self._l2.set(key, variant, entry, ttl)
-        except TierUnavailable as exc:
-            self._l2_failed(exc)  # the key stays dropped in L2: a miss there, never a stale hit
-        except CorruptEntry as exc:
-            self._foreign(key, exc)
-        else:
-            self._l2_answered()
-
-    async def _l2_delete(self, key: str) -> bool:
-        """Drop ``key`` from L2; False (and the key remembered as pending) when L2 did not."""
+    async def _l2_replace(self, key: str, new: _Written) -> None:
         l2 = self._l2
         if l2 is None:
-            return False
+            return
+        if self._l2_allowed():
+            try:
+                await l2.replace(key, new.variant, new.entry, new.l2_ttl, version=new.version)
+            except TierUnavailable as exc:
+                self._l2_failed(exc)
+            except CorruptEntry as exc:
+                self._foreign(key, exc)
+                return
+            else:
+                self._pending_deletes.discard(key)
+                self._l2_answered()
+                return
+        # L2 may still hold the value this write replaced: never trust it for the key again
+        # until it has been dropped there.
+        self._remember_delete(key)
+
+    async def _l2_delete(self, key: str) -> None:
+        """Drop ``key`` from L2, or remember to as soon as L2 answers."""
+        l2 = self._l2
+        if l2 is None:
+            return
         if self._l2_allowed():
             try:
                 await l2.delete(key)
@@ -333,7 +369,10 @@ class TieredCache:
             else:
                 self._pending_deletes.discard(key)
                 self._l2_answered()
-                return True
+                return
+        self._remember_delete(key)
+
+    def _remember_delete(self, key: str) -> None:
         if len(self._pending_deletes) < MAX_PENDING_DELETES:
             self._pending_deletes.add(key)
         else:
@@ -342,7 +381,6 @@ class TieredCache:
                 MAX_PENDING_DELETES,
                 key,
             )
-        return False
 
     def _untrusted(self, key: str) -> bool:
         """L2 may hold a value a write replaced: being dropped now, or a drop that failed."""

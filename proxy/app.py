@@ -57,7 +57,14 @@ class Runtime:
         l2 = None
         if settings.l2.url is not None:
             client = client_from_url(settings.l2.url, timeout=settings.l2.timeout)
-            l2 = RedisTier(client, key_prefix=settings.l2.key_prefix, timeout=settings.l2.timeout)
+            l2 = RedisTier(
+                client,
+                key_prefix=settings.l2.key_prefix,
+                timeout=settings.l2.timeout,
+                clock=clock,
+                # A write's mark must outlast any origin fetch that began before it.
+                fence=settings.upstream.timeout + 60.0,
+            )
         breaker = Breaker(
             failures=settings.l2.breaker.failures,
             reset_after=settings.l2.breaker.reset_after,

@@ -81,11 +81,19 @@ class FlakyTier:
         self._check("get")
         return await self.inner.get(key, variant)
 
-    async def set(self, key: str, variant: str, entry: Entry, ttl: float) -> None:
+    async def set(
+        self, key: str, variant: str, entry: Entry, ttl: float, *, fetched_at: float | None = None
+    ) -> None:
         self._check("set")
         if "set" in self.hold:
             await self.released.wait()
-        await self.inner.set(key, variant, entry, ttl)
+        await self.inner.set(key, variant, entry, ttl, fetched_at=fetched_at)
+
+    async def replace(
+        self, key: str, variant: str, entry: Entry, ttl: float, *, version: int | None = None
+    ) -> bool:
+        self._check("replace")
+        return await self.inner.replace(key, variant, entry, ttl, version=version)
 
     async def delete(self, key: str) -> bool:
         self._check("delete")

@@ -9,9 +9,11 @@ from redis.asyncio import Redis
 from cache.entry import Entry
 from cache.errors import CorruptEntry, TierUnavailable
 from cache.redis_tier import RedisTier, client_from_url
+from tests.fakes import FakeClock
 from tests.ports import free_port, silent_port
 
 ENTRY = Entry(200, (("Content-Type", "text/plain"),), b"hello", 1_700_000_000.0, 60.0)
+ENTRY_NEW = Entry(200, (("Content-Type", "text/plain"),), b"written", 1_700_000_000.0, 60.0)
 
 
 @pytest.mark.redis
@@ -64,3 +66,49 @@ async def test_memory_urls_get_a_server_of_their_own() -> None:
     await one.set("k", "", ENTRY, 60)
     assert await one.get("k") is not None
     assert await two.get("k") is None
+
+
+def fenced(client: Redis, clock: FakeClock) -> RedisTier:
+    return RedisTier(client, key_prefix="t:", timeout=1.0, clock=clock, fence=60.0)
+
+
+async def test_a_fill_that_began_before_a_write_elsewhere_is_not_stored() -> None:
+    """Replica B fetched the old value; replica A's write landed before B's fill."""
+    server = fakeredis.FakeServer()
+    clock = FakeClock()
+    a = fenced(fakeredis.FakeAsyncRedis(server=server), clock)
+    b = fenced(fakeredis.FakeAsyncRedis(server=server), clock)
+    fetch_began = clock.time()
+    clock.advance(0.2)
+    await a.replace("users:1", "", ENTRY_NEW, 60)
+    await b.set("users:1", "", ENTRY, 60, fetched_at=fetch_began)
+    found = await a.get("users:1")
+    assert found is not None
+    assert found.entry == ENTRY_NEW
+    # A delete (cache-aside write, purge) fences the same way.
+    await a.delete("users:2")
+    await b.set("users:2", "", ENTRY, 60, fetched_at=fetch_began)
+    assert await a.get("users:2") is None
+    # A fill that began well after the mark is stored.
+    clock.advance(5)
+    await b.set("users:2", "", ENTRY, 60, fetched_at=clock.time())
+    assert await a.get("users:2") is not None
+
+
+async def test_a_replace_with_an_older_version_leaves_the_newer_one() -> None:
+    tier = fenced(fakeredis.FakeAsyncRedis(), FakeClock())
+    assert await tier.replace("users:1", "", ENTRY_NEW, 60, version=7) is True
+    assert await tier.replace("users:1", "", ENTRY, 60, version=6) is False
+    await tier.delete("users:1")  # a drop keeps the version: a late older write stays out
+    assert await tier.replace("users:1", "", ENTRY, 60, version=5) is False
+    assert await tier.replace("users:1", "", ENTRY, 60, version=8) is True
+    found = await tier.get("users:1")
+    assert found is not None
+    assert found.entry == ENTRY
+
+
+async def test_delete_counts_variants_not_its_own_marks() -> None:
+    tier = fenced(fakeredis.FakeAsyncRedis(), FakeClock())
+    await tier.replace("users:1", "", ENTRY, 60, version=3)
+    assert await tier.delete("users:1") is True
+    assert await tier.delete("users:1") is False  # only the marks are left

@@ -133,3 +133,14 @@ async def test_any_key_text_works(backend: Backend, key: str) -> None:
     found = await backend.tier.get(key)
     assert found is not None
     assert found.entry == entry()
+
+
+async def test_replace_makes_the_entry_the_only_variant(backend: Backend) -> None:
+    await backend.tier.set("products:7", "json", entry(b"json"), 600)
+    await backend.tier.set("products:7", "xml", entry(b"xml"), 600)
+    assert await backend.tier.replace("products:7", "", entry(b"written"), 600) is True
+    assert await backend.tier.get("products:7", "json") is None
+    assert await backend.tier.get("products:7", "xml") is None
+    found = await backend.tier.get("products:7")
+    assert found is not None
+    assert found.entry.body == b"written"

@@ -410,3 +410,31 @@ async def test_a_key_of_another_redis_type_is_dropped_and_does_not_open_the_brea
     assert not breaker.is_open
     assert observer.errors == {("l2", "decode"): 6}
     assert await redis_client.type(f"{key_prefix}k0") in (b"none", b"hash")
+
+
+async def test_a_slow_fill_on_one_replica_cannot_undo_a_write_on_another(
+    clock: FakeClock, observer: RecordingObserver
+) -> None:
+    server = fakeredis.FakeServer()
+
+    def replica() -> TieredCache:
+        l2 = RedisTier(
+            fakeredis.FakeAsyncRedis(server=server), key_prefix="t:", timeout=1.0, clock=clock
+        )
+        return TieredCache(memory_l1(clock, observer), l2, clock=clock, observer=observer)
+
+    a, b = replica(), replica()
+    slow = Origin(clock)
+    slow.body = b"old"
+    slow.gate = asyncio.Event()
+    reading = asyncio.create_task(b.get("k", "", l1_ttl=30, loader=slow))
+    await settle(b)
+    clock.advance(0.1)
+    written = Entry(200, (), b"new", clock.time(), 60)
+    await a.put("k", "", written, l1_ttl=30, l2_ttl=60)
+    slow.gate.set()
+    assert (await reading).entry.body == b"old"  # B's reader got what it asked for
+    await settle(b)
+    fresh = replica()
+    found = await fresh.get("k", "", l1_ttl=30, loader=Origin(clock))
+    assert (found.source, found.entry.body) == (Source.L2, b"new")
