@@ -97,14 +97,20 @@ class Flusher:
         self._observer: CacheObserver = observer or NullObserver()
         self._wake = asyncio.Event()
         self._queue_ok = True
+        self._stopping = False
 
     def wake(self) -> None:
         """Flush now rather than at the next interval (a write arrived, a replay was asked)."""
         self._wake.set()
 
+    def stop(self) -> None:
+        """Let ``run`` return once the batch in flight is settled (never cut a send short)."""
+        self._stopping = True
+        self._wake.set()
+
     async def run(self) -> None:
-        """Flush until cancelled."""
-        while True:
+        """Flush every interval until ``stop`` (or cancelled)."""
+        while not self._stopping:
             try:
                 full = await self.flush_once() >= self._batch_size
             except TierUnavailable as exc:

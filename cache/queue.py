@@ -34,7 +34,7 @@ import dataclasses
 import json
 import struct
 from collections.abc import AsyncIterator
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -61,6 +61,11 @@ class QueuedWrite:
     method: str
     target: str  # the path (and query) the client wrote to
     entry: Entry
+
+
+class Queued(NamedTuple):
+    seq: int  # orders the writes of a key, across replicas
+    coalesced: bool  # it replaced a write of the key the origin had not been sent yet
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -263,8 +268,8 @@ class WriteQueue:
     def _now_ms(self) -> int:
         return round(self._clock.time() * 1000)
 
-    async def enqueue(self, write: QueuedWrite) -> bool:
-        """Make ``write`` durable; True when it replaced an unflushed write of its key.
+    async def enqueue(self, write: QueuedWrite) -> Queued:
+        """Make ``write`` durable; says its sequence number and whether it coalesced.
 
         Raises ``TierUnavailable`` when Redis does not take it (the write is then not
         acknowledged) and ``QueueFull`` past ``max_pending`` keys.
@@ -276,7 +281,7 @@ class WriteQueue:
             )
         if result == -1:
             raise QueueFull(f"{self._max_pending} keys are waiting for the origin")
-        return bool(result[1])
+        return Queued(int(result[0]), bool(result[1]))
 
     async def pending(self, key: str) -> QueuedWrite | None:
         """The newest unflushed write of ``key``, if any."""

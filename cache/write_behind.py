@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import Counter
 
 from cache.errors import CorruptEntry, TierUnavailable
 from cache.flusher import Flusher
@@ -37,14 +38,36 @@ class WriteBehind:
         self.flusher = flusher
         self._observer: CacheObserver = observer or NullObserver()
         self._task: asyncio.Task[None] | None = None
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._lock_users: Counter[str] = Counter()
 
     async def write(
         self, write: QueuedWrite, variant: str, *, l1_ttl: float, l2_ttl: float
     ) -> None:
-        """Queue ``write``, then make it the cached value; raises when the queue refuses it."""
-        coalesced = await self.queue.enqueue(write)
-        self._observer.queued(coalesced)
-        await self._cache.put(write.key, variant, write.entry, l1_ttl=l1_ttl, l2_ttl=l2_ttl)
+        """Queue ``write``, then make it the cached value; raises when the queue refuses it.
+
+        Writes of one key are made one at a time here, so the tiers end with the write the
+        queue holds last; across replicas, the queue's sequence number orders L2.
+        """
+        lock = self._locks.setdefault(write.key, asyncio.Lock())
+        self._lock_users[write.key] += 1
+        try:
+            async with lock:
+                queued = await self.queue.enqueue(write)
+                self._observer.queued(queued.coalesced)
+                await self._cache.put(
+                    write.key,
+                    variant,
+                    write.entry,
+                    l1_ttl=l1_ttl,
+                    l2_ttl=l2_ttl,
+                    version=queued.seq,
+                )
+        finally:
+            self._lock_users[write.key] -= 1
+            if not self._lock_users[write.key]:
+                del self._lock_users[write.key]
+                del self._locks[write.key]
 
     def loader(self, key: str, origin: Loader, *, l1_ttl: float, l2_ttl: float) -> Loader:
         """``origin``, preceded by a look at the key's unflushed write."""
@@ -68,12 +91,23 @@ class WriteBehind:
         self._task = asyncio.create_task(self.flusher.run())
 
     async def aclose(self, grace: float) -> None:
-        """Stop the periodic flush, send what is ready within ``grace``, leave the rest queued."""
+        """Stop the periodic flush, send what is ready within ``grace``, leave the rest queued.
+
+        A batch already being sent is finished, not cancelled: a cancelled send would leave its
+        key leased, unsent, until the lease ran out.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        sent = await self.flusher.drain(grace)
+            self.flusher.stop()
+            try:
+                async with asyncio.timeout(grace):
+                    await asyncio.shield(self._task)
+            except TimeoutError:
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
+        sent = await self.flusher.drain(max(0.0, deadline - loop.time()))
         if sent:
             logger.info(
                 "write-behind: flushed %d write%s on the way out", sent, "" if sent == 1 else "s"

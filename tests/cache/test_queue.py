@@ -50,7 +50,7 @@ def queue(client: Redis, key_prefix: str, clock: FakeClock) -> WriteQueue:
 
 
 async def test_a_queued_write_is_pending_until_acked(queue: WriteQueue) -> None:
-    assert await queue.enqueue(put("users:1", b"1")) is False
+    assert (await queue.enqueue(put("users:1", b"1"))).coalesced is False
     assert await queue.pending("users:1") == put("users:1", b"1")
     [claim] = await queue.claim(10, LEASE)
     assert claim.write == put("users:1", b"1")
@@ -61,9 +61,9 @@ async def test_a_queued_write_is_pending_until_acked(queue: WriteQueue) -> None:
 
 
 async def test_writes_to_one_key_coalesce_into_the_newest(queue: WriteQueue) -> None:
-    assert await queue.enqueue(put("users:1", b"1")) is False
-    assert await queue.enqueue(put("users:1", b"2")) is True
-    assert await queue.enqueue(put("users:1", b"3")) is True
+    assert (await queue.enqueue(put("users:1", b"1"))).coalesced is False
+    assert (await queue.enqueue(put("users:1", b"2"))).coalesced is True
+    assert (await queue.enqueue(put("users:1", b"3"))).coalesced is True
     [claim] = await queue.claim(10, LEASE)
     assert claim.write.entry.body == b"3"
     assert (await queue.stats()).depth == 1
@@ -162,7 +162,7 @@ async def test_past_max_pending_keys_new_keys_are_refused_and_queued_ones_still_
     await queue.enqueue(put("users:2", b"2"))
     with pytest.raises(QueueFull, match="2 keys are waiting"):
         await queue.enqueue(put("users:3", b"3"))
-    assert await queue.enqueue(put("users:1", b"1b")) is True
+    assert (await queue.enqueue(put("users:1", b"1b"))).coalesced is True
     assert await queue.pending("users:3") is None
 
 

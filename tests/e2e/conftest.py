@@ -124,9 +124,20 @@ class Origin:
         return int(stats["by_request"].get(f"GET {path}", 0))
 
 
-async def start_origin(spawn: Spawn, latency: str = "0ms") -> Origin:
-    port = free_port()
-    process = spawn("origin", [CACHECAR, "origin", "--port", str(port), "--latency", latency])
+async def start_origin(
+    spawn: Spawn,
+    latency: str = "0ms",
+    *,
+    port: int | None = None,
+    db: Path | None = None,
+    name: str = "origin",
+) -> Origin:
+    """``cachecar origin``; give ``port`` and ``db`` to start it again where it was."""
+    port = port or free_port()
+    args = [CACHECAR, "origin", "--port", str(port), "--latency", latency]
+    if db is not None:
+        args += ["--db", str(db)]
+    process = spawn(name, args)
     url = f"http://127.0.0.1:{port}"
     await wait_http(url + "/", process)
     return Origin(url, process)
@@ -155,8 +166,13 @@ def write_config(
     l2: str | None = "memory://",
     key_prefix: str = "cachecar:",
     extra: str = "",
+    mode: str | None = None,
+    admin_token: str | None = None,
 ) -> Config:
+    """``mode`` sets the /users/{id} route's write mode; ``admin_token`` sets admin.token."""
     port, admin = free_port(), free_port()
+    token = f", token: {admin_token!r}" if admin_token is not None else ""
+    mode_line = f"mode: {mode}" if mode is not None else ""
     l2_line = (
         f"l2: {{url: {l2!r}, key_prefix: {key_prefix!r}, timeout: 100ms, "
         "breaker: {failures: 3, reset_after: 1s}}"
@@ -167,12 +183,13 @@ def write_config(
         textwrap.dedent(
             f"""\
             server: {{listen: "127.0.0.1:{port}", shutdown_grace: 5s}}
-            admin: {{listen: "127.0.0.1:{admin}"}}
+            admin: {{listen: "127.0.0.1:{admin}"{token}}}
             upstream: {{url: "{origin}", timeout: 5s}}
             {l2_line}
             routes:
               - path: /users/{{id}}
                 key: "users:{{id}}"
+                {mode_line}
             """
         )
         + textwrap.dedent(extra)
