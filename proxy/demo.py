@@ -2,8 +2,10 @@
 
 start `cachecar origin` and `cachecar serve` as child processes (their logs go to files)
 -> wait until both answer -> seed the origin -> clients send Zipf-distributed reads (and a
-few writes, which invalidate) through the proxy -> one line a second: req/s, hit ratio per
-tier, origin load, latency -> Ctrl-C (or --duration) stops the clients, then the children
+few writes, which invalidate) through the proxy, and cart updates to the write-behind route
+-> one line a second: req/s, hit ratio per tier, origin load, latency, write-behind writes and
+how many origin writes they became -> Ctrl-C (or --duration) stops the clients, then the
+children
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from proxy.settings import Settings
 USERS = 1000
 PRODUCTS = 200
 WRITE_SHARE = 0.02
+CARTS = 50
+CART_SHARE = 0.05  # of requests: PUT /carts/{id}, a write-behind route
 ZIPF_S = 1.1
 ORIGIN_LATENCY = "20ms"
 READY_TIMEOUT = 20.0
@@ -139,7 +143,9 @@ class Demo:
             f"  origin    {self._origin}    the demo data store, {ORIGIN_LATENCY} per request\n"
             f"  logs      {self._logs}\n"
             f"  traffic   {self._concurrency} clients, Zipf(s={ZIPF_S}) over {USERS} users, "
-            f"{WRITE_SHARE:.0%} writes\n"
+            f"{WRITE_SHARE:.0%} writes; {CART_SHARE:.0%} cart updates (write-behind) over "
+            f"{CARTS} carts\n"
+            f"  queue     {self._admin}/admin/write-behind\n"
             "Ctrl-C stops everything.",
             flush=True,
         )
@@ -165,6 +171,15 @@ class Demo:
             url = f"{self._proxy}/users/{user}"
             started = time.perf_counter()
             try:
+                if rng.random() < CART_SHARE:
+                    cart = pick(rng) % CARTS + 1
+                    cart_value = {"id": cart, "items": rng.randrange(1, 9)}
+                    async with session.put(
+                        f"{self._proxy}/carts/{cart}", json=cart_value
+                    ) as response:
+                        await response.read()
+                    self._outcomes["QUEUED" if response.status == 202 else "ERROR"] += 1
+                    continue
                 if rng.random() < WRITE_SHARE:
                     value = {"id": user, "name": f"user {user}", "v": rng.random()}
                     async with session.put(url, json=value) as response:
@@ -183,29 +198,36 @@ class Demo:
     async def _report(self, session: aiohttp.ClientSession) -> None:
         tty = sys.stdout.isatty()
         previous: Counter[str] = Counter()
-        previous_origin = await self._origin_requests(session)
+        previous_origin, previous_carts = await self._origin_requests(session)
         while True:
             await asyncio.sleep(1)
             now = Counter(self._outcomes)
             window = now - previous
-            origin = await self._origin_requests(session)
+            origin, carts = await self._origin_requests(session)
             latencies, self._latencies = sorted(self._latencies), []
-            line = _line(window, origin - previous_origin, latencies)
-            previous, previous_origin = now, origin
+            line = _line(window, origin - previous_origin, latencies, carts - previous_carts)
+            previous, previous_origin, previous_carts = now, origin, carts
             print(f"\r{line}   " if tty else line, end="" if tty else "\n", flush=True)
 
-    async def _origin_requests(self, session: aiohttp.ClientSession) -> int:
+    async def _origin_requests(self, session: aiohttp.ClientSession) -> tuple[int, int]:
+        """Requests the origin received so far: all of them, and the cart writes among them."""
         with contextlib.suppress(aiohttp.ClientError, ValueError):
             async with session.get(f"{self._origin}/_stats") as response:
                 stats = json.loads(await response.read())
-                return int(stats["requests"])
-        return 0
+            carts = sum(
+                n for request, n in stats["by_request"].items() if request.startswith("PUT /carts/")
+            )
+            return int(stats["requests"]), carts
+        return 0, 0
 
     def _summary(self) -> str:
         reads = sum(self._outcomes[o] for o in ("HIT-L1", "HIT-L2", "MISS", "STALE"))
         hits = self._outcomes["HIT-L1"] + self._outcomes["HIT-L2"]
         ratio = f"{hits / reads:.1%}" if reads else "n/a"
-        return f"{reads} reads, hit ratio {ratio}, {self._outcomes['WRITE']} writes"
+        return (
+            f"{reads} reads, hit ratio {ratio}, {self._outcomes['WRITE']} writes, "
+            f"{self._outcomes['QUEUED']} write-behind writes"
+        )
 
 
 _Picker = Callable[[random.Random], int]
@@ -222,7 +244,7 @@ def _zipf(n: int, s: float) -> _Picker:
     return pick
 
 
-def _line(window: Counter[str], origin: int, latencies: list[float]) -> str:
+def _line(window: Counter[str], origin: int, latencies: list[float], flushed: int = 0) -> str:
     reads = sum(window[o] for o in ("HIT-L1", "HIT-L2", "MISS", "STALE"))
     if not reads:
         return "waiting for traffic..."
@@ -236,9 +258,10 @@ def _line(window: Counter[str], origin: int, latencies: list[float]) -> str:
         return f"{latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000:.1f}ms"
 
     return (
-        f"{reads + window['WRITE']:6d} req/s  hit {share('HIT-L1', 'HIT-L2')} "
+        f"{reads + window['WRITE'] + window['QUEUED']:6d} req/s  hit {share('HIT-L1', 'HIT-L2')} "
         f"(L1 {share('HIT-L1')}, L2 {share('HIT-L2')})  miss {share('MISS')}  "
-        f"origin {origin:4d} req/s  p50 {percentile(0.5)}  p99 {percentile(0.99)}"
+        f"origin {origin:4d} req/s  p50 {percentile(0.5)}  p99 {percentile(0.99)}  "
+        f"write-behind {window['QUEUED']}/s -> origin {flushed}/s"
         + (f"  errors {window['ERROR']}" if window["ERROR"] else "")
     )
 
