@@ -231,6 +231,20 @@ class Proxy:
         query: str,
     ) -> web.StreamResponse:
         assert self._write_behind is not None
+        sent_credentials = sorted(
+            name for name in forwarding.CREDENTIALS if name in request.headers
+        )
+        if sent_credentials:
+            # The flusher sends the body later, without them (credentials are never stored):
+            # acknowledging now would let readers see a write the origin never authorized.
+            return error_response(
+                400,
+                "credentials on a write-behind write",
+                f"{' and '.join(sent_credentials)} cannot be kept for the later origin write; "
+                "send the write without them (the origin must accept writes from cachecar), or "
+                "use mode: write-through",
+                BYPASS_METHOD,
+            )
         now = self._clock.time()
         ttl = max(route.l1_ttl, route.l2_ttl)
         if request.method == "PUT":

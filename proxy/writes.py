@@ -4,7 +4,9 @@
     write-through   PUT: forward (read whole) -> 2xx: the body becomes the key's entry
                     -> a refusal changes nothing; no answer: drop the key
                     PATCH/POST/DELETE: as cache-aside
-    write-behind    PUT/DELETE: queue it (durable) -> entry (DELETE: a 404 tombstone) in L1, L2
+    write-behind    PUT/DELETE with Authorization or Cookie: 400 (they cannot be kept for the
+                    later origin write, and acknowledging would skip the origin's check)
+                    PUT/DELETE: queue it (durable) -> entry (DELETE: a 404 tombstone) in L1, L2
                     -> 202 Accepted, X-Cache-Write: queued; the queue refusing -> 503, nothing kept
                     PATCH/POST: forwarded as cache-aside, unless the key has a write still queued:
                     then 409, since the origin would apply the patch to a value the queued write

@@ -183,6 +183,20 @@ async def test_a_queue_that_cannot_take_the_write_is_503_and_nothing_changes(
     assert await again.read() == before  # the refused write is nowhere
 
 
+@pytest.mark.parametrize("header", ["Authorization", "Cookie"])
+async def test_a_write_behind_write_with_credentials_is_refused_not_stripped(
+    make_proxy: MakeProxy, origin: Origin, header: str
+) -> None:
+    proxy = await proxy_for(make_proxy)
+    response = await proxy.put("/users/1", data=b"mine", headers={header: "secret"})
+    assert response.status == 400
+    body = await response.json()
+    assert body["error"] == "credentials on a write-behind write"
+    assert header.lower() in body["detail"]
+    assert await (await proxy.get("/users/1")).read() != b"mine"
+    assert (await write_behind_of(proxy).queue.stats()).depth == 0
+
+
 async def test_past_max_pending_a_new_key_is_refused(make_proxy: MakeProxy) -> None:
     proxy = await proxy_for(make_proxy, "write_behind: {flush_interval: 1h, max_pending: 1}\n")
     assert (await proxy.put("/users/1", data=b"1")).status == 202
