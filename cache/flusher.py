@@ -1,7 +1,8 @@
 """The flusher: sends queued writes to the origin, in batches, until the queue is empty.
 
-    every flush_interval (at once again while batches come back full):
-      claim up to batch_size ready keys (each leased to this replica)
+    every flush_interval / 4 (at once again while batches come back full):
+      claim up to batch_size ready keys (each leased to this replica; a key is ready
+      flush_interval after its first unsent write, the queue's coalescing window)
       -> send each key's newest write, at most ``concurrency`` at a time
            ok         -> ack: the key leaves the queue (or goes again at once if rewritten)
            retry      -> fail: ready again after an exponential backoff with jitter
@@ -118,19 +119,22 @@ class Flusher:
                 full = False
             if not full:
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self._interval):
+                    # Keys come due at any moment (each its own window): look often, so a
+                    # write reaches the origin within about 1.25 flush intervals.
+                    async with asyncio.timeout(self._interval / 4):
                         await self._wake.wait()
                 self._wake.clear()
 
     async def drain(self, within: float) -> int:
         """Flush what is ready until nothing is, or ``within`` seconds pass; returns sends made.
 
-        Keys waiting out a backoff stay queued: their origin is failing, and they survive a stop.
+        Keys still in their coalescing window go now; keys waiting out a backoff stay queued:
+        their origin is failing, and they survive a stop.
         """
         sent = 0
         try:
             async with asyncio.timeout(within):
-                while count := await self.flush_once():
+                while count := await self.flush_once(early=self._interval):
                     sent += count
         except TimeoutError:
             logger.warning("write-behind: stop grace (%gs) over with writes still queued", within)
@@ -138,9 +142,9 @@ class Flusher:
             self._queue_failed(exc)
         return sent
 
-    async def flush_once(self) -> int:
+    async def flush_once(self, *, early: float = 0.0) -> int:
         """Claim one batch and send it; returns how many writes were claimed."""
-        claims = await self._queue.claim(self._batch_size, self.lease)
+        claims = await self._queue.claim(self._batch_size, self.lease, early=early)
         if claims:
             await asyncio.gather(*(self._flush(claim) for claim in claims))
         if not self._queue_ok:

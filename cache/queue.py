@@ -5,19 +5,20 @@ Layout (every key shares the hash tag ``{wb}``, so each script touches one Clust
     {prefix}{wb}:seq      string  the last sequence number given to a write (INCR)
     {prefix}{wb}:values   hash    key -> the newest unflushed write (``QueuedWrite`` bytes)
     {prefix}{wb}:seqs     hash    key -> that write's sequence number
-    {prefix}{wb}:ready    zset    key -> when it may be claimed next (ms): now for a fresh
-                                  write, now + lease while a flusher holds it, now + backoff
-                                  after a failure
+    {prefix}{wb}:ready    zset    key -> when it may be claimed next (ms): now + coalesce_for
+                                  for a fresh write, now + lease while a flusher holds it,
+                                  now + backoff after a failure
     {prefix}{wb}:since    zset    key -> when its oldest unflushed write was acknowledged (ms)
     {prefix}{wb}:tries    hash    key -> failed attempts on its current value
     {prefix}{wb}:dead     hash    key -> dead letter: JSON (key, method, path, attempts,
                                   last_error, failed_at)
     {prefix}{wb}:corpses  hash    key -> the dead write's bytes, for replay
 
-    enqueue  -> values/seqs replaced (a newer write coalesces an unflushed one), ready NX now
+    enqueue  -> values/seqs replaced (a newer write coalesces an unflushed one);
+                ready NX now + coalesce_for: the key's coalescing window
     claim    -> keys ready by now: ready = now + lease (the lease), their newest value returned
     ack      -> sent seq is still the newest: key leaves the queue
-                a newer write arrived meanwhile: ready = now, so it goes out next
+                a newer write arrived meanwhile: ready = now + coalesce_for (a new window)
     fail     -> retry: ready = now + backoff; dead: moved to dead/corpses, key leaves the queue
                 (unless a newer write is waiting: that one stays and is tried at once)
 
@@ -128,7 +129,7 @@ def _load(key: str, data: bytes) -> QueuedWrite:
 
 # -- the scripts ---------------------------------------------------------------------------------
 
-# KEYS: seq values seqs ready since   ARGV: key record now_ms max_pending
+# KEYS: seq values seqs ready since   ARGV: key record now_ms max_pending ready_at_ms
 _ENQUEUE = """
 local key = ARGV[1]
 local present = redis.call('HEXISTS', KEYS[2], key)
@@ -139,15 +140,15 @@ end
 local seq = redis.call('INCR', KEYS[1])
 redis.call('HSET', KEYS[2], key, ARGV[2])
 redis.call('HSET', KEYS[3], key, seq)
-redis.call('ZADD', KEYS[4], 'NX', ARGV[3], key)
+redis.call('ZADD', KEYS[4], 'NX', ARGV[5], key)
 redis.call('ZADD', KEYS[5], 'NX', ARGV[3], key)
 return {seq, present}
 """
 
-# KEYS: ready values seqs tries   ARGV: now_ms lease_ms limit
+# KEYS: ready values seqs tries   ARGV: now_ms lease_ms limit due_by_ms
 _CLAIM = """
 local now = tonumber(ARGV[1])
-local keys = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[3]))
+local keys = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[4], 'LIMIT', 0, tonumber(ARGV[3]))
 local out = {}
 for _, key in ipairs(keys) do
   local value = redis.call('HGET', KEYS[2], key)
@@ -164,7 +165,7 @@ end
 return out
 """
 
-# KEYS: ready values seqs since tries   ARGV: key seq now_ms
+# KEYS: ready values seqs since tries   ARGV: key seq now_ms ready_at_ms
 _ACK = """
 local key = ARGV[1]
 local current = redis.call('HGET', KEYS[3], key)
@@ -177,7 +178,7 @@ if current == ARGV[2] then
   return 1
 end
 if current then
-  redis.call('ZADD', KEYS[1], ARGV[3], key)
+  redis.call('ZADD', KEYS[1], ARGV[4], key)
   redis.call('ZADD', KEYS[4], 'XX', ARGV[3], key)
 end
 return 0
@@ -245,6 +246,7 @@ class WriteQueue:
         timeout: float,
         clock: Clock,
         max_pending: int = 0,
+        coalesce_for: float = 0.0,
     ) -> None:
         if client.get_encoder().decode_responses:  # type: ignore[no-untyped-call]
             raise ValueError("the queue's client must be built with decode_responses=False")
@@ -254,6 +256,7 @@ class WriteQueue:
         self._timeout = timeout
         self._clock = clock
         self._max_pending = max_pending
+        self._window_ms = round(coalesce_for * 1000)
         names = ("seq", "values", "seqs", "ready", "since", "tries", "dead", "corpses")
         self._keys = {name: f"{key_prefix}{{wb}}:{name}" for name in names}
         self._enqueue = client.register_script(_ENQUEUE)
@@ -271,13 +274,17 @@ class WriteQueue:
     async def enqueue(self, write: QueuedWrite) -> Queued:
         """Make ``write`` durable; says its sequence number and whether it coalesced.
 
+        A key with no unsent write becomes claimable ``coalesce_for`` from now: what is written
+        to it meanwhile is coalesced into one origin write.
+
         Raises ``TierUnavailable`` when Redis does not take it (the write is then not
         acknowledged) and ``QueueFull`` past ``max_pending`` keys.
         """
+        now = self._now_ms()
         async with self._bounded("enqueue"):
             result = await self._enqueue(
                 keys=self._k("seq", "values", "seqs", "ready", "since"),
-                args=[write.key, _dump(write), self._now_ms(), self._max_pending],
+                args=[write.key, _dump(write), now, self._max_pending, now + self._window_ms],
             )
         if result == -1:
             raise QueueFull(f"{self._max_pending} keys are waiting for the origin")
@@ -289,13 +296,17 @@ class WriteQueue:
             data = await self._client.hget(self._keys["values"], key)
         return None if data is None else _load(key, cast(bytes, data))
 
-    async def claim(self, limit: int, lease: float) -> list[Claim]:
-        """Lease up to ``limit`` ready keys to the caller, with their newest writes."""
+    async def claim(self, limit: int, lease: float, *, early: float = 0.0) -> list[Claim]:
+        """Lease up to ``limit`` ready keys to the caller, with their newest writes.
+
+        ``early`` also takes keys due within that many seconds (a stop flushes keys still in
+        their coalescing window; keys leased elsewhere or backing off longer stay).
+        """
         now = self._now_ms()
         async with self._bounded("claim"):
             flat = await self._claim(
                 keys=self._k("ready", "values", "seqs", "tries"),
-                args=[now, round(lease * 1000), limit],
+                args=[now, round(lease * 1000), limit, now + round(early * 1000)],
             )
         leased_until = (now + round(lease * 1000)) / 1000
         claims = []
@@ -307,11 +318,15 @@ class WriteQueue:
         return claims
 
     async def ack(self, claim: Claim) -> bool:
-        """The origin has ``claim``'s write; True when the key left the queue."""
+        """The origin has ``claim``'s write; True when the key left the queue.
+
+        A newer write that arrived during the send goes out ``coalesce_for`` from now.
+        """
+        now = self._now_ms()
         async with self._bounded("ack"):
             done = await self._ack(
                 keys=self._k("ready", "values", "seqs", "since", "tries"),
-                args=[claim.write.key, claim.seq, self._now_ms()],
+                args=[claim.write.key, claim.seq, now, now + self._window_ms],
             )
         return bool(done)
 

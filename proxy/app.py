@@ -123,6 +123,8 @@ def _write_behind(
         timeout=config.timeout,
         clock=clock,
         max_pending=config.max_pending,
+        # Writes of a key within one interval become one origin write.
+        coalesce_for=config.flush_interval,
     )
     flusher = Flusher(
         queue,

@@ -215,3 +215,37 @@ async def test_a_client_that_decodes_responses_is_refused(clock: FakeClock) -> N
             timeout=1.0,
             clock=clock,
         )
+
+
+async def test_a_key_waits_out_its_coalescing_window_before_it_can_be_claimed(
+    client: Redis, key_prefix: str, clock: FakeClock
+) -> None:
+    queue = WriteQueue(client, key_prefix=key_prefix, timeout=2.0, clock=clock, coalesce_for=1.0)
+    await queue.enqueue(put("users:1", b"1"))
+    clock.advance(0.6)
+    await queue.enqueue(put("users:1", b"2"))  # inside the window: no new window
+    assert await queue.claim(10, LEASE) == []
+    clock.advance(0.4)
+    [claim] = await queue.claim(10, LEASE)
+    assert claim.write.entry.body == b"2"
+    await queue.enqueue(put("users:1", b"3"))  # written while "2" is on its way
+    assert await queue.ack(claim) is False
+    assert await queue.claim(10, LEASE) == []  # a new window for "3", not at once
+    clock.advance(1.0)
+    [again] = await queue.claim(10, LEASE)
+    assert again.write.entry.body == b"3"
+
+
+async def test_a_stop_can_claim_keys_still_in_their_window_but_not_leased_ones(
+    client: Redis, key_prefix: str, clock: FakeClock
+) -> None:
+    queue = WriteQueue(client, key_prefix=key_prefix, timeout=2.0, clock=clock, coalesce_for=1.0)
+    await queue.enqueue(put("users:1", b"1"))
+    await queue.enqueue(put("users:2", b"2"))
+    clock.advance(1.0)
+    [leased] = await queue.claim(1, LEASE)  # held by a flusher elsewhere
+    await queue.enqueue(put("users:3", b"3"))
+    claimed = await queue.claim(10, LEASE, early=1.0)
+    assert sorted(c.write.key for c in claimed) == sorted(
+        {"users:1", "users:2", "users:3"} - {leased.write.key}
+    )

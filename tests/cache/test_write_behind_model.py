@@ -75,7 +75,11 @@ class Replica:
         l2 = RedisTier(fakeredis.FakeAsyncRedis(server=server), key_prefix=PREFIX, timeout=5.0)
         self.cache = TieredCache(l1, l2, clock=clock)
         queue = WriteQueue(
-            fakeredis.FakeAsyncRedis(server=server), key_prefix=PREFIX, timeout=5.0, clock=clock
+            fakeredis.FakeAsyncRedis(server=server),
+            key_prefix=PREFIX,
+            timeout=5.0,
+            clock=clock,
+            coalesce_for=1.0,  # writes of a key within 1s become one send; ticks move past it
         )
         self.flusher = Flusher(
             queue,

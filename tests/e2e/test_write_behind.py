@@ -24,6 +24,9 @@ from tests.ports import free_port
 
 FAST = "write_behind: {flush_interval: 200ms}\n"
 SLOW = "write_behind: {flush_interval: 30s}\n"  # nothing is flushed until the stop or a restart
+# Each key waits out one flush_interval (its coalescing window) from its first write, also after
+# a restart: long enough to write everything before the kill, short enough to wait out after.
+WINDOW = "write_behind: {flush_interval: 4s}\n"
 RETRYING = (
     "write_behind: {flush_interval: 200ms, backoff: {initial: 100ms, max: 500ms}, "
     "max_attempts: 1000}\n"
@@ -151,7 +154,7 @@ async def test_acknowledged_writes_survive_kill_9_and_are_flushed_by_the_next_pr
 ) -> None:
     n = 200
     origin = await start_origin(spawn)
-    slow = wb_config(tmp_path / "first.yaml", origin.url, redis_url, key_prefix, SLOW)
+    slow = wb_config(tmp_path / "first.yaml", origin.url, redis_url, key_prefix, WINDOW)
     first = await start_proxy(spawn, slow, "first")
     acked = {f"/users/{i}": user(i, name=f"user {i}", written="before the crash") for i in range(n)}
     async with aiohttp.ClientSession() as session:
@@ -165,7 +168,7 @@ async def test_acknowledged_writes_survive_kill_9_and_are_flushed_by_the_next_pr
         # Same Redis prefix and origin, and a short flush interval so the test stays quick.
         fast = wb_config(tmp_path / "restarted.yaml", origin.url, redis_url, key_prefix)
         restarted = await start_proxy(spawn, fast, "restarted")
-        seen = await reaches_origin(session, origin.url, acked)
+        seen = await reaches_origin(session, origin.url, acked, within=20)
         assert {w["status"] for writes in seen.values() for w in writes} == {201}
         assert set(seen) == set(acked)
         await queue_empties(session, restarted)

@@ -12,6 +12,7 @@ from pytest_aiohttp import AiohttpClient
 from cache.write_behind import WriteBehind
 from proxy.admin import build_admin_app
 from proxy.app import RUNTIME
+from tests.fakes import FakeClock
 from tests.ports import free_port
 from tests.proxy.conftest import MakeProxy, Origin
 
@@ -40,7 +41,9 @@ def write_behind_of(proxy: Client) -> WriteBehind:
     return found
 
 
-async def flush(proxy: Client) -> int:
+async def flush(proxy: Client, clock: FakeClock) -> int:
+    """One flush round, once the keys' coalescing window (flush_interval) has passed."""
+    clock.advance(proxy.app[RUNTIME].settings.write_behind.flush_interval)
     return await write_behind_of(proxy).flusher.flush_once()
 
 
@@ -104,7 +107,7 @@ async def test_write_through_body_over_max_body_is_413_and_not_forwarded(
 
 
 async def test_write_behind_put_is_accepted_at_once_and_flushed_later(
-    make_proxy: MakeProxy, origin: Origin
+    clock: FakeClock, make_proxy: MakeProxy, origin: Origin
 ) -> None:
     proxy = await proxy_for(make_proxy)
     response = await proxy.put(
@@ -120,14 +123,14 @@ async def test_write_behind_put_is_accepted_at_once_and_flushed_later(
     assert await read.read() == b'{"name": "ada"}'
     assert read.headers["Content-Type"] == "application/json"
 
-    assert await flush(proxy) == 1
+    assert await flush(proxy, clock) == 1
     [sent] = origin.received
     assert (sent.method, sent.path, sent.body) == ("PUT", "/users/1", b'{"name": "ada"}')
     assert sent.headers["Content-Type"] == "application/json"
 
 
 async def test_write_behind_delete_reads_as_404_and_is_sent_as_delete(
-    make_proxy: MakeProxy, origin: Origin
+    clock: FakeClock, make_proxy: MakeProxy, origin: Origin
 ) -> None:
     proxy = await proxy_for(make_proxy)
     assert (await proxy.get("/users/1")).status == 200
@@ -136,17 +139,17 @@ async def test_write_behind_delete_reads_as_404_and_is_sent_as_delete(
     read = await proxy.get("/users/1")
     assert read.status == 404
     assert read.headers["X-Cache"] == "HIT-L1"
-    await flush(proxy)
+    await flush(proxy, clock)
     assert origin.last("/users/1").method == "DELETE"
 
 
 async def test_repeated_writes_reach_the_origin_once_with_the_last_value(
-    make_proxy: MakeProxy, origin: Origin
+    clock: FakeClock, make_proxy: MakeProxy, origin: Origin
 ) -> None:
     proxy = await proxy_for(make_proxy)
     for n in range(50):
         assert (await proxy.put("/users/1", data=str(n).encode())).status == 202
-    await flush(proxy)
+    await flush(proxy, clock)
     assert [(r.method, r.body) for r in origin.received] == [("PUT", b"49")]
 
 
@@ -207,7 +210,7 @@ async def test_past_max_pending_a_new_key_is_refused(make_proxy: MakeProxy) -> N
 
 
 async def test_patch_while_a_write_is_queued_is_409_and_after_the_flush_is_forwarded(
-    make_proxy: MakeProxy, origin: Origin
+    clock: FakeClock, make_proxy: MakeProxy, origin: Origin
 ) -> None:
     proxy = await proxy_for(make_proxy)
     await proxy.put("/users/1", data=b'{"a": 1}')
@@ -215,7 +218,7 @@ async def test_patch_while_a_write_is_queued_is_409_and_after_the_flush_is_forwa
     assert conflict.status == 409
     assert (await conflict.json())["error"] == "write still queued"
     assert [r.method for r in origin.received] == []
-    await flush(proxy)
+    await flush(proxy, clock)
     patched = await proxy.patch("/users/1", data=b'{"b": 2}')
     assert patched.status == 200
     assert [r.method for r in origin.received] == ["PUT", "PATCH"]
@@ -223,12 +226,12 @@ async def test_patch_while_a_write_is_queued_is_409_and_after_the_flush_is_forwa
 
 
 async def test_a_write_the_origin_refuses_is_dead_lettered_and_dropped_from_the_cache(
-    make_proxy: MakeProxy, origin: Origin
+    clock: FakeClock, make_proxy: MakeProxy, origin: Origin
 ) -> None:
     origin.reply("/users/1", b'{"error": "invalid"}', status=422)
     proxy = await proxy_for(make_proxy)
     await proxy.put("/users/1", data=b"refused")
-    await flush(proxy)
+    await flush(proxy, clock)
     [letter] = await write_behind_of(proxy).queue.dead_letters()
     assert letter.last_error == 'the origin answered 422: {"error": "invalid"}'
     read = await proxy.get("/users/1")
@@ -240,24 +243,24 @@ async def test_a_write_the_origin_refuses_is_dead_lettered_and_dropped_from_the_
     [(500, True), (503, True), (429, True), (408, True), (400, False), (404, False)],
 )
 async def test_which_origin_answers_are_retried(
-    make_proxy: MakeProxy, origin: Origin, status: int, retried: bool
+    clock: FakeClock, make_proxy: MakeProxy, origin: Origin, status: int, retried: bool
 ) -> None:
     origin.reply("/users/1", b"", status=status)
     proxy = await proxy_for(make_proxy)
     await proxy.put("/users/1", data=b"x")
-    await flush(proxy)
+    await flush(proxy, clock)
     queue = write_behind_of(proxy).queue
     stats = await queue.stats()
     assert (stats.depth, stats.dead) == ((1, 0) if retried else (0, 1))
 
 
 async def test_a_delete_of_what_the_origin_no_longer_has_is_done(
-    make_proxy: MakeProxy, origin: Origin
+    clock: FakeClock, make_proxy: MakeProxy, origin: Origin
 ) -> None:
     origin.reply("/users/1", b"", status=404)
     proxy = await proxy_for(make_proxy)
     await proxy.delete("/users/1")
-    await flush(proxy)
+    await flush(proxy, clock)
     stats = await write_behind_of(proxy).queue.stats()
     assert (stats.depth, stats.dead) == (0, 0)
 
@@ -270,16 +273,19 @@ async def test_stopping_the_app_flushes_the_queue(make_proxy: MakeProxy, origin:
     assert sorted(r.path for r in origin.received) == [f"/users/{n}" for n in range(5)]
 
 
-async def test_writes_flow_on_their_own_within_the_flush_interval(
-    make_proxy: MakeProxy, origin: Origin
+async def test_writes_flow_on_their_own_within_about_one_flush_interval(
+    make_proxy: MakeProxy, origin: Origin, clock: FakeClock
 ) -> None:
     proxy = await proxy_for(make_proxy, "write_behind: {flush_interval: 50ms}\n")
     await proxy.put("/users/1", data=b"soon")
-    for _ in range(200):
-        if origin.received:
-            break
+    await proxy.put("/users/1", data=b"sooner")
+    waited = 0.0
+    while not origin.received and waited < 2.0:
         await asyncio.sleep(0.01)
-    assert [r.body for r in origin.received] == [b"soon"]
+        clock.advance(0.01)  # the queue's clock is the test's
+        waited += 0.01
+    assert [r.body for r in origin.received] == [b"sooner"]  # the two writes coalesced
+    assert 0.05 <= waited < 0.5  # not before its window, and not long after
 
 
 # -- the admin API -------------------------------------------------------------------------------
@@ -290,7 +296,7 @@ async def admin_of(aiohttp_client: AiohttpClient, proxy: Client) -> Client:
 
 
 async def test_admin_shows_the_queue_and_replays_dead_letters_with_the_token(
-    make_proxy: MakeProxy, origin: Origin, aiohttp_client: AiohttpClient
+    clock: FakeClock, make_proxy: MakeProxy, origin: Origin, aiohttp_client: AiohttpClient
 ) -> None:
     origin.reply("/users/9", b"no", status=400)
     proxy = await proxy_for(make_proxy, QUIET + "admin: {token: s3cret}\n")
@@ -300,7 +306,7 @@ async def test_admin_shows_the_queue_and_replays_dead_letters_with_the_token(
     shown = await (await admin.get("/admin/write-behind")).json()
     assert shown["queue_depth"] == 2
     assert shown["dead_letters"] == []
-    await flush(proxy)
+    await flush(proxy, clock)
     shown = await (await admin.get("/admin/write-behind")).json()
     assert shown["queue_depth"] == 0
     [letter] = shown["dead_letters"]
@@ -325,7 +331,7 @@ async def test_admin_shows_the_queue_and_replays_dead_letters_with_the_token(
         "/admin/write-behind/replay", headers={"Authorization": "Bearer s3cret"}
     )
     assert await right.json() == {"replayed": 1}
-    await flush(proxy)
+    await flush(proxy, clock)
     assert origin.last("/users/9").body == b"bad"
 
 
