@@ -117,6 +117,10 @@ class Flusher:
             except TierUnavailable as exc:
                 self._queue_failed(exc)
                 full = False
+            except Exception:
+                # The loop must outlive any one bad round: a dead flusher strands the queue.
+                logger.exception("write-behind: a flush round failed; trying again")
+                full = False
             if not full:
                 with contextlib.suppress(TimeoutError):
                     # Keys come due at any moment (each its own window): look often, so a
@@ -162,6 +166,9 @@ class Flusher:
                     sent = await self._sink.send(claim.write)
             except TimeoutError:
                 sent = Sent(Outcome.RETRY, f"no answer within {self._send_timeout:g}s")
+            except Exception as exc:
+                logger.exception("write-behind: sending %s failed", claim.write.target)
+                sent = Sent(Outcome.RETRY, f"{type(exc).__name__}: {exc}")
             try:
                 await self._settle(claim, sent)
             except CacheError as exc:

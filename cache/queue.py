@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
 import struct
 from collections.abc import AsyncIterator
 from typing import Any, NamedTuple, cast
@@ -43,6 +44,8 @@ from redis.exceptions import RedisError
 from cache.clock import Clock
 from cache.entry import Entry, decode, encode
 from cache.errors import CacheError, CorruptEntry, TierUnavailable
+
+logger = logging.getLogger("cachecar.write_behind")
 
 
 class QueueFull(CacheError):
@@ -311,11 +314,35 @@ class WriteQueue:
         leased_until = (now + round(lease * 1000)) / 1000
         claims = []
         for i in range(0, len(flat), 4):
-            key = flat[i].decode()
-            claims.append(
-                Claim(_load(key, flat[i + 3]), int(flat[i + 1]), int(flat[i + 2]), leased_until)
-            )
+            key, seq, tries, record = flat[i].decode(), int(flat[i + 1]), flat[i + 2], flat[i + 3]
+            try:
+                write = _load(key, record)
+            except CorruptEntry as exc:
+                # Not ours to send (another version, foreign bytes): out of the queue, kept.
+                logger.error("write-behind: queued write of %r is unreadable (%s)", key, exc)
+                await self._bury(key, seq, record, int(tries), f"unreadable: {exc}")
+                continue
+            claims.append(Claim(write, seq, int(tries), leased_until))
         return claims
+
+    async def _bury(self, key: str, seq: int, record: bytes, tries: int, error: str) -> None:
+        """Dead-letter a queued record that cannot be decoded, as it is."""
+        now = self._now_ms()
+        letter = json.dumps(
+            {
+                "key": key,
+                "method": "?",
+                "path": "?",
+                "attempts": tries,
+                "last_error": error,
+                "failed_at": now / 1000,
+            }
+        )
+        async with self._bounded("fail"):
+            await self._fail(
+                keys=self._k("ready", "values", "seqs", "since", "tries", "dead", "corpses"),
+                args=[key, seq, now, now, 1, letter, record],
+            )
 
     async def ack(self, claim: Claim) -> bool:
         """The origin has ``claim``'s write; True when the key left the queue.

@@ -7,14 +7,14 @@
            -> in L2, fresh, breaker closed? --yes--> fill L1 with the time L2 has left --> HIT-L2
            -> no, or L2 failed (a counted miss) --> loader() --> L1 now, L2 in the background
 
-    invalidate(key)                         put(key, variant, entry): the same, then
+    invalidate(key), put(key, variant, entry)
       -> running lookups of the key are detached: they answer whoever already waits, store nothing
       -> until L2 has dropped the key, reads do not trust L2 for it (nor fill it)
-      -> L1 drops the key; pending L2 fills of the key are waited for; L2 drops the key
+      -> L1 drops the key (put: holds ``entry`` as its only variant)
+      -> pending L2 fills of the key, and its previous L2 drop or put, are waited for
+      -> L2 drops the key (put: replaces it in one step, unless L2 holds a newer version)
       -> L2 down: the key is remembered, reads skip L2 for it and the delete is retried as soon
          as L2 answers, so an outage cannot resurrect a value a write replaced
-      put: the same, but ``entry`` replaces the key (as its only variant) instead of nothing, in
-         L2 in one step; an L2 that does not take it is treated as a failed delete
 
 An L2 failure is never the caller's problem: it is counted, logged once per change of state, fed
 to the breaker, and the read carries on as a miss.

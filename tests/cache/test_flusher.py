@@ -147,6 +147,20 @@ async def test_a_permanent_refusal_is_dead_at_once(queue: WriteQueue, clock: Fak
     assert dead == ["bad"]
 
 
+async def test_a_sink_that_raises_is_a_retry_and_the_loop_lives_on(
+    queue: WriteQueue, clock: FakeClock
+) -> None:
+    class Broken(Origin):
+        async def send(self, write: QueuedWrite) -> Sent:
+            raise RuntimeError("a bug in the sink")
+
+    await queue.enqueue(put("k", b"v"))
+    flusher = flusher_for(queue, Broken(), clock)
+    await flusher.flush_once()
+    [claim] = await queue.claim(10, 1.0, early=60.0)  # retried after its backoff
+    assert claim.tries == 1
+
+
 async def test_a_send_that_hangs_is_a_retry(queue: WriteQueue, clock: FakeClock) -> None:
     origin = Origin()
     origin.delay = 5.0  # past send_timeout (1s)

@@ -249,3 +249,17 @@ async def test_a_stop_can_claim_keys_still_in_their_window_but_not_leased_ones(
     assert sorted(c.write.key for c in claimed) == sorted(
         {"users:1", "users:2", "users:3"} - {leased.write.key}
     )
+
+
+async def test_an_unreadable_queued_write_is_dead_lettered_and_the_others_are_claimed(
+    queue: WriteQueue, client: Redis, key_prefix: str
+) -> None:
+    await queue.enqueue(put("users:1", b"1"))
+    await queue.enqueue(put("users:2", b"2"))
+    await client.hset(f"{key_prefix}{{wb}}:values", "users:1", b"from another version")
+    [claim] = await queue.claim(10, LEASE)
+    assert claim.write.key == "users:2"
+    [letter] = await queue.dead_letters()
+    assert (letter.key, letter.method) == ("users:1", "?")
+    assert letter.last_error.startswith("unreadable:")
+    assert (await queue.stats()).depth == 1
