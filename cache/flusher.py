@@ -159,7 +159,7 @@ class Flusher:
     async def _flush(self, claim: Claim) -> None:
         async with self._limit:
             # A claim that waited its turn too long may have been taken over already.
-            if self._clock.time() + self._send_timeout > claim.leased_until:
+            if self._clock.time() + self._send_timeout > claim.lease / 1000:
                 return
             try:
                 async with asyncio.timeout(self._send_timeout):

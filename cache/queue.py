@@ -9,7 +9,8 @@ Layout (every key shares the hash tag ``{wb}``, so each script touches one Clust
                                   for a fresh write, now + lease while a flusher holds it,
                                   now + backoff after a failure
     {prefix}{wb}:since    zset    key -> when its oldest unflushed write was acknowledged (ms)
-    {prefix}{wb}:tries    hash    key -> failed attempts on its current value
+    {prefix}{wb}:tries    hash    key -> failed attempts of its pending write (a write coalesced
+                                  into it keeps them: an outage's backoff is not restarted)
     {prefix}{wb}:dead     hash    key -> dead letter: JSON (key, method, path, attempts,
                                   last_error, failed_at)
     {prefix}{wb}:corpses  hash    key -> the dead write's bytes, for replay
@@ -17,10 +18,13 @@ Layout (every key shares the hash tag ``{wb}``, so each script touches one Clust
     enqueue  -> values/seqs replaced (a newer write coalesces an unflushed one);
                 ready NX now + coalesce_for: the key's coalescing window
     claim    -> keys ready by now: ready = now + lease (the lease), their newest value returned
-    ack      -> sent seq is still the newest: key leaves the queue
+    ack      -> (only by the lease holder: ready still holds its lease)
+                sent seq is still the newest: key leaves the queue
                 a newer write arrived meanwhile: ready = now + coalesce_for (a new window)
-    fail     -> retry: ready = now + backoff; dead: moved to dead/corpses, key leaves the queue
-                (unless a newer write is waiting: that one stays and is tried at once)
+    fail     -> (only by the lease holder) retry: ready = now + backoff; dead: moved to
+                dead/corpses, key leaves the queue (unless a newer write is waiting: that one
+                stays and is tried at once, and the dead one cannot be replayed over it)
+    enqueue also drops the key's dead letter: a replay must never undo a newer write
 
 Every step is one Lua script, so a crash between two steps leaves the queue consistent: a
 claimed key whose holder died becomes ready again when its lease runs out. Times come from the
@@ -78,8 +82,8 @@ class Claim:
 
     write: QueuedWrite
     seq: int
-    tries: int  # failed attempts before this one
-    leased_until: float  # wall-clock seconds; past this another replica may take the key
+    tries: int  # failed attempts of the key's pending write before this one
+    lease: int  # the lease's end (ms): also its token, which ack and fail must show
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -132,7 +136,9 @@ def _load(key: str, data: bytes) -> QueuedWrite:
 
 # -- the scripts ---------------------------------------------------------------------------------
 
-# KEYS: seq values seqs ready since   ARGV: key record now_ms max_pending ready_at_ms
+# KEYS: seq values seqs ready since dead corpses
+# ARGV: key record now_ms max_pending ready_at_ms
+# A new write supersedes the key's dead letter: replaying it later would undo this write.
 _ENQUEUE = """
 local key = ARGV[1]
 local present = redis.call('HEXISTS', KEYS[2], key)
@@ -145,32 +151,59 @@ redis.call('HSET', KEYS[2], key, ARGV[2])
 redis.call('HSET', KEYS[3], key, seq)
 redis.call('ZADD', KEYS[4], 'NX', ARGV[5], key)
 redis.call('ZADD', KEYS[5], 'NX', ARGV[3], key)
+redis.call('HDEL', KEYS[6], key)
+redis.call('HDEL', KEYS[7], key)
 return {seq, present}
 """
 
 # KEYS: ready values seqs tries   ARGV: now_ms lease_ms limit due_by_ms
+# Keys due by now first; then, up to due_by (a stop's drain), keys still in their coalescing
+# window, never those waiting out a backoff (they have tries).
 _CLAIM = """
 local now = tonumber(ARGV[1])
-local keys = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[4], 'LIMIT', 0, tonumber(ARGV[3]))
+local lease = now + tonumber(ARGV[2])
+local limit = tonumber(ARGV[3])
 local out = {}
-for _, key in ipairs(keys) do
+local taken = 0
+local function take(key)
   local value = redis.call('HGET', KEYS[2], key)
-  if value then
-    redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), key)
-    table.insert(out, key)
-    table.insert(out, redis.call('HGET', KEYS[3], key))
-    table.insert(out, redis.call('HGET', KEYS[4], key) or '0')
-    table.insert(out, value)
-  else
+  if not value then
     redis.call('ZREM', KEYS[1], key)
+    return
+  end
+  redis.call('ZADD', KEYS[1], lease, key)
+  table.insert(out, key)
+  table.insert(out, redis.call('HGET', KEYS[3], key))
+  table.insert(out, redis.call('HGET', KEYS[4], key) or '0')
+  table.insert(out, value)
+  taken = taken + 1
+end
+for _, key in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, limit)) do
+  take(key)
+end
+if taken < limit and tonumber(ARGV[4]) > now then
+  local early = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, ARGV[4], 'LIMIT', 0, 4 * limit)
+  for _, key in ipairs(early) do
+    if taken >= limit then
+      break
+    end
+    if redis.call('HEXISTS', KEYS[4], key) == 0 then
+      take(key)
+    end
   end
 end
 return out
 """
 
-# KEYS: ready values seqs since tries   ARGV: key seq now_ms ready_at_ms
+# Only the holder of a key's lease may settle it: its ready score is still the lease it was
+# given. A replica that stalled past its lease finds another's there and changes nothing.
+
+# KEYS: ready values seqs since tries   ARGV: key seq now_ms ready_at_ms lease_ms
 _ACK = """
 local key = ARGV[1]
+if tonumber(redis.call('ZSCORE', KEYS[1], key)) ~= tonumber(ARGV[5]) then
+  return -1
+end
 local current = redis.call('HGET', KEYS[3], key)
 redis.call('HDEL', KEYS[5], key)
 if current == ARGV[2] then
@@ -180,47 +213,48 @@ if current == ARGV[2] then
   redis.call('ZREM', KEYS[4], key)
   return 1
 end
-if current then
-  redis.call('ZADD', KEYS[1], ARGV[4], key)
-  redis.call('ZADD', KEYS[4], 'XX', ARGV[3], key)
-end
+redis.call('ZADD', KEYS[1], ARGV[4], key)
+redis.call('ZADD', KEYS[4], 'XX', ARGV[3], key)
 return 0
 """
 
 # KEYS: ready values seqs since tries dead corpses
-# ARGV: key seq now_ms retry_at_ms dead(0/1) letter record
-# Returns 1 when the key left the queue (dead, nothing newer waiting), else 0.
+# ARGV: key seq now_ms retry_at_ms dead(0/1) letter record lease_ms
+# Returns 1 when the key left the queue (dead, nothing newer waiting), 0 if it stays, -1 when
+# the lease was lost. A dead write superseded by a newer one waiting is listed, but kept
+# without its corpse: replaying it would undo the newer write.
 _FAIL = """
 local key = ARGV[1]
+if tonumber(redis.call('ZSCORE', KEYS[1], key)) ~= tonumber(ARGV[8]) then
+  return -1
+end
 local current = redis.call('HGET', KEYS[3], key)
 if ARGV[5] == '0' then
   redis.call('HINCRBY', KEYS[5], key, 1)
-  if current then
-    redis.call('ZADD', KEYS[1], ARGV[4], key)
-  end
+  redis.call('ZADD', KEYS[1], ARGV[4], key)
   return 0
 end
 redis.call('HSET', KEYS[6], key, ARGV[6])
-redis.call('HSET', KEYS[7], key, ARGV[7])
 redis.call('HDEL', KEYS[5], key)
 if current == ARGV[2] then
+  redis.call('HSET', KEYS[7], key, ARGV[7])
   redis.call('HDEL', KEYS[2], key)
   redis.call('HDEL', KEYS[3], key)
   redis.call('ZREM', KEYS[1], key)
   redis.call('ZREM', KEYS[4], key)
   return 1
 end
-if current then
-  redis.call('ZADD', KEYS[1], ARGV[3], key)
-end
+redis.call('HDEL', KEYS[7], key)
+redis.call('ZADD', KEYS[1], ARGV[3], key)
 return 0
 """
 
 # KEYS: seq values seqs ready since tries dead corpses   ARGV: now_ms
-# A dead letter whose key has a newer write waiting is superseded by it and only dropped.
+# Returns the keys queued again. A dead letter without a corpse (superseded), or whose key has
+# a newer write waiting, is only dropped.
 _REPLAY = """
 local entries = redis.call('HGETALL', KEYS[8])
-local replayed = 0
+local replayed = {}
 for i = 1, #entries, 2 do
   local key = entries[i]
   if redis.call('HEXISTS', KEYS[2], key) == 0 then
@@ -230,7 +264,7 @@ for i = 1, #entries, 2 do
     redis.call('ZADD', KEYS[4], ARGV[1], key)
     redis.call('ZADD', KEYS[5], ARGV[1], key)
     redis.call('HDEL', KEYS[6], key)
-    replayed = replayed + 1
+    table.insert(replayed, key)
   end
 end
 redis.call('DEL', KEYS[7], KEYS[8])
@@ -286,7 +320,7 @@ class WriteQueue:
         now = self._now_ms()
         async with self._bounded("enqueue"):
             result = await self._enqueue(
-                keys=self._k("seq", "values", "seqs", "ready", "since"),
+                keys=self._k("seq", "values", "seqs", "ready", "since", "dead", "corpses"),
                 args=[write.key, _dump(write), now, self._max_pending, now + self._window_ms],
             )
         if result == -1:
@@ -311,7 +345,7 @@ class WriteQueue:
                 keys=self._k("ready", "values", "seqs", "tries"),
                 args=[now, round(lease * 1000), limit, now + round(early * 1000)],
             )
-        leased_until = (now + round(lease * 1000)) / 1000
+        until = now + round(lease * 1000)
         claims = []
         for i in range(0, len(flat), 4):
             key, seq, tries, record = flat[i].decode(), int(flat[i + 1]), flat[i + 2], flat[i + 3]
@@ -320,12 +354,14 @@ class WriteQueue:
             except CorruptEntry as exc:
                 # Not ours to send (another version, foreign bytes): out of the queue, kept.
                 logger.error("write-behind: queued write of %r is unreadable (%s)", key, exc)
-                await self._bury(key, seq, record, int(tries), f"unreadable: {exc}")
+                await self._bury(key, seq, record, int(tries), until, f"unreadable: {exc}")
                 continue
-            claims.append(Claim(write, seq, int(tries), leased_until))
+            claims.append(Claim(write, seq, int(tries), until))
         return claims
 
-    async def _bury(self, key: str, seq: int, record: bytes, tries: int, error: str) -> None:
+    async def _bury(
+        self, key: str, seq: int, record: bytes, tries: int, lease: int, error: str
+    ) -> None:
         """Dead-letter a queued record that cannot be decoded, as it is."""
         now = self._now_ms()
         letter = json.dumps(
@@ -341,21 +377,24 @@ class WriteQueue:
         async with self._bounded("fail"):
             await self._fail(
                 keys=self._k("ready", "values", "seqs", "since", "tries", "dead", "corpses"),
-                args=[key, seq, now, now, 1, letter, record],
+                args=[key, seq, now, now, 1, letter, record, lease],
             )
 
     async def ack(self, claim: Claim) -> bool:
         """The origin has ``claim``'s write; True when the key left the queue.
 
-        A newer write that arrived during the send goes out ``coalesce_for`` from now.
+        A newer write that arrived during the send goes out ``coalesce_for`` from now. A claim
+        whose lease was taken over changes nothing: the new holder settles the key.
         """
         now = self._now_ms()
         async with self._bounded("ack"):
             done = await self._ack(
                 keys=self._k("ready", "values", "seqs", "since", "tries"),
-                args=[claim.write.key, claim.seq, now, now + self._window_ms],
+                args=[claim.write.key, claim.seq, now, now + self._window_ms, claim.lease],
             )
-        return bool(done)
+        if done == -1:
+            logger.warning("write-behind: lost the lease of %r before its ack", claim.write.key)
+        return bool(done == 1)
 
     async def fail(self, claim: Claim, error: str, *, retry_in: float | None) -> bool:
         """The send failed: retry after ``retry_in`` seconds, or (None) dead-letter it.
@@ -385,18 +424,21 @@ class WriteQueue:
                     int(dead),
                     letter,
                     _dump(claim.write),
+                    claim.lease,
                 ],
             )
-        return bool(gone)
+        if gone == -1:
+            logger.warning("write-behind: lost the lease of %r before its retry", claim.write.key)
+        return bool(gone == 1)
 
-    async def replay(self) -> int:
-        """Queue every dead letter again (tries reset); returns how many were queued."""
+    async def replay(self) -> list[str]:
+        """Queue every dead letter again (tries reset); returns the keys queued."""
         async with self._bounded("replay"):
-            replayed: int = await self._replay(
+            replayed = await self._replay(
                 keys=self._k("seq", "values", "seqs", "ready", "since", "tries", "dead", "corpses"),
                 args=[self._now_ms()],
             )
-        return replayed
+        return [key.decode() for key in replayed]
 
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
         letters = []

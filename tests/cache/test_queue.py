@@ -134,7 +134,7 @@ async def test_a_dead_write_leaves_the_queue_for_the_dead_letters_and_replays(
     assert (stats.depth, stats.dead) == (0, 1)
     assert await queue.pending("users:1") is None
 
-    assert await queue.replay() == 1
+    assert await queue.replay() == ["users:1"]
     assert await queue.dead_letters() == []
     [replayed] = await queue.claim(10, LEASE)
     assert replayed.write == put("users:1", b"refused")
@@ -148,10 +148,60 @@ async def test_a_dead_letter_does_not_take_a_newer_write_with_it(queue: WriteQue
     assert await queue.fail(claim, "400", retry_in=None) is False  # "newer" still waits
     [next_claim] = await queue.claim(10, LEASE)  # at once
     assert next_claim.write.entry.body == b"newer"
-    # Replaying the dead letter now would send a value older than the queued one: it is dropped.
-    assert await queue.replay() == 0
+    [letter] = await queue.dead_letters()  # listed, so the refusal is seen
+    assert letter.key == "users:1"
+    # Replaying it, now or after "newer" reached the origin, would undo "newer": it is dropped.
+    assert await queue.ack(next_claim) is True
+    assert await queue.replay() == []
     assert await queue.dead_letters() == []
-    assert (await queue.pending("users:1")) == put("users:1", b"newer")
+    assert await queue.pending("users:1") is None
+
+
+async def test_a_new_write_supersedes_the_keys_dead_letter(queue: WriteQueue) -> None:
+    """v1 refused, then v2 written and flushed: a replay must not send v1 after v2."""
+    await queue.enqueue(put("users:1", b"v1"))
+    [claim] = await queue.claim(10, LEASE)
+    await queue.fail(claim, "400", retry_in=None)
+    await queue.enqueue(put("users:1", b"v2"))
+    assert await queue.dead_letters() == []
+    [v2] = await queue.claim(10, LEASE)
+    await queue.ack(v2)
+    assert await queue.replay() == []
+    assert await queue.claim(10, LEASE) == []
+
+
+async def test_a_replica_that_lost_its_lease_cannot_settle_the_key(
+    queue: WriteQueue, clock: FakeClock
+) -> None:
+    """A stalls past its lease; B takes the key over; A's late ack or fail changes nothing."""
+    await queue.enqueue(put("users:1", b"v5"))
+    [a] = await queue.claim(10, LEASE)
+    clock.advance(LEASE + 0.01)
+    [b] = await queue.claim(10, LEASE)  # B is sending v5 now
+    await queue.enqueue(put("users:1", b"v6"))
+    assert await queue.ack(a) is False
+    assert await queue.fail(a, "late", retry_in=0.1) is False
+    assert await queue.fail(a, "late", retry_in=None) is False
+    clock.advance(1.0)
+    assert await queue.claim(10, LEASE) == []  # still B's: nobody sends v6 beside B's v5
+    assert await queue.dead_letters() == []
+    assert await queue.ack(b) is False  # B's ack: v6 waits its turn
+    clock.advance(0.01)
+    [c] = await queue.claim(10, LEASE)
+    assert (c.write.entry.body, c.tries) == (b"v6", 0)
+
+
+async def test_a_stop_takes_keys_in_their_window_but_not_those_backing_off(
+    client: Redis, key_prefix: str, clock: FakeClock
+) -> None:
+    queue = WriteQueue(client, key_prefix=key_prefix, timeout=2.0, clock=clock, coalesce_for=1.0)
+    await queue.enqueue(put("users:1", b"1"))
+    clock.advance(1.0)
+    [failing] = await queue.claim(10, LEASE)
+    await queue.fail(failing, "the origin answered 503", retry_in=0.5)
+    await queue.enqueue(put("users:2", b"2"))  # in its window
+    claimed = await queue.claim(10, LEASE, early=1.0)
+    assert [c.write.key for c in claimed] == ["users:2"]
 
 
 async def test_past_max_pending_keys_new_keys_are_refused_and_queued_ones_still_take_writes(
