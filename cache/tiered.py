@@ -131,6 +131,11 @@ class TieredCache:
         return self._l2
 
     @property
+    def l2_healthy(self) -> bool:
+        """False while L2's breaker is open (Redis failing): callers may skip Redis too."""
+        return self._breaker is None or not self._breaker.is_open
+
+    @property
     def pending_deletes(self) -> int:
         """Keys whose L2 copy must be dropped before L2 may answer for them again."""
         return len(self._pending_deletes)
@@ -342,7 +347,9 @@ class TieredCache:
             return
         if self._l2_allowed():
             try:
-                await l2.replace(key, new.variant, new.entry, new.l2_ttl, version=new.version)
+                stored = await l2.replace(
+                    key, new.variant, new.entry, new.l2_ttl, version=new.version
+                )
             except TierUnavailable as exc:
                 self._l2_failed(exc)
             except CorruptEntry as exc:
@@ -351,6 +358,9 @@ class TieredCache:
             else:
                 self._pending_deletes.discard(key)
                 self._l2_answered()
+                if not stored:
+                    # Another replica's newer write holds L2: this one lost, in L1 too.
+                    await self._l1.delete(key)
                 return
         # L2 may still hold the value this write replaced: never trust it for the key again
         # until it has been dropped there.

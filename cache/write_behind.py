@@ -14,10 +14,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import Counter
 
 from cache.errors import CorruptEntry, TierUnavailable
 from cache.flusher import Flusher
+from cache.locks import KeyLocks
 from cache.observer import CacheObserver, NullObserver
 from cache.queue import QueuedWrite, WriteQueue
 from cache.tiered import Loaded, Loader, TieredCache
@@ -38,8 +38,7 @@ class WriteBehind:
         self.flusher = flusher
         self._observer: CacheObserver = observer or NullObserver()
         self._task: asyncio.Task[None] | None = None
-        self._locks: dict[str, asyncio.Lock] = {}
-        self._lock_users: Counter[str] = Counter()
+        self._locks = KeyLocks()
 
     async def write(
         self, write: QueuedWrite, variant: str, *, l1_ttl: float, l2_ttl: float
@@ -49,30 +48,41 @@ class WriteBehind:
         Writes of one key are made one at a time here, so the tiers end with the write the
         queue holds last; across replicas, the queue's sequence number orders L2.
         """
-        lock = self._locks.setdefault(write.key, asyncio.Lock())
-        self._lock_users[write.key] += 1
-        try:
-            async with lock:
+        async with self._locks.hold(write.key):
+            try:
                 queued = await self.queue.enqueue(write)
-                self._observer.queued(queued.coalesced)
-                await self._cache.put(
-                    write.key,
-                    variant,
-                    write.entry,
-                    l1_ttl=l1_ttl,
-                    l2_ttl=l2_ttl,
-                    version=queued.seq,
-                )
-        finally:
-            self._lock_users[write.key] -= 1
-            if not self._lock_users[write.key]:
-                del self._lock_users[write.key]
-                del self._locks[write.key]
+            except TierUnavailable:
+                # Redis may have run the script and lost only its answer: the write may be
+                # queued after all, so nothing may keep serving the value it would replace.
+                await self._cache.invalidate(write.key)
+                raise
+            self._observer.queued(queued.coalesced)
+            await self._cache.put(
+                write.key,
+                variant,
+                write.entry,
+                l1_ttl=l1_ttl,
+                l2_ttl=l2_ttl,
+                version=queued.seq,
+            )
+
+    async def replay(self) -> int:
+        """Queue the dead letters again; the caches drop their keys (they hold what the origin
+        has, which the replayed writes replace). Returns how many were queued."""
+        keys = await self.queue.replay()
+        for key in keys:
+            await self._cache.invalidate(key)
+        self.flusher.wake()
+        return len(keys)
 
     def loader(self, key: str, origin: Loader, *, l1_ttl: float, l2_ttl: float) -> Loader:
         """``origin``, preceded by a look at the key's unflushed write."""
 
         async def load() -> Loaded:
+            pending = None
+            if not self._cache.l2_healthy:
+                # Redis is failing (the breaker is open): asking it would only add its timeout.
+                return await origin()
             try:
                 pending = await self.queue.pending(key)
             except (TierUnavailable, CorruptEntry) as exc:

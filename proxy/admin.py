@@ -114,8 +114,7 @@ async def replay(request: web.Request) -> web.Response:
     if wb is None:
         return _error(404, "write-behind not enabled", "no route has mode: write-behind")
     try:
-        replayed = await wb.queue.replay()
+        replayed = await wb.replay()
     except TierUnavailable as exc:
         return _error(503, "write-behind queue unavailable", str(exc))
-    wb.flusher.wake()
     return web.json_response({"replayed": replayed})

@@ -25,6 +25,7 @@ from multidict import CIMultiDict
 from cache.clock import Clock
 from cache.entry import Entry
 from cache.errors import CorruptEntry, TierUnavailable
+from cache.locks import KeyLocks
 from cache.queue import QueuedWrite, QueueFull
 from cache.tiered import Loaded, Loader, Lookup, Source, TieredCache
 from cache.write_behind import WriteBehind
@@ -75,6 +76,7 @@ class Proxy:
         self._max_body = max_body
         self._clock = clock
         self._write_behind = write_behind
+        self._write_through_locks = KeyLocks()
 
     @property
     def routes(self) -> tuple[Route, ...]:
@@ -198,23 +200,26 @@ class Proxy:
         if body is None:
             return self._too_large(BYPASS_METHOD)
         sent = forwarding.forward_uncached(request.headers, request.remote, request.scheme)
-        try:
-            response = await self._origin.fetch("PUT", self._origin.url(path, query), sent, body)
-        except OriginError as exc:
-            await self._cache.invalidate(key)  # the origin may have applied it: unknown
-            return error_response(exc.status, exc.title, str(exc), BYPASS_METHOD)
-        stored = 200 <= response.status < 300
-        if stored:
-            now = self._clock.time()
-            entry = written_entry(
-                body,
-                request.headers.get("Content-Type"),
-                now,
-                max(route.l1_ttl, route.l2_ttl),
-                validators_of(response.headers),
-            )
-            variant = route.variant_for(request.headers, query, params)
-            await self._cache.put(key, variant, entry, l1_ttl=route.l1_ttl, l2_ttl=route.l2_ttl)
+        # One PUT of a key at a time from here: the cache ends with what the origin got last.
+        async with self._write_through_locks.hold(key):
+            try:
+                response = await self._origin.fetch(
+                    "PUT", self._origin.url(path, query), sent, body
+                )
+            except OriginError as exc:
+                await self._cache.invalidate(key)  # the origin may have applied it: unknown
+                return error_response(exc.status, exc.title, str(exc), BYPASS_METHOD)
+            stored = 200 <= response.status < 300
+            if stored:
+                entry = written_entry(
+                    body,
+                    request.headers.get("Content-Type"),
+                    self._clock.time(),
+                    max(route.l1_ttl, route.l2_ttl),
+                    validators_of(response.headers),
+                )
+                variant = route.variant_for(request.headers, query, params)
+                await self._cache.put(key, variant, entry, l1_ttl=route.l1_ttl, l2_ttl=route.l2_ttl)
         headers = forwarding.to_pass(response.headers)
         headers.popall("Content-Length", None)
         headers["X-Cache"] = "BYPASS"

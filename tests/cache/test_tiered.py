@@ -438,3 +438,18 @@ async def test_a_slow_fill_on_one_replica_cannot_undo_a_write_on_another(
     fresh = replica()
     found = await fresh.get("k", "", l1_ttl=30, loader=Origin(clock))
     assert (found.source, found.entry.body) == (Source.L2, b"new")
+
+
+async def test_a_write_that_lost_to_a_newer_one_in_l2_leaves_l1_too(
+    clock: FakeClock, observer: RecordingObserver
+) -> None:
+    server = fakeredis.FakeServer()
+    l2 = RedisTier(fakeredis.FakeAsyncRedis(server=server), key_prefix="t:", timeout=1.0)
+    other = RedisTier(fakeredis.FakeAsyncRedis(server=server), key_prefix="t:", timeout=1.0)
+    cache = TieredCache(memory_l1(clock, observer), l2, clock=clock, observer=observer)
+    newer = Entry(200, (), b"newer", clock.time(), 60)
+    await other.replace("k", "", newer, 60, version=9)  # another replica's newer write
+    older = Entry(200, (), b"older", clock.time(), 60)
+    await cache.put("k", "", older, l1_ttl=30, l2_ttl=60, version=8)
+    found = await cache.get("k", "", l1_ttl=30, loader=Origin(clock))
+    assert (found.source, found.entry.body) == (Source.L2, b"newer")

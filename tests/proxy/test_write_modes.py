@@ -86,6 +86,27 @@ async def test_write_through_refused_by_the_origin_changes_nothing(
     assert await again.read() == before
 
 
+async def test_concurrent_write_through_puts_leave_the_cache_with_what_the_origin_got_last(
+    make_proxy: MakeProxy, origin: Origin
+) -> None:
+    applied: list[bytes] = []
+
+    async def slow_first(request: web.Request) -> web.Response:
+        body = await request.read()
+        applied.append(body)
+        await asyncio.sleep(0.2 if body == b"first" else 0.0)
+        return web.Response(status=200)
+
+    origin.handlers["/items/1"] = slow_first
+    proxy = await proxy_for(make_proxy)
+    first = asyncio.create_task(proxy.put("/items/1", data=b"first"))
+    await asyncio.sleep(0.05)  # "first" is at the origin, slowly
+    await proxy.put("/items/1", data=b"second")
+    await first
+    assert applied == [b"first", b"second"]
+    assert await (await proxy.get("/items/1")).read() == b"second"
+
+
 async def test_write_through_patch_invalidates(make_proxy: MakeProxy, origin: Origin) -> None:
     proxy = await proxy_for(make_proxy)
     await proxy.get("/items/1")
@@ -167,23 +188,26 @@ async def test_a_queued_write_is_read_back_after_both_tiers_dropped_it(
     assert origin.count("/users/1") == 0  # the origin's older value was never asked for
 
 
-async def test_a_queue_that_cannot_take_the_write_is_503_and_nothing_changes(
+async def test_a_queue_that_cannot_take_the_write_is_503_and_the_write_is_nowhere(
     make_proxy: MakeProxy, origin: Origin
 ) -> None:
     dead = f"redis://127.0.0.1:{free_port()}"
     proxy = await proxy_for(
         make_proxy, "write_behind: {flush_interval: 1h, timeout: 200ms}\n", l2=dead
     )
-    before = await (await proxy.get("/users/1")).read()  # cached in L1 (L2 is down)
+    assert (await proxy.get("/users/1")).status == 200  # cached in L1 (L2 is down)
     response = await proxy.put("/users/1", data=b"lost?")
     assert response.status == 503
     assert response.headers["Retry-After"] == "1"
     body = await response.json()
     assert body["error"] == "write-behind queue unavailable"
     assert body["detail"].startswith("not accepted: queue enqueue")
+    # The write is nowhere; the key is dropped from L1, since a Redis that timed out may have
+    # queued it after all, so the read asks the origin again.
     again = await proxy.get("/users/1")
-    assert again.headers["X-Cache"] == "HIT-L1"
-    assert await again.read() == before  # the refused write is nowhere
+    assert again.headers["X-Cache"] == "MISS"
+    assert await again.read() != b"lost?"
+    assert origin.count("/users/1", "PUT") == 0
 
 
 @pytest.mark.parametrize("header", ["Authorization", "Cookie"])
@@ -327,12 +351,26 @@ async def test_admin_shows_the_queue_and_replays_dead_letters_with_the_token(
     assert (await (await admin.get("/admin/write-behind")).json())["dead_letter_count"] == 1
 
     del origin.handlers["/users/9"]
+    await proxy.get("/users/9")  # the origin's value, now cached
+    assert (await proxy.get("/users/9")).headers["X-Cache"] == "HIT-L1"
     right = await admin.post(
         "/admin/write-behind/replay", headers={"Authorization": "Bearer s3cret"}
     )
     assert await right.json() == {"replayed": 1}
+    # Replayed, the write replaces what the origin held: the cached copy of that is dropped
+    # (the read gets the queued write, or the origin once the replay is flushed).
+    assert (await proxy.get("/users/9")).headers["X-Cache"] == "MISS"
     await flush(proxy, clock)
-    assert origin.last("/users/9").body == b"bad"
+
+    def puts() -> list[bytes]:
+        return [r.body for r in origin.received if (r.path, r.method) == ("/users/9", "PUT")]
+
+    for _ in range(200):  # the replay woke the flusher: the write is sent again, now accepted
+        if len(puts()) == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert puts() == [b"bad", b"bad"]
+    assert (await (await admin.get("/admin/write-behind")).json())["dead_letter_count"] == 0
 
 
 async def test_replay_is_refused_while_no_token_is_configured(
