@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable
 from typing import NamedTuple, Protocol
 
 from cache.clock import Clock
-from cache.errors import CacheError, TierUnavailable
+from cache.errors import CacheError
 from cache.observer import CacheObserver, NullObserver
 from cache.queue import Claim, QueuedWrite, WriteQueue
 
@@ -114,7 +114,7 @@ class Flusher:
         while not self._stopping:
             try:
                 full = await self.flush_once() >= self._batch_size
-            except TierUnavailable as exc:
+            except CacheError as exc:
                 self._queue_failed(exc)
                 full = False
             except Exception:
@@ -142,7 +142,7 @@ class Flusher:
                     sent += count
         except TimeoutError:
             logger.warning("write-behind: stop grace (%gs) over with writes still queued", within)
-        except TierUnavailable as exc:
+        except CacheError as exc:
             self._queue_failed(exc)
         return sent
 
@@ -209,7 +209,7 @@ class Flusher:
         if left and self._on_dead is not None:
             await self._on_dead(key)
 
-    def _queue_failed(self, exc: TierUnavailable) -> None:
+    def _queue_failed(self, exc: CacheError) -> None:
         if self._queue_ok:
             self._queue_ok = False
             logger.warning("write-behind queue unavailable (%s); retrying", exc)

@@ -33,21 +33,19 @@ caller's clock (injected); replicas' clocks only need to agree to well within a 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import json
 import logging
 import struct
-from collections.abc import AsyncIterator
 from typing import Any, NamedTuple, cast
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from cache.clock import Clock
 from cache.entry import Entry, decode, encode
-from cache.errors import CacheError, CorruptEntry, TierUnavailable
+from cache.errors import CacheError, CorruptEntry
+from cache.redis_tier import bounded, close_quietly
 
 logger = logging.getLogger("cachecar.write_behind")
 
@@ -460,20 +458,10 @@ class WriteQueue:
         return QueueStats(depth=depth, oldest_age=age, dead=dead)
 
     async def aclose(self) -> None:
-        with contextlib.suppress(RedisError, OSError):
-            await self._client.aclose()
+        await close_quietly(self._client)
 
-    @contextlib.asynccontextmanager
-    async def _bounded(self, op: str) -> AsyncIterator[None]:
-        try:
-            async with asyncio.timeout(self._timeout):
-                yield
-        except TimeoutError as exc:
-            raise TierUnavailable(
-                f"queue {op}", f"no answer within {self._timeout * 1000:g}ms"
-            ) from exc
-        except (RedisError, OSError) as exc:
-            raise TierUnavailable(f"queue {op}", f"{type(exc).__name__}: {exc}") from exc
+    def _bounded(self, op: str) -> contextlib.AbstractAsyncContextManager[None]:
+        return bounded(f"queue {op}", self._timeout)
 
 
 def describe(stats: QueueStats, letters: list[DeadLetter]) -> dict[str, Any]:

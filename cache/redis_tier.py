@@ -223,23 +223,36 @@ class RedisTier:
             await self._client.ping()
 
     async def aclose(self) -> None:
-        with contextlib.suppress(RedisError, OSError):
-            await self._client.aclose()
+        await close_quietly(self._client)
 
-    @contextlib.asynccontextmanager
-    async def _bounded(self, op: str) -> AsyncIterator[None]:
-        try:
-            async with asyncio.timeout(self._timeout):
-                yield
-        except TimeoutError as exc:
-            raise TierUnavailable(op, f"no answer within {self._timeout * 1000:g}ms") from exc
-        except ResponseError as exc:
-            if "WRONGTYPE" in str(exc):
-                # Redis is fine; the key holds something that is not a cachecar hash.
-                raise CorruptEntry(f"{op}: the key holds another Redis type") from exc
-            raise TierUnavailable(op, _describe(exc)) from exc
-        except (RedisError, OSError) as exc:
-            raise TierUnavailable(op, _describe(exc)) from exc
+    def _bounded(self, op: str) -> contextlib.AbstractAsyncContextManager[None]:
+        return bounded(op, self._timeout)
+
+
+@contextlib.asynccontextmanager
+async def bounded(op: str, within: float) -> AsyncIterator[None]:
+    """One Redis call (or pipeline, or script) within ``within`` seconds, failures translated.
+
+    Slow, refused, reset or an error reply: ``TierUnavailable``. A key of another Redis type
+    (Redis is fine; the key holds something that is not ours): ``CorruptEntry``.
+    """
+    try:
+        async with asyncio.timeout(within):
+            yield
+    except TimeoutError as exc:
+        raise TierUnavailable(op, f"no answer within {within * 1000:g}ms") from exc
+    except ResponseError as exc:
+        if "WRONGTYPE" in str(exc):
+            raise CorruptEntry(f"{op}: the key holds another Redis type") from exc
+        raise TierUnavailable(op, _describe(exc)) from exc
+    except (RedisError, OSError) as exc:
+        raise TierUnavailable(op, _describe(exc)) from exc
+
+
+async def close_quietly(client: Redis) -> None:
+    """Close ``client``; a Redis that is already gone is no error at shutdown."""
+    with contextlib.suppress(RedisError, OSError):
+        await client.aclose()
 
 
 def _describe(exc: BaseException) -> str:

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 
-from cache.errors import CorruptEntry, TierUnavailable
+from cache.errors import CacheError, CorruptEntry, TierUnavailable
 from cache.flusher import Flusher
 from cache.locks import KeyLocks
 from cache.observer import CacheObserver, NullObserver
@@ -51,7 +51,7 @@ class WriteBehind:
         async with self._locks.hold(write.key):
             try:
                 queued = await self.queue.enqueue(write)
-            except TierUnavailable:
+            except (TierUnavailable, CorruptEntry):
                 # Redis may have run the script and lost only its answer: the write may be
                 # queued after all, so nothing may keep serving the value it would replace.
                 await self._cache.invalidate(write.key)
@@ -124,7 +124,7 @@ class WriteBehind:
             )
         try:
             stats = await self.queue.stats()
-        except TierUnavailable:
+        except CacheError:
             stats = None
         if stats is not None and stats.depth:
             logger.warning(

@@ -17,7 +17,7 @@ import hmac
 
 from aiohttp import web
 
-from cache.errors import CorruptEntry, TierUnavailable
+from cache.errors import CacheError, CorruptEntry, TierUnavailable
 from cache.queue import describe
 from cache.redis_tier import RedisTier
 from proxy.app import RUNTIME
@@ -115,6 +115,6 @@ async def replay(request: web.Request) -> web.Response:
         return _error(404, "write-behind not enabled", "no route has mode: write-behind")
     try:
         replayed = await wb.replay()
-    except TierUnavailable as exc:
+    except CacheError as exc:
         return _error(503, "write-behind queue unavailable", str(exc))
     return web.json_response({"replayed": replayed})

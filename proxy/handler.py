@@ -24,9 +24,9 @@ from multidict import CIMultiDict
 
 from cache.clock import Clock
 from cache.entry import Entry
-from cache.errors import CorruptEntry, TierUnavailable
+from cache.errors import CacheError, CorruptEntry, TierUnavailable
 from cache.locks import KeyLocks
-from cache.queue import QueuedWrite, QueueFull
+from cache.queue import QueuedWrite
 from cache.tiered import Loaded, Loader, Lookup, Source, TieredCache
 from cache.write_behind import WriteBehind
 from proxy import headers as forwarding
@@ -264,7 +264,7 @@ class Proxy:
         variant = route.variant_for(request.headers, query, params)
         try:
             await self._write_behind.write(write, variant, l1_ttl=route.l1_ttl, l2_ttl=route.l2_ttl)
-        except (TierUnavailable, QueueFull) as exc:
+        except CacheError as exc:  # unavailable, full, or its keys are not ours to read
             response = error_response(
                 503, "write-behind queue unavailable", f"not accepted: {exc}", BYPASS_METHOD
             )

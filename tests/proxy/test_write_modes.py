@@ -8,6 +8,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
+from redis.asyncio import Redis
 
 from cache.write_behind import WriteBehind
 from proxy.admin import build_admin_app
@@ -393,3 +394,14 @@ async def test_admin_write_behind_without_write_behind_routes(
     shown = await (await admin.get("/admin/write-behind")).json()
     assert shown["enabled"] is False
     assert shown["queue_depth"] == 0
+
+
+@pytest.mark.redis
+async def test_a_queue_key_holding_something_else_is_503_not_500(
+    make_proxy: MakeProxy, redis_url: str, key_prefix: str, redis_client: Redis
+) -> None:
+    await redis_client.set(f"{key_prefix}{{wb}}:values", b"some other program's string")
+    proxy = await proxy_for(make_proxy, l2=redis_url, key_prefix=key_prefix)
+    response = await proxy.put("/users/1", data=b"x")
+    assert response.status == 503
+    assert "another Redis type" in (await response.json())["detail"]
