@@ -12,9 +12,13 @@ cancelled) is given up after another ``reset_after`` and a new probe is allowed.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from cache.clock import Clock
+from cache.observer import CacheObserver
+
+logger = logging.getLogger("cachecar.cache")
 
 
 class Breaker:
@@ -73,3 +77,20 @@ class Breaker:
         if self._failures >= self._threshold:
             self._opened_at = self._clock.monotonic()
             self._on_change(True)
+
+
+def breaker_logger(
+    tier: str, reset_after: float, observer: CacheObserver
+) -> Callable[[bool], None]:
+    """An ``on_change`` for a tier's ``Breaker`` that logs and reports each change once."""
+
+    def on_change(is_open: bool) -> None:
+        observer.breaker_changed(tier, is_open)
+        if is_open:
+            logger.warning(
+                "%s circuit breaker open: skipping %s, next probe in %gs", tier, tier, reset_after
+            )
+        else:
+            logger.info("%s circuit breaker closed", tier)
+
+    return on_change

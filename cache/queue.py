@@ -45,6 +45,7 @@ from redis.asyncio import Redis
 from cache.clock import Clock
 from cache.entry import Entry, decode, encode
 from cache.errors import CacheError, CorruptEntry
+from cache.queue_scripts import ACK, CLAIM, ENQUEUE, FAIL, REPLAY
 from cache.redis_tier import bounded, close_quietly
 
 logger = logging.getLogger("cachecar.write_behind")
@@ -132,144 +133,6 @@ def _load(key: str, data: bytes) -> QueuedWrite:
     return QueuedWrite(key, method, target, entry)
 
 
-# -- the scripts ---------------------------------------------------------------------------------
-
-# KEYS: seq values seqs ready since dead corpses
-# ARGV: key record now_ms max_pending ready_at_ms
-# A new write supersedes the key's dead letter: replaying it later would undo this write.
-_ENQUEUE = """
-local key = ARGV[1]
-local present = redis.call('HEXISTS', KEYS[2], key)
-local max = tonumber(ARGV[4])
-if present == 0 and max > 0 and redis.call('HLEN', KEYS[2]) >= max then
-  return -1
-end
-local seq = redis.call('INCR', KEYS[1])
-redis.call('HSET', KEYS[2], key, ARGV[2])
-redis.call('HSET', KEYS[3], key, seq)
-redis.call('ZADD', KEYS[4], 'NX', ARGV[5], key)
-redis.call('ZADD', KEYS[5], 'NX', ARGV[3], key)
-redis.call('HDEL', KEYS[6], key)
-redis.call('HDEL', KEYS[7], key)
-return {seq, present}
-"""
-
-# KEYS: ready values seqs tries   ARGV: now_ms lease_ms limit due_by_ms
-# Keys due by now first; then, up to due_by (a stop's drain), keys still in their coalescing
-# window, never those waiting out a backoff (they have tries).
-_CLAIM = """
-local now = tonumber(ARGV[1])
-local lease = now + tonumber(ARGV[2])
-local limit = tonumber(ARGV[3])
-local out = {}
-local taken = 0
-local function take(key)
-  local value = redis.call('HGET', KEYS[2], key)
-  if not value then
-    redis.call('ZREM', KEYS[1], key)
-    return
-  end
-  redis.call('ZADD', KEYS[1], lease, key)
-  table.insert(out, key)
-  table.insert(out, redis.call('HGET', KEYS[3], key))
-  table.insert(out, redis.call('HGET', KEYS[4], key) or '0')
-  table.insert(out, value)
-  taken = taken + 1
-end
-for _, key in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, limit)) do
-  take(key)
-end
-if taken < limit and tonumber(ARGV[4]) > now then
-  local early = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, ARGV[4], 'LIMIT', 0, 4 * limit)
-  for _, key in ipairs(early) do
-    if taken >= limit then
-      break
-    end
-    if redis.call('HEXISTS', KEYS[4], key) == 0 then
-      take(key)
-    end
-  end
-end
-return out
-"""
-
-# Only the holder of a key's lease may settle it: its ready score is still the lease it was
-# given. A replica that stalled past its lease finds another's there and changes nothing.
-
-# KEYS: ready values seqs since tries   ARGV: key seq now_ms ready_at_ms lease_ms
-_ACK = """
-local key = ARGV[1]
-if tonumber(redis.call('ZSCORE', KEYS[1], key)) ~= tonumber(ARGV[5]) then
-  return -1
-end
-local current = redis.call('HGET', KEYS[3], key)
-redis.call('HDEL', KEYS[5], key)
-if current == ARGV[2] then
-  redis.call('HDEL', KEYS[2], key)
-  redis.call('HDEL', KEYS[3], key)
-  redis.call('ZREM', KEYS[1], key)
-  redis.call('ZREM', KEYS[4], key)
-  return 1
-end
-redis.call('ZADD', KEYS[1], ARGV[4], key)
-redis.call('ZADD', KEYS[4], 'XX', ARGV[3], key)
-return 0
-"""
-
-# KEYS: ready values seqs since tries dead corpses
-# ARGV: key seq now_ms retry_at_ms dead(0/1) letter record lease_ms
-# Returns 1 when the key left the queue (dead, nothing newer waiting), 0 if it stays, -1 when
-# the lease was lost. A dead write superseded by a newer one waiting is listed, but kept
-# without its corpse: replaying it would undo the newer write.
-_FAIL = """
-local key = ARGV[1]
-if tonumber(redis.call('ZSCORE', KEYS[1], key)) ~= tonumber(ARGV[8]) then
-  return -1
-end
-local current = redis.call('HGET', KEYS[3], key)
-if ARGV[5] == '0' then
-  redis.call('HINCRBY', KEYS[5], key, 1)
-  redis.call('ZADD', KEYS[1], ARGV[4], key)
-  return 0
-end
-redis.call('HSET', KEYS[6], key, ARGV[6])
-redis.call('HDEL', KEYS[5], key)
-if current == ARGV[2] then
-  redis.call('HSET', KEYS[7], key, ARGV[7])
-  redis.call('HDEL', KEYS[2], key)
-  redis.call('HDEL', KEYS[3], key)
-  redis.call('ZREM', KEYS[1], key)
-  redis.call('ZREM', KEYS[4], key)
-  return 1
-end
-redis.call('HDEL', KEYS[7], key)
-redis.call('ZADD', KEYS[1], ARGV[3], key)
-return 0
-"""
-
-# KEYS: seq values seqs ready since tries dead corpses   ARGV: now_ms
-# Returns the keys queued again. A dead letter without a corpse (superseded), or whose key has
-# a newer write waiting, is only dropped.
-_REPLAY = """
-local entries = redis.call('HGETALL', KEYS[8])
-local replayed = {}
-for i = 1, #entries, 2 do
-  local key = entries[i]
-  if redis.call('HEXISTS', KEYS[2], key) == 0 then
-    local seq = redis.call('INCR', KEYS[1])
-    redis.call('HSET', KEYS[2], key, entries[i + 1])
-    redis.call('HSET', KEYS[3], key, seq)
-    redis.call('ZADD', KEYS[4], ARGV[1], key)
-    redis.call('ZADD', KEYS[5], ARGV[1], key)
-    redis.call('HDEL', KEYS[6], key)
-    table.insert(replayed, key)
-  end
-end
-redis.call('DEL', KEYS[7], KEYS[8])
-return replayed
-"""
-
-
 class WriteQueue:
     """The durable queue over one Redis client (``memory://``: in process, not crash-safe)."""
 
@@ -294,11 +157,11 @@ class WriteQueue:
         self._window_ms = round(coalesce_for * 1000)
         names = ("seq", "values", "seqs", "ready", "since", "tries", "dead", "corpses")
         self._keys = {name: f"{key_prefix}{{wb}}:{name}" for name in names}
-        self._enqueue = client.register_script(_ENQUEUE)
-        self._claim = client.register_script(_CLAIM)
-        self._ack = client.register_script(_ACK)
-        self._fail = client.register_script(_FAIL)
-        self._replay = client.register_script(_REPLAY)
+        self._enqueue = client.register_script(ENQUEUE)
+        self._claim = client.register_script(CLAIM)
+        self._ack = client.register_script(ACK)
+        self._fail = client.register_script(FAIL)
+        self._replay = client.register_script(REPLAY)
 
     def _k(self, *names: str) -> list[str]:
         return [self._keys[name] for name in names]

@@ -446,20 +446,3 @@ class TieredCache:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         return task
-
-
-def breaker_logger(
-    tier: str, reset_after: float, observer: CacheObserver
-) -> Callable[[bool], None]:
-    """An ``on_change`` for a tier's ``Breaker`` that logs and reports each change once."""
-
-    def on_change(is_open: bool) -> None:
-        observer.breaker_changed(tier, is_open)
-        if is_open:
-            logger.warning(
-                "%s circuit breaker open: skipping %s, next probe in %gs", tier, tier, reset_after
-            )
-        else:
-            logger.info("%s circuit breaker closed", tier)
-
-    return on_change

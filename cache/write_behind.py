@@ -1,7 +1,10 @@
 """Write-behind: a write is acknowledged once it is durable, and reads see it from then on.
 
-write(w)  -> the queue takes it (Redis; refused -> the caller answers 503, nothing changed)
-          -> L1 and L2 hold it as the key's value (a DELETE: a 404 tombstone)
+write(w)  -> the queue takes it (Redis), one write of a key at a time in this process
+             refused -> the caller answers 503 (and the key is dropped from L1 and L2 when Redis
+             timed out: it may have taken the write all the same)
+          -> L1 and L2 hold it as the key's value (a DELETE: a 404 tombstone), L2 ordered by
+             the queue's sequence number across replicas
 read miss -> L1, L2 as usual; then, before the origin, the key's unflushed write if there is
              one: read-your-writes even after both tiers dropped the value
 flusher   -> sends each key's newest write to the origin (``cache.flusher``); a write the
@@ -79,7 +82,6 @@ class WriteBehind:
         """``origin``, preceded by a look at the key's unflushed write."""
 
         async def load() -> Loaded:
-            pending = None
             if not self._cache.l2_healthy:
                 # Redis is failing (the breaker is open): asking it would only add its timeout.
                 return await origin()
@@ -90,7 +92,7 @@ class WriteBehind:
                 logger.warning(
                     "write-behind queue unreadable for %r (%s); asking the origin", key, exc
                 )
-                pending = None
+                return await origin()
             if pending is not None:
                 return Loaded(pending.entry, l1_ttl, l2_ttl)
             return await origin()

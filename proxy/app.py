@@ -17,14 +17,14 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from cache.breaker import Breaker
+from cache.breaker import Breaker, breaker_logger
 from cache.clock import Clock, SystemClock
 from cache.flusher import Backoff, Flusher
 from cache.memory import MemoryTier
 from cache.observer import CacheObserver, NullObserver
 from cache.queue import WriteQueue
 from cache.redis_tier import RedisTier, client_from_url
-from cache.tiered import TieredCache, breaker_logger
+from cache.tiered import TieredCache
 from cache.write_behind import WriteBehind
 from proxy.handler import Proxy
 from proxy.origin import OriginClient
