@@ -455,3 +455,17 @@ async def test_concurrent_writes_of_one_key_leave_the_cache_with_what_the_origin
             if replicas == 1:  # one replica: its own L1 agrees too
                 assert await fetch(session, writers[0].url + path) == at_origin, path
     assert diverged == [], f"{len(diverged)} of {keys} keys differ, e.g. {diverged[:3]}"
+
+
+async def test_a_memory_queue_works_and_says_at_start_that_it_is_not_crash_safe(
+    spawn: Spawn, tmp_path: Path
+) -> None:
+    origin = await start_origin(spawn)
+    config = write_config(tmp_path / "c.yaml", origin.url, mode="write-behind", extra=FAST)
+    proxy = await start_proxy(spawn, config)
+    assert "LOST if the process dies" in proxy.process.output()
+    async with aiohttp.ClientSession() as session:
+        await put(session, proxy.url + "/users/1", user(1))
+        assert await fetch(session, proxy.url + "/users/1") == (200, user(1))
+        await reaches_origin(session, origin.url, {"/users/1": user(1)})
+    assert proxy.process.stop() == 0

@@ -72,3 +72,24 @@ async def test_data_survives_a_restart_with_a_db_file(
     await first.close()
     second: Client = await aiohttp_client(build_origin_app(db))
     assert await (await second.get("/users/1")).json() == {"kept": True}
+
+
+async def test_writes_lists_every_applied_write_in_order(aiohttp_client: AiohttpClient) -> None:
+    store: Client = await aiohttp_client(build_origin_app())
+    await store.put("/users/1", json={"v": 1})
+    await store.put("/users/2", json={"v": 2})
+    await store.patch("/users/1", json={"w": 3})
+    await store.delete("/users/2")
+    await store.put("/users/3", data=b"not json")  # refused: not applied, not listed
+    await store.delete("/users/9")  # nothing to delete: not applied, not listed
+    found = await (await store.get("/_writes")).json()
+    assert [(w["method"], w["path"], w["status"], w["body"]) for w in found["writes"]] == [
+        ("PUT", "/users/1", 201, '{"v": 1}'),
+        ("PUT", "/users/2", 201, '{"v": 2}'),
+        ("PATCH", "/users/1", 200, '{"v": 1, "w": 3}'),
+        ("DELETE", "/users/2", 204, ""),
+    ]
+    one = await (await store.get("/_writes", params={"path": "/users/1"})).json()
+    assert [w["method"] for w in one["writes"]] == ["PUT", "PATCH"]
+    await store.post("/_stats/reset")
+    assert (await (await store.get("/_writes")).json())["count"] == 0
