@@ -5,7 +5,7 @@ from cache.clock import Clock, SystemClock
 from cache.entry import Entry, decode, encode
 from cache.errors import CacheError, CorruptEntry, TierUnavailable
 from cache.memory import MemoryTier
-from cache.observer import CacheObserver, Eviction, NullObserver
+from cache.observer import CacheObserver, Eviction, Invalidation, NullObserver
 from cache.redis_tier import MEMORY_URL, RedisTier, client_from_url
 from cache.tier import Stored, Tier
 from cache.tiered import Loaded, Lookup, Source, TieredCache
@@ -19,6 +19,7 @@ __all__ = [
     "CorruptEntry",
     "Entry",
     "Eviction",
+    "Invalidation",
     "Loaded",
     "Lookup",
     "MemoryTier",

@@ -82,6 +82,14 @@ class MemoryTier:
         self._count = 0
 
     @property
+    def max_entries(self) -> int:
+        return self._max_entries
+
+    @property
+    def max_bytes(self) -> int:
+        return int(self._store.maxsize)
+
+    @property
     def entries(self) -> int:
         """Variants held, expired ones not yet swept included."""
         return self._count

@@ -18,6 +18,14 @@ class Eviction(enum.StrEnum):
     INVALIDATED = "invalidated"  # a write or purge dropped it
 
 
+class Invalidation(enum.StrEnum):
+    """Who dropped a key from the tiers."""
+
+    WRITE = "write"  # a write through this process (any mode), or a write the origin refused
+    REMOTE = "remote"  # another replica's write or purge
+    ADMIN = "admin"  # an admin call: purge, or a replay of dead letters
+
+
 class CacheObserver(Protocol):
     def lookup(self, tier: str, hit: bool) -> None:
         """A tier ("l1" or "l2") was asked for a key and had it (hit) or not."""
@@ -30,6 +38,9 @@ class CacheObserver(Protocol):
 
     def breaker_changed(self, tier: str, is_open: bool) -> None:
         """The circuit breaker in front of ``tier`` opened or closed."""
+
+    def invalidated(self, source: Invalidation) -> None:
+        """A key was dropped (or replaced by a written value) in every tier."""
 
     def queued(self, coalesced: bool) -> None:
         """A write-behind write was made durable; ``coalesced``: it replaced an unflushed one."""
@@ -55,8 +66,48 @@ class NullObserver:
     def breaker_changed(self, tier: str, is_open: bool) -> None:
         pass
 
+    def invalidated(self, source: Invalidation) -> None:
+        pass
+
     def queued(self, coalesced: bool) -> None:
         pass
 
     def flushed(self, result: str) -> None:
         pass
+
+
+class Observers:
+    """Tells every one of ``observers`` (metrics, and a test's recorder beside them)."""
+
+    __slots__ = ("_all",)
+
+    def __init__(self, *observers: CacheObserver) -> None:
+        self._all = observers
+
+    def lookup(self, tier: str, hit: bool) -> None:
+        for observer in self._all:
+            observer.lookup(tier, hit)
+
+    def evicted(self, reason: Eviction, count: int) -> None:
+        for observer in self._all:
+            observer.evicted(reason, count)
+
+    def tier_error(self, tier: str, op: str) -> None:
+        for observer in self._all:
+            observer.tier_error(tier, op)
+
+    def breaker_changed(self, tier: str, is_open: bool) -> None:
+        for observer in self._all:
+            observer.breaker_changed(tier, is_open)
+
+    def invalidated(self, source: Invalidation) -> None:
+        for observer in self._all:
+            observer.invalidated(source)
+
+    def queued(self, coalesced: bool) -> None:
+        for observer in self._all:
+            observer.queued(coalesced)
+
+    def flushed(self, result: str) -> None:
+        for observer in self._all:
+            observer.flushed(result)

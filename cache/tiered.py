@@ -35,7 +35,7 @@ from cache.breaker import Breaker
 from cache.clock import Clock
 from cache.entry import Entry
 from cache.errors import CorruptEntry, TierUnavailable
-from cache.observer import CacheObserver, NullObserver
+from cache.observer import CacheObserver, Invalidation, NullObserver
 from cache.tier import Stored, Tier
 
 logger = logging.getLogger("cachecar.cache")
@@ -171,8 +171,9 @@ class TieredCache:
         task.add_done_callback(partial(self._landed, key, variant, flight))
         return await asyncio.shield(task)
 
-    async def invalidate(self, key: str) -> None:
+    async def invalidate(self, key: str, source: Invalidation = Invalidation.WRITE) -> None:
         """Drop ``key`` (every variant) from both tiers; see the module docstring for the order."""
+        self._observer.invalidated(source)
         await self._replace(key, None)
 
     async def put(
@@ -190,6 +191,7 @@ class TieredCache:
         ``version`` (the write-behind sequence number) keeps L2 from taking an older write
         after a newer one made by another replica.
         """
+        self._observer.invalidated(Invalidation.WRITE)
         await self._replace(key, _Written(variant, entry, l1_ttl, l2_ttl, version))
 
     async def _replace(self, key: str, new: _Written | None) -> None:

@@ -21,7 +21,7 @@ import logging
 from cache.errors import CacheError, CorruptEntry, TierUnavailable
 from cache.flusher import Flusher
 from cache.locks import KeyLocks
-from cache.observer import CacheObserver, NullObserver
+from cache.observer import CacheObserver, Invalidation, NullObserver
 from cache.queue import QueuedWrite, WriteQueue
 from cache.tiered import Loaded, Loader, TieredCache
 
@@ -74,7 +74,7 @@ class WriteBehind:
         has, which the replayed writes replace). Returns how many were queued."""
         keys = await self.queue.replay()
         for key in keys:
-            await self._cache.invalidate(key)
+            await self._cache.invalidate(key, Invalidation.ADMIN)
         self.flusher.wake()
         return len(keys)
 

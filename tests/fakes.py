@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from cache.entry import Entry
 from cache.errors import TierUnavailable
-from cache.observer import Eviction
+from cache.observer import Eviction, Invalidation
 from cache.tier import Stored, Tier
 
 
@@ -40,6 +40,7 @@ class RecordingObserver:
         self.breaker: list[tuple[str, bool]] = []
         self.writes_queued: Counter[bool] = Counter()
         self.flushes: Counter[str] = Counter()
+        self.invalidations: Counter[Invalidation] = Counter()
 
     def lookup(self, tier: str, hit: bool) -> None:
         self.lookups[tier, hit] += 1
@@ -58,6 +59,9 @@ class RecordingObserver:
 
     def flushed(self, result: str) -> None:
         self.flushes[result] += 1
+
+    def invalidated(self, source: Invalidation) -> None:
+        self.invalidations[source] += 1
 
 
 class FlakyTier:
