@@ -2,6 +2,9 @@
 
     GET  /healthz                       200 while the process lives
     GET  /readyz                        200 when the origin and L2 answer; 503 naming what does not
+    GET  /metrics                       Prometheus exposition (``proxy.metrics``)
+    GET  /admin/stats                   the same figures as JSON: last minute and since start
+    GET  /dashboard                     a live page over /admin/stats (``proxy/static``)
     GET  /admin/write-behind            queue depth, oldest pending age, dead letters
     POST /admin/write-behind/replay     dead letters queued again          (bearer token)
 
@@ -13,9 +16,12 @@ one may mutate, never that anyone may.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
+from importlib import resources
 
 from aiohttp import web
+from prometheus_client.exposition import choose_encoder
 
 from cache.errors import CacheError, CorruptEntry, TierUnavailable
 from cache.queue import describe
@@ -23,6 +29,7 @@ from cache.redis_tier import RedisTier
 from proxy.app import RUNTIME
 
 PROXY_APP = web.AppKey("proxy_app", web.Application)
+_NO_STORE = {"Cache-Control": "no-store"}
 DEAD_LETTERS_SHOWN = 100
 
 
@@ -32,6 +39,9 @@ def build_admin_app(proxy_app: web.Application) -> web.Application:
     app[PROXY_APP] = proxy_app
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/admin/stats", stats)
+    app.router.add_get("/dashboard", dashboard)
     app.router.add_get("/admin/write-behind", write_behind)
     app.router.add_post("/admin/write-behind/replay", replay)
     return app
@@ -75,6 +85,31 @@ async def readyz(request: web.Request) -> web.Response:
         reason = "; ".join(f"{name}: {problem}" for name, problem in problems.items())
         return web.json_response({"status": "unavailable", "reason": reason, **body}, status=503)
     return web.json_response({"status": "ready", **body})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    runtime = request.app[PROXY_APP][RUNTIME]
+    await runtime.metrics.refresh()
+    # Prometheus asks for OpenMetrics or the text format in Accept; either is served.
+    encode, content_type = choose_encoder(request.headers.get("Accept", ""))
+    return web.Response(
+        body=encode(runtime.metrics.registry), headers={"Content-Type": content_type}
+    )
+
+
+async def stats(request: web.Request) -> web.Response:
+    runtime = request.app[PROXY_APP][RUNTIME]
+    await runtime.metrics.refresh()
+    return web.json_response(runtime.metrics.snapshot(), headers=_NO_STORE)
+
+
+async def dashboard(request: web.Request) -> web.Response:
+    return web.Response(body=_page(), content_type="text/html", charset="utf-8", headers=_NO_STORE)
+
+
+@functools.cache
+def _page() -> bytes:
+    return resources.files("proxy").joinpath("static/dashboard.html").read_bytes()
 
 
 async def _l2_problem(l2: RedisTier) -> str | None:

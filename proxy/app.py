@@ -16,17 +16,19 @@ import dataclasses
 from collections.abc import AsyncIterator
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from cache.breaker import Breaker, breaker_logger
 from cache.clock import Clock, SystemClock
 from cache.flusher import Backoff, Flusher
 from cache.memory import MemoryTier
-from cache.observer import CacheObserver, NullObserver
+from cache.observer import CacheObserver, Observers
 from cache.queue import WriteQueue
 from cache.redis_tier import RedisTier, client_from_url
 from cache.tiered import TieredCache
 from cache.write_behind import WriteBehind
 from proxy.handler import Proxy
+from proxy.metrics import Metrics
 from proxy.origin import OriginClient
 from proxy.routes import Mode, Router
 from proxy.settings import Settings
@@ -43,11 +45,16 @@ class Runtime:
     origin: OriginClient
     proxy: Proxy
     write_behind: WriteBehind | None
+    metrics: Metrics
     # When the stop began (loop time): the write-behind drain gets what is left of the grace.
     stopping_since: float | None = None
 
     @classmethod
-    def open(cls, settings: Settings, clock: Clock, observer: CacheObserver) -> Runtime:
+    def open(
+        cls, settings: Settings, clock: Clock, metrics: Metrics, observer: CacheObserver | None
+    ) -> Runtime:
+        """``observer``, when given, hears the engine's events beside ``metrics``."""
+        observer = Observers(metrics, observer) if observer is not None else metrics
         l1 = MemoryTier(
             max_entries=settings.l1.max_entries,
             max_bytes=settings.l1.max_bytes,
@@ -76,22 +83,28 @@ class Runtime:
             settings.upstream.url,
             timeout=settings.upstream.timeout,
             max_connections=settings.upstream.max_connections,
+            on_origin=metrics.origin_request,
         )
         router = Router.from_settings(settings)
         write_behind = None
         if settings.l2.url is not None and any(
             route.mode is Mode.WRITE_BEHIND for route in router.routes
         ):
-            write_behind = _write_behind(settings, cache, origin, clock, observer)
+            write_behind = _write_behind(settings, cache, origin, router, clock, observer)
         proxy = Proxy(
             router,
             cache,
             origin,
             max_body=settings.server.max_body,
             clock=clock,
+            metrics=metrics,
+            access_log=settings.server.access_log,
             write_behind=write_behind,
         )
-        return cls(settings, cache, l2, origin, proxy, write_behind)
+        metrics.watch(
+            l1, l2=l2 is not None, queue=write_behind.queue if write_behind is not None else None
+        )
+        return cls(settings, cache, l2, origin, proxy, write_behind, metrics)
 
     def start(self) -> None:
         if self.write_behind is not None:
@@ -111,6 +124,7 @@ def _write_behind(
     settings: Settings,
     cache: TieredCache,
     origin: OriginClient,
+    router: Router,
     clock: Clock,
     observer: CacheObserver,
 ) -> WriteBehind:
@@ -128,7 +142,7 @@ def _write_behind(
     )
     flusher = Flusher(
         queue,
-        OriginSink(origin),
+        OriginSink(origin, router.name_of),
         clock=clock,
         interval=config.flush_interval,
         batch_size=config.batch_size,
@@ -146,12 +160,19 @@ RUNTIME = web.AppKey("runtime", Runtime)
 
 
 def build_proxy_app(
-    settings: Settings, *, clock: Clock | None = None, observer: CacheObserver | None = None
+    settings: Settings,
+    *,
+    clock: Clock | None = None,
+    observer: CacheObserver | None = None,
+    registry: CollectorRegistry | None = None,
 ) -> web.Application:
+    """The proxy app; its metrics go to ``registry`` (a new one when not given)."""
     app = web.Application(client_max_size=settings.server.max_body)
+    clock = clock or SystemClock()
 
     async def runtime(app: web.Application) -> AsyncIterator[None]:
-        app[RUNTIME] = Runtime.open(settings, clock or SystemClock(), observer or NullObserver())
+        metrics = Metrics(clock, registry)
+        app[RUNTIME] = Runtime.open(settings, clock, metrics, observer)
         app[RUNTIME].start()
         yield
         await app[RUNTIME].aclose()

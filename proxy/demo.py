@@ -139,7 +139,9 @@ class Demo:
         print(
             "cachecar demo\n"
             f"  proxy     {self._proxy}    try: curl -i {self._proxy}/users/1\n"
-            f"  admin     {self._admin}    /healthz  /readyz\n"
+            f"  dashboard {self._admin}/dashboard    live hit ratio, latency, origin load, queue\n"
+            f"  metrics   {self._admin}/metrics    (Prometheus; grafana/ has the dashboard)\n"
+            f"  admin     {self._admin}    /admin/stats  /healthz  /readyz\n"
             f"  origin    {self._origin}    the demo data store, {ORIGIN_LATENCY} per request\n"
             f"  logs      {self._logs}\n"
             f"  traffic   {self._concurrency} clients, Zipf(s={ZIPF_S}) over {USERS} users, "

@@ -14,9 +14,13 @@ is about to be stored.
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import json
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
 
 import aiohttp
 from aiohttp import web
@@ -30,14 +34,16 @@ from cache.queue import QueuedWrite
 from cache.tiered import Loaded, Loader, Lookup, Source, TieredCache
 from cache.write_behind import WriteBehind
 from proxy import headers as forwarding
+from proxy.metrics import Metrics
 from proxy.origin import OriginClient, OriginError
 from proxy.paths import BadPath, normalize_path
 from proxy.policy import bypass_reason, decide, delta_seconds, not_modified
-from proxy.routes import Mode, Route, Router
+from proxy.routes import UNMATCHED, Mode, Route, Router
 from proxy.units import format_size
 from proxy.writes import tombstone, validators_of, written_entry
 
 logger = logging.getLogger("cachecar.proxy")
+access_logger = logging.getLogger("cachecar.access")
 
 READS = frozenset({"GET", "HEAD"})
 WRITES = frozenset({"PUT", "PATCH", "POST", "DELETE"})
@@ -50,6 +56,7 @@ BYPASS_METHOD = "cachecar; fwd=method"
 WRITTEN = "cachecar; fwd=method; stored"
 
 _X_CACHE = {Source.L1: "HIT-L1", Source.L2: "HIT-L2", Source.LOADER: "MISS"}
+_OUTCOMES = {"HIT-L1": "hit_l1", "HIT-L2": "hit_l2", "MISS": "miss", "STALE": "stale"}
 _KEEP_ON_304 = forwarding.NOT_MODIFIED_HEADERS | {"x-cache", "cache-status", "age"}
 
 OnAnswer = Callable[[int | None], Awaitable[None]]
@@ -68,9 +75,13 @@ class Proxy:
         *,
         max_body: int,
         clock: Clock,
+        metrics: Metrics,
+        access_log: bool = False,
         write_behind: WriteBehind | None = None,
     ) -> None:
         self._router = router
+        self._metrics = metrics
+        self._access_log = access_log
         self._cache = cache
         self._origin = origin
         self._max_body = max_body
@@ -83,26 +94,75 @@ class Proxy:
         return self._router.routes
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
+        route: Route | None = None
+        status = 500  # what aiohttp answers when a handler raises
+        response: web.StreamResponse | None = None
+        try:
+            route, response = await self._dispatch(request)
+            status = response.status
+            return response
+        finally:
+            if response is not None or not _cancelled():
+                self._report(request, route, status, response, time.perf_counter() - started)
+
+    async def _dispatch(self, request: web.Request) -> tuple[Route | None, web.StreamResponse]:
         path, _, query = request.raw_path.partition("?")
         try:
             path = normalize_path(path)
         except BadPath as exc:
-            return error_response(400, "bad request path", str(exc), BYPASS_ROUTE)
+            return None, error_response(400, "bad request path", str(exc), BYPASS_ROUTE)
         found = self._router.match(path)
         if found is None:
-            return await self._pass(request, path, query, BYPASS_ROUTE)
+            return None, await self._pass(request, None, path, query, BYPASS_ROUTE)
         route, params = found
         method = request.method
         if not route.cached:
-            return await self._pass(request, path, query, BYPASS_ROUTE)
+            return route, await self._pass(request, route, path, query, BYPASS_ROUTE)
         if method in READS:
             reason = bypass_reason(request.headers, route)
             if reason is not None:
-                return await self._pass(request, path, query, f"{BYPASS_ROUTE}; detail={reason}")
-            return await self._read(request, route, params, path, query)
+                detail = f"{BYPASS_ROUTE}; detail={reason}"
+                return route, await self._pass(request, route, path, query, detail)
+            return route, await self._read(request, route, params, path, query)
         if method in WRITES:
-            return await self._write(request, route, params, path, query)
-        return await self._pass(request, path, query, BYPASS_METHOD)
+            return route, await self._write(request, route, params, path, query)
+        return route, await self._pass(request, route, path, query, BYPASS_METHOD)
+
+    def _report(
+        self,
+        request: web.Request,
+        route: Route | None,
+        status: int,
+        response: web.StreamResponse | None,
+        seconds: float,
+    ) -> None:
+        """Count the answer, by the X-Cache it carried; log it when asked to."""
+        x_cache = response.headers.get("X-Cache", "BYPASS") if response is not None else "BYPASS"
+        outcome = _OUTCOMES.get(x_cache, "bypass")
+        cached_route = route is not None and route.cached
+        if outcome == "bypass" and cached_route and request.method in WRITES:
+            outcome = "write"
+        name = route.name if route is not None else UNMATCHED
+        self._metrics.request(name, request.method, status, outcome, seconds)
+        if self._access_log:
+            access_logger.info(
+                "%s",
+                json.dumps(
+                    {
+                        "time": _utc(self._clock.time()),
+                        "remote": request.remote,
+                        "method": request.method,
+                        "path": request.path,
+                        "route": name,
+                        "status": status,
+                        "outcome": outcome,
+                        "cache": x_cache,
+                        "duration_ms": round(seconds * 1000, 3),
+                    },
+                    separators=(",", ":"),
+                ),
+            )
 
     # -- cached reads ----------------------------------------------------------------------------
 
@@ -120,6 +180,8 @@ class Proxy:
             lookup = await self._cache.get(key, variant, l1_ttl=route.l1_ttl, loader=loader)
         except OriginError as exc:
             return error_response(exc.status, exc.title, str(exc), "cachecar; fwd=miss", "MISS")
+        if lookup.coalesced:
+            self._metrics.coalesced(route.name)
         return self._answer(request, lookup)
 
     async def _load(self, request: web.Request, route: Route, path: str, query: str) -> Loaded:
@@ -127,7 +189,9 @@ class Proxy:
         sent = forwarding.forward_fill(
             request.headers, route.vary + route.forward_headers, request.remote, request.scheme
         )
-        response = await self._origin.fetch("GET", self._origin.url(path, query), sent)
+        response = await self._origin.fetch(
+            "GET", self._origin.url(path, query), sent, route=route.name
+        )
         now = self._clock.time()
         age = delta_seconds(response.headers.get("Age")) or 0.0
         decision = decide(
@@ -185,7 +249,7 @@ class Proxy:
             if status is None or 200 <= status < 300:
                 await self._cache.invalidate(key)
 
-        return await self._pass(request, path, query, BYPASS_METHOD, on_answer=invalidate)
+        return await self._pass(request, route, path, query, BYPASS_METHOD, on_answer=invalidate)
 
     async def _write_through(
         self,
@@ -204,7 +268,7 @@ class Proxy:
         async with self._write_through_locks.hold(key):
             try:
                 response = await self._origin.fetch(
-                    "PUT", self._origin.url(path, query), sent, body
+                    "PUT", self._origin.url(path, query), sent, body, route=route.name
                 )
             except OriginError as exc:
                 await self._cache.invalidate(key)  # the origin may have applied it: unknown
@@ -310,6 +374,7 @@ class Proxy:
     async def _pass(
         self,
         request: web.Request,
+        route: Route | None,
         path: str,
         query: str,
         cache_status: str,
@@ -330,7 +395,11 @@ class Proxy:
                 data = limited = _LimitedBody(request.content, self._max_body)
         try:
             async with self._origin.stream(
-                request.method, self._origin.url(path, query), sent, data
+                request.method,
+                self._origin.url(path, query),
+                sent,
+                data,
+                route=route.name if route is not None else UNMATCHED,
             ) as upstream:
                 if on_answer is not None:
                     await on_answer(upstream.status)
@@ -391,6 +460,16 @@ class _LimitedBody:
                 self.exceeded = True
                 raise BodyTooLarge
             yield chunk
+
+
+def _cancelled() -> bool:
+    """Whether the running request is being cancelled (its client went away)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+def _utc(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds")
 
 
 def _miss_status(lookup: Lookup) -> str:

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,17 +47,41 @@ class OriginResponse:
     body: bytes
 
 
+# (route, method, status or "timeout"/"unreachable", seconds until the response head)
+OnOrigin = Callable[[str, str, str, float], None]
+
+
+def _ignore(route: str, method: str, status: str, seconds: float) -> None:
+    pass
+
+
 class OriginClient:
-    def __init__(self, session: aiohttp.ClientSession, base_url: str, timeout: float) -> None:
+    """Calls made with a ``route`` are reported to ``on_origin``; probes are not traffic."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        base_url: str,
+        timeout: float,
+        on_origin: OnOrigin = _ignore,
+    ) -> None:
         self._session = session
         self._base = base_url.rstrip("/")
         self._timeout = timeout
+        self._on_origin = on_origin
         self._stream_timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=timeout, sock_read=timeout
         )
 
     @classmethod
-    def create(cls, base_url: str, *, timeout: float, max_connections: int) -> OriginClient:
+    def create(
+        cls,
+        base_url: str,
+        *,
+        timeout: float,
+        max_connections: int,
+        on_origin: OnOrigin = _ignore,
+    ) -> OriginClient:
         session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=max_connections, ttl_dns_cache=60),
             # Bodies pass through as the origin encoded them; what is cached is what was sent.
@@ -67,33 +92,57 @@ class OriginClient:
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
             timeout=aiohttp.ClientTimeout(total=None),
         )
-        return cls(session, base_url, timeout)
+        return cls(session, base_url, timeout, on_origin)
 
     def url(self, path: str, query: str) -> URL:
         """The origin URL for a normalized path and its raw query string."""
         return URL(f"{self._base}{path}?{query}" if query else f"{self._base}{path}", encoded=True)
 
     async def fetch(
-        self, method: str, url: URL, headers: CIMultiDict[str], data: bytes | None = None
+        self,
+        method: str,
+        url: URL,
+        headers: CIMultiDict[str],
+        data: bytes | None = None,
+        *,
+        route: str | None = None,
     ) -> OriginResponse:
         """The whole response, within ``upstream.timeout``."""
+        started = time.perf_counter()
+        status = "unreachable"
         try:
             async with asyncio.timeout(self._timeout):
                 async with self._session.request(
                     method, url, headers=headers, data=data, allow_redirects=False
                 ) as response:
+                    status = str(response.status)
                     body = await response.read()
                     return OriginResponse(response.status, response.headers, body)
         except TimeoutError as exc:
+            status = "timeout"
             raise OriginTimeout(f"no answer within {self._timeout:g}s") from exc
         except aiohttp.ClientError as exc:
             raise _unreachable(exc) from exc
+        except asyncio.CancelledError:
+            route = None  # the caller gave up: no figure about the origin in that
+            raise
+        finally:
+            if route is not None:
+                self._on_origin(route, method, status, time.perf_counter() - started)
 
     @contextlib.asynccontextmanager
     async def stream(
-        self, method: str, url: URL, headers: CIMultiDict[str], data: Any = None
+        self,
+        method: str,
+        url: URL,
+        headers: CIMultiDict[str],
+        data: Any = None,
+        *,
+        route: str | None = None,
     ) -> AsyncIterator[aiohttp.ClientResponse]:
         """The response as it arrives; errors before its head are ``OriginError``."""
+        started = time.perf_counter()
+        status = "unreachable"
         try:
             response = await self._session.request(
                 method,
@@ -103,10 +152,18 @@ class OriginClient:
                 allow_redirects=False,
                 timeout=self._stream_timeout,
             )
+            status = str(response.status)
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            status = "timeout"
             raise OriginTimeout(f"no answer within {self._timeout:g}s") from exc
         except aiohttp.ClientError as exc:
             raise _unreachable(exc) from exc
+        except asyncio.CancelledError:
+            route = None  # the caller gave up: no figure about the origin in that
+            raise
+        finally:
+            if route is not None:
+                self._on_origin(route, method, status, time.perf_counter() - started)
         try:
             yield response
         finally:

@@ -31,6 +31,10 @@ _PARAM = re.compile(r"\{([^{}]*)\}")
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
+# The route name of a path no route matches (in metrics and logs); route paths start with /.
+UNMATCHED = "unmatched"
+
+
 class Mode(enum.StrEnum):
     CACHE_ASIDE = "cache-aside"  # reads cached; writes go to the origin, then drop the key
     WRITE_THROUGH = "write-through"  # reads cached; a written value becomes the cached one
@@ -190,3 +194,8 @@ class Router:
             if params is not None:
                 return route, params
         return None
+
+    def name_of(self, path: str) -> str:
+        """The name of the route ``path`` (normalized) takes, or ``UNMATCHED``."""
+        found = self.match(path)
+        return found[0].name if found is not None else UNMATCHED

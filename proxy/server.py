@@ -12,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 from importlib.metadata import version
 
 from aiohttp import web
+from prometheus_client import disable_created_metrics
 from yarl import URL
 
 from cache.redis_tier import MEMORY_URL
@@ -38,6 +40,10 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
 
+    # One series per metric: the *_created timestamps only double what a scrape transfers.
+    disable_created_metrics()  # type: ignore[no-untyped-call]
+    if settings.server.access_log:
+        _log_access_to_stdout()
     grace = settings.server.shutdown_grace
     proxy_app = build_proxy_app(settings)
     proxy_runner = web.AppRunner(proxy_app, access_log=None, shutdown_timeout=grace)
@@ -75,7 +81,8 @@ def _announce(settings: Settings, routes: int, write_behind: bool) -> None:
         "" if routes == 1 else "s",
     )
     logger.info(
-        "admin on http://%s (/healthz, /readyz, /admin/write-behind)", settings.admin.listen
+        "admin on http://%s: /dashboard, /metrics, /admin/stats, /healthz, /readyz",
+        settings.admin.listen,
     )
     url = settings.l2.url
     if url is None:
@@ -93,6 +100,19 @@ def _announce(settings: Settings, routes: int, write_behind: bool) -> None:
         logger.info(
             "write-behind queue in Redis: acknowledged writes survive a crash of this process"
         )
+
+
+def _log_access_to_stdout() -> None:
+    """The access log: its JSON lines alone on stdout, apart from the diagnostics on stderr."""
+    access = logging.getLogger("cachecar.access")
+    if _ACCESS_HANDLER not in access.handlers:
+        _ACCESS_HANDLER.setFormatter(logging.Formatter("%(message)s"))
+        access.addHandler(_ACCESS_HANDLER)
+    access.setLevel(logging.INFO)
+    access.propagate = False
+
+
+_ACCESS_HANDLER = logging.StreamHandler(sys.stdout)
 
 
 def redact(url: str) -> str:

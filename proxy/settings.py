@@ -86,6 +86,7 @@ class ServerSettings(_Section):
     workers: int = Field(1, ge=1)
     max_body: Size = 10 << 20
     shutdown_grace: Duration = 10.0
+    access_log: bool = False  # one JSON line per request on stdout
 
     @field_validator("workers")
     @classmethod

@@ -20,6 +20,7 @@ no answer are retried, any other 4xx is permanent.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -60,8 +61,9 @@ def tombstone(key: str, now: float, ttl: float) -> Entry:
 class OriginSink:
     """The flusher's way to the origin."""
 
-    def __init__(self, origin: OriginClient) -> None:
+    def __init__(self, origin: OriginClient, route_of: Callable[[str], str]) -> None:
         self._origin = origin
+        self._route_of = route_of  # a write's path -> its route's name, for the origin metrics
 
     async def send(self, write: QueuedWrite) -> Sent:
         path, _, query = write.target.partition("?")
@@ -74,7 +76,11 @@ class OriginSink:
             data = write.entry.body
         try:
             response = await self._origin.fetch(
-                write.method, self._origin.url(path, query), headers, data
+                write.method,
+                self._origin.url(path, query),
+                headers,
+                data,
+                route=self._route_of(path),
             )
         except OriginError as exc:
             return Sent(Outcome.RETRY, f"{exc.title}: {exc}")

@@ -1,0 +1,283 @@
+"""What cachecar counts, once, for both ways of looking at it.
+
+    engine events (CacheObserver) ─┐
+    proxy events (request, origin) ─┴─> Metrics ─> Prometheus registry  -> GET /metrics
+                                                └> stats.Window          -> GET /admin/stats
+
+Every figure comes from one call here, so the Prometheus counters, ``/admin/stats`` and the
+``X-Cache`` header a client saw can never disagree. The registry is injected: a test makes its
+own and reads exact values back; ``serve`` makes one per process.
+
+Labels stay bounded: a route label is the route's path template (``/users/{id}``), never a key or
+a raw path; ``unmatched`` stands for every path no route matches; methods outside HTTP's usual
+ones are ``other``.
+
+Gauges that live elsewhere are read when asked for: L1's size from the tier, the write-behind
+queue from Redis (``refresh`` before each scrape or snapshot, bounded by the queue's timeout).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter as CounterOf
+from importlib.metadata import version
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+
+from cache.clock import Clock
+from cache.errors import CorruptEntry, TierUnavailable
+from cache.memory import MemoryTier
+from cache.observer import Eviction, Invalidation
+from cache.queue import QueueStats, WriteQueue
+from proxy.routes import UNMATCHED
+from proxy.stats import OUTCOMES, Window
+
+logger = logging.getLogger("cachecar.metrics")
+
+METHODS = frozenset({"GET", "HEAD", "PUT", "PATCH", "POST", "DELETE", "OPTIONS"})
+L2_OPS = ("get", "set", "replace", "delete", "decode")
+FLUSH_RESULTS = ("ok", "retry", "dead")
+
+# A hit answers in well under a millisecond, an origin fetch in tens of them.
+REQUEST_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+    0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+ORIGIN_BUCKETS = REQUEST_BUCKETS[3:]
+
+
+def method_label(method: str) -> str:
+    return method if method in METHODS else "other"
+
+
+def origin_failed(status: str) -> bool:
+    """An origin answer that counts as an error: 5xx, or no answer at all."""
+    return not status.isdigit() or int(status) >= 500
+
+
+class Metrics:
+    """The Prometheus metrics of one process and the stats window beside them."""
+
+    def __init__(self, clock: Clock, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self._clock = clock
+        self.window = Window(clock.time())
+        r = self.registry
+        self._requests = Counter(
+            "cachecar_requests", "Requests answered on the proxy listener.",
+            ["route", "method", "status"], registry=r,
+        )  # fmt: skip
+        self._duration = Histogram(
+            "cachecar_request_duration_seconds",
+            "Time from a request's arrival to its answer's last byte, by outcome.",
+            ["route", "outcome"], buckets=REQUEST_BUCKETS, registry=r,
+        )  # fmt: skip
+        self._lookups = Counter(
+            "cachecar_cache_lookups", "Lookups in a tier, by whether the tier had the key.",
+            ["tier", "result"], registry=r,
+        )  # fmt: skip
+        self._origin = Counter(
+            "cachecar_origin_requests",
+            "Requests sent to the origin; status is timeout or unreachable when none came back.",
+            ["route", "method", "status"], registry=r,
+        )  # fmt: skip
+        self._origin_duration = Histogram(
+            "cachecar_origin_request_duration_seconds",
+            "Time until the origin's response head.",
+            ["route"], buckets=ORIGIN_BUCKETS, registry=r,
+        )  # fmt: skip
+        self._coalesced = Counter(
+            "cachecar_coalesced_requests",
+            "Reads that waited for another request's origin fetch of the same key.",
+            ["route"], registry=r,
+        )  # fmt: skip
+        self._l1_entries = Gauge("cachecar_l1_entries", "Entries (variants) in L1.", registry=r)
+        self._l1_bytes = Gauge("cachecar_l1_bytes", "Bytes held in L1.", registry=r)
+        self._evictions = Counter(
+            "cachecar_l1_evictions", "Entries that left L1, by why.", ["reason"], registry=r
+        )
+        self._l2_errors = Counter(
+            "cachecar_l2_errors", "Failed L2 calls, by operation.", ["op"], registry=r
+        )
+        self._breaker = Gauge(
+            "cachecar_l2_breaker_open", "1 while the L2 circuit breaker is open.", registry=r
+        )
+        self._invalidations = Counter(
+            "cachecar_invalidations", "Keys dropped from the tiers, by who asked.",
+            ["source"], registry=r,
+        )  # fmt: skip
+        self._queue_depth = Gauge(
+            "cachecar_write_behind_queue_depth",
+            "Keys with a write not yet at the origin (the shared queue, as every replica sees it).",
+            registry=r,
+        )
+        self._queue_age = Gauge(
+            "cachecar_write_behind_oldest_age_seconds",
+            "Seconds since the oldest write not yet at the origin was acknowledged.",
+            registry=r,
+        )
+        self._flushed = Counter(
+            "cachecar_write_behind_flushed", "Writes this process sent to the origin, by result.",
+            ["result"], registry=r,
+        )  # fmt: skip
+        self._wb_coalesced = Counter(
+            "cachecar_write_behind_coalesced",
+            "Queued writes that replaced an unflushed write of the same key.",
+            registry=r,
+        )
+        self._dead_letters = Gauge(
+            "cachecar_write_behind_dead_letters", "Writes the origin refused for good.", registry=r
+        )
+        ProcessCollector(registry=r)  # process_resident_memory_bytes, CPU seconds, open fds
+        Gauge(
+            "cachecar_build_info", "The running cachecar's version.", ["version"], registry=r
+        ).labels(version("cachecar")).set(1)
+        # Every series a dashboard or alert divides by exists from the start, at 0.
+        for tier in ("l1", "l2"):
+            for result in ("hit", "miss"):
+                self._lookups.labels(tier, result)
+        for reason in Eviction:
+            self._evictions.labels(reason.value)
+        for op in L2_OPS:
+            self._l2_errors.labels(op)
+        for source in Invalidation:
+            self._invalidations.labels(source.value)
+        for result in FLUSH_RESULTS:
+            self._flushed.labels(result)
+        self._children: dict[tuple[int | str, ...], Any] = {}
+        # Since-start figures for the snapshot, kept beside the counters (cheaper than reading
+        # them back out of the registry).
+        self._totals: CounterOf[str] = CounterOf()
+        self._l1: MemoryTier | None = None
+        self._l2_enabled = False
+        self._queue: WriteQueue | None = None
+        self._queue_stats: QueueStats | None = None
+        self._queue_available = False
+        self._breaker_open = False
+
+    # -- what the proxy reports ------------------------------------------------------------------
+
+    def request(self, route: str, method: str, status: int, outcome: str, seconds: float) -> None:
+        """A request on the proxy listener was answered."""
+        method = method_label(method)
+        self._child(self._requests, route, method, str(status)).inc()
+        self._child(self._duration, route, outcome).observe(seconds)
+        self.window.request(outcome, seconds, self._clock.time())
+
+    def origin_request(self, route: str, method: str, status: str, seconds: float) -> None:
+        """The origin answered ``status`` (or ``timeout``/``unreachable``) after ``seconds``."""
+        self._child(self._origin, route, method_label(method), status).inc()
+        self._child(self._origin_duration, route).observe(seconds)
+        self.window.origin(origin_failed(status), seconds, self._clock.time())
+
+    def coalesced(self, route: str) -> None:
+        self._child(self._coalesced, route).inc()
+        self._totals["coalesced"] += 1
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, remembered: the hot path skips prometheus' own lookup."""
+        key: tuple[int | str, ...] = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    # -- CacheObserver ---------------------------------------------------------------------------
+
+    def lookup(self, tier: str, hit: bool) -> None:
+        self._child(self._lookups, tier, "hit" if hit else "miss").inc()
+        self.window.lookup(tier, hit, self._clock.time())
+
+    def evicted(self, reason: Eviction, count: int) -> None:
+        self._child(self._evictions, reason.value).inc(count)
+        self._totals[f"evicted:{reason.value}"] += count
+
+    def tier_error(self, tier: str, op: str) -> None:
+        if tier == "l2":
+            self._child(self._l2_errors, op).inc()
+            self._totals["l2_errors"] += 1
+
+    def breaker_changed(self, tier: str, is_open: bool) -> None:
+        if tier == "l2":
+            self._breaker_open = is_open
+            self._breaker.set(1 if is_open else 0)
+
+    def invalidated(self, source: Invalidation) -> None:
+        self._child(self._invalidations, source.value).inc()
+
+    def queued(self, coalesced: bool) -> None:
+        if coalesced:
+            self._wb_coalesced.inc()
+            self._totals["wb_coalesced"] += 1
+
+    def flushed(self, result: str) -> None:
+        self._child(self._flushed, result).inc()
+        self._totals[f"flushed:{result}"] += 1
+
+    # -- gauges read when asked for --------------------------------------------------------------
+
+    def watch(self, l1: MemoryTier, *, l2: bool, queue: WriteQueue | None) -> None:
+        """Read L1's size from ``l1`` and the write-behind gauges from ``queue``."""
+        self._l1 = l1
+        self._l2_enabled = l2
+        self._queue = queue
+        self._l1_entries.set_function(lambda: l1.entries)
+        self._l1_bytes.set_function(lambda: l1.bytes)
+
+    async def refresh(self) -> None:
+        """Read the write-behind queue's figures from Redis; on failure keep the last ones."""
+        if self._queue is None:
+            return
+        try:
+            stats = await self._queue.stats()
+        except (TierUnavailable, CorruptEntry) as exc:
+            if self._queue_available:
+                logger.warning("write-behind queue figures unavailable: %s", exc)
+            self._queue_available = False
+            return
+        self._queue_available = True
+        self._queue_stats = stats
+        self._queue_depth.set(stats.depth)
+        self._queue_age.set(stats.oldest_age)
+        self._dead_letters.set(stats.dead)
+
+    def snapshot(self) -> dict[str, Any]:
+        """The ``/admin/stats`` document (call ``refresh`` first for fresh queue figures)."""
+        now = self._clock.time()
+        stats = self.window.snapshot(now)
+        l1 = self._l1
+        queue = self._queue_stats
+        totals = self._totals
+        return {
+            "version": 1,
+            "time": now,
+            **stats,
+            "coalesced_total": totals["coalesced"],
+            "l1": {
+                "entries": l1.entries if l1 else 0,
+                "bytes": l1.bytes if l1 else 0,
+                "max_entries": l1.max_entries if l1 else 0,
+                "max_bytes": l1.max_bytes if l1 else 0,
+                "evictions_total": {
+                    reason.value: totals[f"evicted:{reason.value}"] for reason in Eviction
+                },
+            },
+            "l2": {
+                "enabled": self._l2_enabled,
+                "breaker": "open" if self._breaker_open else "closed",
+                "errors_total": totals["l2_errors"],
+            },
+            "write_behind": {
+                "enabled": self._queue is not None,
+                "available": self._queue is not None and self._queue_available,
+                "queue_depth": queue.depth if queue else 0,
+                "oldest_pending_age_seconds": queue.oldest_age if queue else 0.0,
+                "dead_letters": queue.dead if queue else 0,
+                "flushed_total": {r: totals[f"flushed:{r}"] for r in FLUSH_RESULTS},
+                "coalesced_total": totals["wb_coalesced"],
+            },
+        }
+
+
+__all__ = ["OUTCOMES", "UNMATCHED", "Metrics", "method_label", "origin_failed"]

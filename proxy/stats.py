@@ -1,0 +1,214 @@
+"""The figures behind ``/admin/stats`` and ``/dashboard``: the last minute, second by second.
+
+Prometheus answers "over the last minute" for a server that scrapes; this answers it for an
+operator with only cachecar. One bucket per wall-clock second, the last ``WINDOW`` complete
+seconds kept, plus totals since start. Latencies go into log-spaced bins (each 10 % wider than
+the one before), so a percentile is exact to within 5 % whatever the spread, in constant memory.
+
+A figure with nothing to compute it from is None (JSON null), never 0: a hit ratio of 0 % with
+no traffic would be a lie an alert could act on.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, deque
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+WINDOW = 60  # seconds in "last minute"
+RECENT = 10  # seconds a req/s figure is averaged over
+
+OUTCOMES = ("hit_l1", "hit_l2", "miss", "stale", "bypass", "write")
+CACHEABLE = frozenset({"hit_l1", "hit_l2", "miss", "stale"})  # reads the cache could answer
+HITS = frozenset({"hit_l1", "hit_l2"})  # STALE counts as a read, not a hit, as in DESIGN
+PERCENTILES = (("p50", 0.50), ("p95", 0.95), ("p99", 0.99))
+
+_BIN_GROWTH = math.log(1.1)
+_SMALLEST = 1e-6  # a latency below one microsecond goes into bin 0
+
+
+def _bin(seconds: float) -> int:
+    if seconds <= _SMALLEST:
+        return 0
+    return int(math.log(seconds / _SMALLEST) / _BIN_GROWTH) + 1
+
+
+def _bin_value(index: int) -> float:
+    """The middle (geometric) of bin ``index``."""
+    if index == 0:
+        return _SMALLEST
+    return _SMALLEST * math.exp((index - 0.5) * _BIN_GROWTH)
+
+
+def percentiles(bins: Mapping[int, int]) -> dict[str, float] | None:
+    """p50/p95/p99 of a binned latency distribution; None when it is empty."""
+    total = sum(bins.values())
+    if total == 0:
+        return None
+    result: dict[str, float] = {}
+    ordered = sorted(bins.items())
+    for name, fraction in PERCENTILES:
+        rank = math.ceil(fraction * total)  # the rank-th smallest sample, 1-based
+        seen = 0
+        for index, count in ordered:
+            seen += count
+            if seen >= rank:
+                result[name] = _bin_value(index)
+                break
+    return result
+
+
+def _ratio(hits: int, total: int) -> float | None:
+    return hits / total if total else None
+
+
+class _Second:
+    """Everything counted in one wall-clock second."""
+
+    __slots__ = ("lookups", "origin", "origin_bins", "origin_errors", "requests", "second")
+
+    def __init__(self, second: int) -> None:
+        self.second = second
+        self.requests: dict[str, dict[int, int]] = {}  # outcome -> latency bin -> count
+        self.lookups: Counter[tuple[str, bool]] = Counter()  # (tier, hit)
+        self.origin = 0
+        self.origin_errors = 0
+        self.origin_bins: Counter[int] = Counter()
+
+    def count(self, outcome: str) -> int:
+        bins = self.requests.get(outcome)
+        return sum(bins.values()) if bins else 0
+
+
+class Window:
+    """Per-second counts over the last minute, and totals since start."""
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+        self._seconds: deque[_Second] = deque(maxlen=WINDOW + 1)
+        self.requests: Counter[str] = Counter()
+        self.lookups: Counter[tuple[str, bool]] = Counter()
+        self.origin_requests = 0
+        self.origin_errors = 0
+
+    def _at(self, now: float) -> _Second:
+        second = int(now)
+        if not self._seconds or self._seconds[-1].second < second:
+            self._seconds.append(_Second(second))
+        current = self._seconds[-1]
+        # A clock stepped back leaves the event in the newest bucket rather than reordering.
+        return current
+
+    def request(self, outcome: str, seconds: float, now: float) -> None:
+        self.requests[outcome] += 1
+        bins = self._at(now).requests.setdefault(outcome, {})
+        index = _bin(seconds)
+        bins[index] = bins.get(index, 0) + 1
+
+    def lookup(self, tier: str, hit: bool, now: float) -> None:
+        self.lookups[tier, hit] += 1
+        self._at(now).lookups[tier, hit] += 1
+
+    def origin(self, error: bool, seconds: float, now: float) -> None:
+        bucket = self._at(now)
+        self.origin_requests += 1
+        bucket.origin += 1
+        bucket.origin_bins[_bin(seconds)] += 1
+        if error:
+            self.origin_errors += 1
+            bucket.origin_errors += 1
+
+    def complete(self, now: float, span: int) -> list[_Second]:
+        """The buckets of the last ``span`` complete seconds before ``now``."""
+        current = int(now)
+        return [s for s in self._seconds if current - span <= s.second < current]
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        minute = self.complete(now, WINDOW)
+        recent = self.complete(now, RECENT)
+        # Averaged over the seconds that have passed: a proxy up for 3 s is not 70 % idle.
+        span = max(1, min(RECENT, int(now) - int(self.started)))
+        return {
+            "uptime_seconds": max(0.0, now - self.started),
+            "window_seconds": WINDOW,
+            "hit_ratio": {
+                "overall": {
+                    "last_minute": _overall(minute),
+                    "since_start": _ratio(
+                        sum(self.requests[o] for o in HITS),
+                        sum(self.requests[o] for o in CACHEABLE),
+                    ),
+                },
+                **{
+                    tier: {
+                        "last_minute": _tier(minute, tier),
+                        "since_start": _ratio(
+                            self.lookups[tier, True],
+                            self.lookups[tier, True] + self.lookups[tier, False],
+                        ),
+                    }
+                    for tier in ("l1", "l2")
+                },
+            },
+            "requests_per_second": _per_second(recent, span),
+            "requests_total": {
+                **{o: self.requests[o] for o in OUTCOMES},
+                "total": sum(self.requests[o] for o in OUTCOMES),
+            },
+            "latency_seconds": {
+                "all": percentiles(_merged(s.requests[o] for s in minute for o in s.requests)),
+                **{
+                    o: percentiles(_merged(s.requests[o] for s in minute if o in s.requests))
+                    for o in OUTCOMES
+                },
+            },
+            "origin": {
+                "requests_per_second": sum(s.origin for s in recent) / span,
+                "errors_per_second": sum(s.origin_errors for s in recent) / span,
+                "requests_total": self.origin_requests,
+                "errors_total": self.origin_errors,
+                "latency_seconds": percentiles(_merged(s.origin_bins for s in minute)),
+            },
+            "history": [_point(s) for s in minute],
+        }
+
+
+def _merged(parts: Iterable[Mapping[int, int]]) -> Counter[int]:
+    merged: Counter[int] = Counter()
+    for part in parts:
+        merged.update(part)
+    return merged
+
+
+def _overall(seconds: list[_Second]) -> float | None:
+    return _ratio(
+        sum(s.count(o) for s in seconds for o in HITS),
+        sum(s.count(o) for s in seconds for o in CACHEABLE),
+    )
+
+
+def _tier(seconds: list[_Second], tier: str) -> float | None:
+    hits = sum(s.lookups[tier, True] for s in seconds)
+    return _ratio(hits, hits + sum(s.lookups[tier, False] for s in seconds))
+
+
+def _per_second(seconds: list[_Second], span: int) -> dict[str, float]:
+    rates = {o: sum(s.count(o) for s in seconds) / span for o in OUTCOMES}
+    rates["total"] = sum(rates.values())
+    return rates
+
+
+def _point(second: _Second) -> dict[str, Any]:
+    return {
+        "t": second.second,
+        "requests": {o: second.count(o) for o in OUTCOMES},
+        "hit_ratio": {
+            "overall": _overall([second]),
+            "l1": _tier([second], "l1"),
+            "l2": _tier([second], "l2"),
+        },
+        "latency_seconds": percentiles(_merged(second.requests.values())),
+        "origin_requests": second.origin,
+        "origin_errors": second.origin_errors,
+    }

@@ -1,0 +1,432 @@
+"""The metrics and /admin/stats: exact figures after known sequences of requests."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+from pytest_aiohttp import AiohttpClient
+from redis.asyncio import Redis
+
+from cache.memory import MemoryTier
+from proxy.admin import build_admin_app
+from proxy.app import RUNTIME, build_proxy_app
+from tests.fakes import FakeClock, RecordingObserver
+from tests.ports import free_port
+from tests.proxy.conftest import MakeProxy, Origin, raw, settings_for
+
+Client = TestClient[web.Request, web.Application]
+
+USERS = "/users/{id}"
+
+# Every metric DESIGN.md promises, as the exposition names its families.
+DESIGN_METRICS = {
+    "cachecar_requests": "counter",
+    "cachecar_request_duration_seconds": "histogram",
+    "cachecar_cache_lookups": "counter",
+    "cachecar_origin_requests": "counter",
+    "cachecar_origin_request_duration_seconds": "histogram",
+    "cachecar_coalesced_requests": "counter",
+    "cachecar_l1_entries": "gauge",
+    "cachecar_l1_bytes": "gauge",
+    "cachecar_l1_evictions": "counter",
+    "cachecar_l2_errors": "counter",
+    "cachecar_l2_breaker_open": "gauge",
+    "cachecar_invalidations": "counter",
+    "cachecar_write_behind_queue_depth": "gauge",
+    "cachecar_write_behind_oldest_age_seconds": "gauge",
+    "cachecar_write_behind_flushed": "counter",
+    "cachecar_write_behind_coalesced": "counter",
+    "cachecar_write_behind_dead_letters": "gauge",
+}
+
+
+def registry_of(proxy: Client) -> CollectorRegistry:
+    return proxy.app[RUNTIME].metrics.registry
+
+
+def value(proxy: Client, name: str, **labels: str) -> float:
+    """One sample's value; 0 when the series does not exist."""
+    found = registry_of(proxy).get_sample_value(name, labels)
+    return 0.0 if found is None else found
+
+
+def total(proxy: Client, name: str, **labels: str) -> float:
+    """The sum of every series of ``name`` whose labels include ``labels``."""
+    return sum(
+        sample.value
+        for family in registry_of(proxy).collect()
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    )
+
+
+def hit_ratio(proxy: Client) -> float:
+    """DESIGN.md's PromQL hit ratio, on the counters themselves instead of their rates."""
+    count = "cachecar_request_duration_seconds_count"
+    hits = total(proxy, count, outcome="hit_l1") + total(proxy, count, outcome="hit_l2")
+    reads = hits + total(proxy, count, outcome="miss") + total(proxy, count, outcome="stale")
+    return hits / reads
+
+
+def tier_ratio(proxy: Client, tier: str) -> float:
+    hits = value(proxy, "cachecar_cache_lookups_total", tier=tier, result="hit")
+    misses = value(proxy, "cachecar_cache_lookups_total", tier=tier, result="miss")
+    return hits / (hits + misses)
+
+
+async def admin_of(aiohttp_client: AiohttpClient, proxy: Client) -> Client:
+    return await aiohttp_client(build_admin_app(proxy.app))
+
+
+async def test_a_miss_nine_l1_hits_then_two_l2_hits_after_a_restart_are_counted_exactly(
+    make_proxy: MakeProxy,
+    origin: Origin,
+    redis_url: str,
+    key_prefix: str,
+    redis_client: Redis,
+    aiohttp_client: AiohttpClient,
+) -> None:
+    first = await make_proxy(l2=redis_url, key_prefix=key_prefix)
+    answers = [(await first.get("/users/1")).headers["X-Cache"] for _ in range(10)]
+    assert answers == ["MISS"] + ["HIT-L1"] * 9
+    await asyncio.sleep(0.05)  # the L2 fill finishes after the response
+    assert (await first.get("/users/2")).headers["X-Cache"] == "MISS"
+    await asyncio.sleep(0.05)
+
+    count = "cachecar_request_duration_seconds_count"
+    assert value(first, count, route=USERS, outcome="miss") == 2
+    assert value(first, count, route=USERS, outcome="hit_l1") == 9
+    assert value(first, count, route=USERS, outcome="hit_l2") == 0
+    assert value(first, "cachecar_requests_total", route=USERS, method="GET", status="200") == 11
+    assert value(first, "cachecar_cache_lookups_total", tier="l1", result="hit") == 9
+    assert value(first, "cachecar_cache_lookups_total", tier="l1", result="miss") == 2
+    assert value(first, "cachecar_cache_lookups_total", tier="l2", result="miss") == 2
+    assert value(first, "cachecar_cache_lookups_total", tier="l2", result="hit") == 0
+    assert (
+        value(first, "cachecar_origin_requests_total", route=USERS, method="GET", status="200") == 2
+    )
+    assert value(first, "cachecar_origin_request_duration_seconds_count", route=USERS) == 2
+    assert hit_ratio(first) == 9 / 11
+    assert tier_ratio(first, "l1") == 9 / 11
+    assert tier_ratio(first, "l2") == 0
+
+    restarted = await make_proxy(l2=redis_url, key_prefix=key_prefix)
+    assert (await restarted.get("/users/1")).headers["X-Cache"] == "HIT-L2"
+    assert (await restarted.get("/users/2")).headers["X-Cache"] == "HIT-L2"
+    assert value(restarted, count, route=USERS, outcome="hit_l2") == 2
+    assert value(restarted, count, route=USERS, outcome="miss") == 0
+    assert value(restarted, "cachecar_cache_lookups_total", tier="l1", result="miss") == 2
+    assert value(restarted, "cachecar_cache_lookups_total", tier="l2", result="hit") == 2
+    assert total(restarted, "cachecar_origin_requests_total") == 0
+    assert hit_ratio(restarted) == 1.0
+    assert tier_ratio(restarted, "l1") == 0
+    assert tier_ratio(restarted, "l2") == 1.0
+
+    stats = await (await (await admin_of(aiohttp_client, first)).get("/admin/stats")).json()
+    assert stats["hit_ratio"]["overall"]["since_start"] == 9 / 11
+    assert stats["hit_ratio"]["l1"]["since_start"] == 9 / 11
+    assert stats["hit_ratio"]["l2"]["since_start"] == 0
+    assert stats["requests_total"] == {
+        "hit_l1": 9, "hit_l2": 0, "miss": 2, "stale": 0, "bypass": 0, "write": 0, "total": 11,
+    }  # fmt: skip
+    assert stats["origin"]["requests_total"] == 2
+    assert stats["origin"]["errors_total"] == 0
+
+
+async def test_metrics_endpoint_exports_every_design_metric_with_its_type(
+    make_proxy: MakeProxy, aiohttp_client: AiohttpClient
+) -> None:
+    proxy = await make_proxy()
+    await proxy.get("/users/1")
+    response = await (await admin_of(aiohttp_client, proxy)).get("/metrics")
+    assert response.status == 200
+    assert response.headers["Content-Type"].startswith("text/plain;")
+    families = {f.name: f.type for f in text_string_to_metric_families(await response.text())}
+    for name, kind in DESIGN_METRICS.items():
+        assert families.get(name) == kind, name
+    assert families["cachecar_build_info"] == "gauge"
+
+
+async def test_series_that_queries_divide_by_exist_at_zero_before_any_traffic(
+    make_proxy: MakeProxy,
+) -> None:
+    proxy = await make_proxy()
+    for tier in ("l1", "l2"):
+        for result in ("hit", "miss"):
+            assert (
+                registry_of(proxy).get_sample_value(
+                    "cachecar_cache_lookups_total", {"tier": tier, "result": result}
+                )
+                == 0
+            )
+    for source in ("write", "remote", "admin"):
+        assert value(proxy, "cachecar_invalidations_total", source=source) == 0
+    for result in ("ok", "retry", "dead"):
+        assert (
+            registry_of(proxy).get_sample_value(
+                "cachecar_write_behind_flushed_total", {"result": result}
+            )
+            == 0
+        )
+    assert registry_of(proxy).get_sample_value("cachecar_l2_breaker_open") == 0
+
+
+async def test_labels_stay_bounded_whatever_the_paths_and_methods(
+    make_proxy: MakeProxy, origin: Origin
+) -> None:
+    proxy = await make_proxy()
+    for n in range(5):
+        await proxy.get(f"/nowhere/{n}")
+        await proxy.get(f"/users/{n}")
+    await proxy.request("PROPFIND", "/users/1")
+    assert (await proxy.session.get(raw(proxy, "/users/%zz"))).status == 400  # cannot be normalized
+
+    routes = {
+        sample.labels["route"]
+        for family in registry_of(proxy).collect()
+        for sample in family.samples
+        if "route" in sample.labels
+    }
+    assert routes == {USERS, "unmatched"}
+    assert (
+        value(proxy, "cachecar_requests_total", route="unmatched", method="GET", status="200") == 5
+    )
+    assert (
+        value(proxy, "cachecar_requests_total", route="unmatched", method="GET", status="400") == 1
+    )
+    assert value(proxy, "cachecar_requests_total", route=USERS, method="other", status="200") == 1
+    count = "cachecar_request_duration_seconds_count"
+    assert value(proxy, count, route="unmatched", outcome="bypass") == 6
+    assert value(proxy, count, route=USERS, outcome="bypass") == 1  # PROPFIND passes through
+    assert (
+        value(
+            proxy, "cachecar_origin_requests_total", route="unmatched", method="GET", status="200"
+        )
+        == 5
+    )
+
+
+async def test_writes_count_as_write_outcomes_and_invalidations(
+    make_proxy: MakeProxy, origin: Origin
+) -> None:
+    proxy = await make_proxy()
+    await proxy.get("/users/1")
+    assert (await proxy.put("/users/1", data=b"{}")).status == 200
+    assert (await proxy.delete("/users/2")).status == 200
+    count = "cachecar_request_duration_seconds_count"
+    assert value(proxy, count, route=USERS, outcome="write") == 2
+    assert value(proxy, "cachecar_invalidations_total", source="write") == 2
+    assert value(proxy, "cachecar_l1_evictions_total", reason="invalidated") == 1
+    assert (
+        value(proxy, "cachecar_origin_requests_total", route=USERS, method="PUT", status="200") == 1
+    )
+
+
+async def test_concurrent_misses_count_the_waiters_as_coalesced(
+    make_proxy: MakeProxy, origin: Origin, observer: RecordingObserver
+) -> None:
+    proxy = await make_proxy()
+    origin.gate = asyncio.Event()
+    requests = [asyncio.create_task(proxy.get("/users/1")) for _ in range(10)]
+    for _ in range(200):
+        if observer.lookups["l1", False] == 10:
+            break
+        await asyncio.sleep(0.01)
+    origin.gate.set()
+    await asyncio.gather(*requests)
+    assert value(proxy, "cachecar_coalesced_requests_total", route=USERS) == 9
+    assert (
+        value(proxy, "cachecar_origin_requests_total", route=USERS, method="GET", status="200") == 1
+    )
+    assert (
+        value(proxy, "cachecar_request_duration_seconds_count", route=USERS, outcome="miss") == 10
+    )
+
+
+async def test_an_origin_that_does_not_answer_is_counted_by_why(make_proxy: MakeProxy) -> None:
+    proxy = await make_proxy(upstream=f"http://127.0.0.1:{free_port()}")
+    assert (await proxy.get("/users/1")).status == 502
+    assert (await proxy.get("/nowhere")).status == 502
+    assert (
+        value(
+            proxy, "cachecar_origin_requests_total", route=USERS, method="GET", status="unreachable"
+        )
+        == 1
+    )
+    assert (
+        value(
+            proxy,
+            "cachecar_origin_requests_total",
+            route="unmatched",
+            method="GET",
+            status="unreachable",
+        )
+        == 1
+    )
+    assert value(proxy, "cachecar_requests_total", route=USERS, method="GET", status="502") == 1
+    assert value(proxy, "cachecar_request_duration_seconds_count", route=USERS, outcome="miss") == 1
+
+
+async def test_l1_size_gauges_and_expiry_evictions(
+    make_proxy: MakeProxy, clock: FakeClock, aiohttp_client: AiohttpClient
+) -> None:
+    proxy = await make_proxy("l1: {ttl: 30s}\n", l2="")
+    for n in range(3):
+        await proxy.get(f"/users/{n}")
+    l1 = proxy.app[RUNTIME].cache.l1
+    assert isinstance(l1, MemoryTier)
+    assert value(proxy, "cachecar_l1_entries") == l1.entries == 3
+    assert value(proxy, "cachecar_l1_bytes") == l1.bytes > 0
+    clock.advance(31)
+    assert (await proxy.get("/users/0")).headers["X-Cache"] == "MISS"
+    assert value(proxy, "cachecar_l1_evictions_total", reason="expired") >= 1
+    stats = await (await (await admin_of(aiohttp_client, proxy)).get("/admin/stats")).json()
+    assert stats["l1"]["entries"] == l1.entries
+    assert stats["l1"]["max_entries"] == 10000
+    assert stats["l2"] == {"enabled": False, "breaker": "closed", "errors_total": 0}
+
+
+async def test_l2_failures_count_errors_and_open_the_breaker_gauge(
+    make_proxy: MakeProxy, aiohttp_client: AiohttpClient
+) -> None:
+    dead = f"redis://127.0.0.1:{free_port()}"
+    breaker = "{failures: 2, reset_after: 1h}"
+    proxy = await make_proxy(f"l2: {{url: {dead!r}, timeout: 200ms, breaker: {breaker}}}\n", l2="")
+    for n in range(4):
+        assert (await proxy.get(f"/users/{n}")).status == 200
+    # The first miss: its L2 get fails, then its L2 fill; the breaker opens on the second failure.
+    assert value(proxy, "cachecar_l2_errors_total", op="get") == 1
+    assert value(proxy, "cachecar_l2_errors_total", op="set") == 1
+    assert value(proxy, "cachecar_l2_breaker_open") == 1
+    stats = await (await (await admin_of(aiohttp_client, proxy)).get("/admin/stats")).json()
+    assert stats["l2"]["breaker"] == "open"
+    assert stats["l2"]["errors_total"] == total(proxy, "cachecar_l2_errors_total")
+
+
+WRITE_BEHIND = """
+routes:
+  - path: /carts/{id}
+    key: "carts:{id}"
+    mode: write-behind
+"""
+
+
+async def test_write_behind_figures_follow_the_queue(
+    make_proxy: MakeProxy,
+    origin: Origin,
+    clock: FakeClock,
+    redis_url: str,
+    key_prefix: str,
+    redis_client: Redis,
+    aiohttp_client: AiohttpClient,
+) -> None:
+    proxy = await make_proxy(
+        "write_behind: {flush_interval: 1h}\n",
+        routes=WRITE_BEHIND,
+        l2=redis_url,
+        key_prefix=key_prefix,
+    )
+    admin = await admin_of(aiohttp_client, proxy)
+    for body in (b"1", b"2", b"3"):
+        assert (await proxy.put("/carts/1", data=body)).status == 202
+    assert (await proxy.put("/carts/2", data=b"x")).status == 202
+    clock.advance(5)
+
+    metrics = {
+        f.name: f
+        for f in text_string_to_metric_families(await (await admin.get("/metrics")).text())
+    }
+    assert metrics["cachecar_write_behind_queue_depth"].samples[0].value == 2
+    assert metrics["cachecar_write_behind_oldest_age_seconds"].samples[0].value == pytest.approx(5)
+    assert value(proxy, "cachecar_write_behind_coalesced_total") == 2
+    assert (
+        value(
+            proxy, "cachecar_request_duration_seconds_count", route="/carts/{id}", outcome="write"
+        )
+        == 4
+    )
+
+    clock.advance(3600)
+    wb = proxy.app[RUNTIME].write_behind
+    assert wb is not None
+    assert await wb.flusher.flush_once() == 2
+    stats = await (await admin.get("/admin/stats")).json()
+    assert stats["write_behind"] == {
+        "enabled": True, "available": True, "queue_depth": 0, "oldest_pending_age_seconds": 0.0,
+        "dead_letters": 0, "flushed_total": {"ok": 2, "retry": 0, "dead": 0}, "coalesced_total": 2,
+    }  # fmt: skip
+    assert value(proxy, "cachecar_write_behind_flushed_total", result="ok") == 2
+    assert (
+        value(
+            proxy, "cachecar_origin_requests_total", route="/carts/{id}", method="PUT", status="200"
+        )
+        == 2
+    )
+
+
+async def test_stats_window_reports_the_last_minute_second_by_second(
+    make_proxy: MakeProxy, clock: FakeClock, aiohttp_client: AiohttpClient
+) -> None:
+    proxy = await make_proxy(l2="")
+    admin = await admin_of(aiohttp_client, proxy)
+    empty = await (await admin.get("/admin/stats")).json()
+    assert empty["hit_ratio"]["overall"] == {"last_minute": None, "since_start": None}
+    assert empty["latency_seconds"]["all"] is None
+    assert empty["history"] == []
+
+    clock.advance(1)
+    await proxy.get("/users/1")  # miss
+    await proxy.get("/users/1")  # hit
+    clock.advance(1)
+    for _ in range(3):
+        await proxy.get("/users/1")
+    clock.advance(1)  # both seconds are complete now
+    stats = await (await admin.get("/admin/stats")).json()
+    assert [point["requests"]["hit_l1"] for point in stats["history"]] == [1, 3]
+    assert [point["requests"]["miss"] for point in stats["history"]] == [1, 0]
+    assert [point["hit_ratio"]["overall"] for point in stats["history"]] == [0.5, 1.0]
+    assert [point["origin_requests"] for point in stats["history"]] == [1, 0]
+    assert stats["hit_ratio"]["overall"]["last_minute"] == 4 / 5
+    assert stats["requests_per_second"]["hit_l1"] == 4 / 3  # 3 seconds since start
+    assert set(stats["latency_seconds"]["hit_l1"]) == {"p50", "p95", "p99"}
+
+    clock.advance(61)  # the minute has passed; since-start stays
+    later = await (await admin.get("/admin/stats")).json()
+    assert later["history"] == []
+    assert later["hit_ratio"]["overall"] == {"last_minute": None, "since_start": 4 / 5}
+    assert later["requests_per_second"]["total"] == 0
+
+
+async def test_access_log_writes_one_json_line_per_request(
+    origin: Origin, aiohttp_client: AiohttpClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = settings_for(origin, extra="server: {access_log: true}\n", l2="")
+    proxy = await aiohttp_client(build_proxy_app(settings))
+    with caplog.at_level(logging.INFO, logger="cachecar.access"):
+        await proxy.get("/users/1?secret=1")
+        await proxy.get("/users/1?secret=1")
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "cachecar.access"]
+    assert [(line["outcome"], line["cache"], line["status"]) for line in lines] == [
+        ("miss", "MISS", 200),
+        ("hit_l1", "HIT-L1", 200),
+    ]
+    assert lines[0]["route"] == USERS
+    assert lines[0]["method"] == "GET"
+    assert lines[0]["path"] == "/users/1"  # never the query: it may carry secrets
+    assert lines[0]["duration_ms"] >= 0
+
+
+async def test_no_access_log_unless_asked(
+    make_proxy: MakeProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    proxy = await make_proxy()
+    with caplog.at_level(logging.INFO, logger="cachecar.access"):
+        await proxy.get("/users/1")
+    assert [r for r in caplog.records if r.name == "cachecar.access"] == []
