@@ -101,6 +101,7 @@ class Runtime:
             access_log=settings.server.access_log,
             write_behind=write_behind,
         )
+        metrics.routes([route.name for route in router.routes if route.cached])
         metrics.watch(
             l1, l2=l2 is not None, queue=write_behind.queue if write_behind is not None else None
         )

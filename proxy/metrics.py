@@ -38,6 +38,7 @@ logger = logging.getLogger("cachecar.metrics")
 METHODS = frozenset({"GET", "HEAD", "PUT", "PATCH", "POST", "DELETE", "OPTIONS"})
 L2_OPS = ("get", "set", "replace", "delete", "decode")
 FLUSH_RESULTS = ("ok", "retry", "dead")
+READ_OUTCOMES = ("hit_l1", "hit_l2", "miss", "stale", "write")  # the outcomes of a cached route
 
 # A hit answers in well under a millisecond, an origin fetch in tens of them.
 REQUEST_BUCKETS = (
@@ -155,6 +156,18 @@ class Metrics:
         self._queue_stats: QueueStats | None = None
         self._queue_available = False
         self._breaker_open = False
+
+    def routes(self, cached: list[str]) -> None:
+        """Create the series of each cached route's outcomes at 0.
+
+        Every series of a ratio then starts at one scrape together, so ``rate`` extrapolates
+        numerator and denominator alike: the PromQL hit ratio of a known sequence is exact.
+        """
+        for route in cached:
+            for outcome in READ_OUTCOMES:
+                self._child(self._duration, route, outcome)
+            self._child(self._coalesced, route)
+        self._child(self._duration, UNMATCHED, "bypass")
 
     # -- what the proxy reports ------------------------------------------------------------------
 
