@@ -25,7 +25,13 @@ from tests.ports import free_port
 
 CACHECAR = str(Path(sys.executable).parent / "cachecar")
 
-pytestmark = pytest.mark.e2e
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test in this directory e2e (pytestmark in a conftest marks nothing)."""
+    here = Path(__file__).parent
+    for item in items:
+        if here in item.path.parents:
+            item.add_marker(pytest.mark.e2e)
 
 
 @dataclass
