@@ -120,9 +120,11 @@ class Window:
             bucket.origin_errors += 1
 
     def complete(self, now: float, span: int) -> list[_Second]:
-        """The buckets of the last ``span`` complete seconds before ``now``."""
+        """The last ``span`` complete seconds before ``now`` (since the start), quiet ones too."""
         current = int(now)
-        return [s for s in self._seconds if current - span <= s.second < current]
+        first = max(current - span, int(self.started))
+        kept = {s.second: s for s in self._seconds}
+        return [kept.get(second) or _Second(second) for second in range(first, current)]
 
     def snapshot(self, now: float) -> dict[str, Any]:
         minute = self.complete(now, WINDOW)

@@ -49,7 +49,23 @@ def test_a_clock_stepped_back_keeps_counting_in_the_newest_second() -> None:
     window.request("hit_l1", 0.001, now=10.5)
     window.request("hit_l1", 0.001, now=9.5)  # NTP stepped the clock back
     snapshot = window.snapshot(now=11.0)
-    assert [(p["t"], p["requests"]["hit_l1"]) for p in snapshot["history"]] == [(10, 2)]
+    assert [(p["t"], p["requests"]["hit_l1"]) for p in snapshot["history"]][-2:] == [
+        (9, 0),
+        (10, 2),
+    ]
+
+
+def test_quiet_seconds_are_points_of_no_traffic() -> None:
+    window = Window(started=100.0)
+    window.request("hit_l1", 0.001, now=100.5)
+    window.request("hit_l1", 0.001, now=103.5)
+    history = window.snapshot(now=104.0)["history"]
+    assert [(p["t"], p["requests"]["hit_l1"]) for p in history] == [
+        (100, 1), (101, 0), (102, 0), (103, 1),
+    ]  # fmt: skip
+    assert history[1]["hit_ratio"] == {"overall": None, "l1": None, "l2": None}
+    assert history[1]["latency_seconds"] is None
+    assert len(window.snapshot(now=500.0)["history"]) == 60  # a minute, never more
 
 
 def test_origin_errors_are_counted_apart() -> None:
