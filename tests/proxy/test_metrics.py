@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 
 import pytest
 from aiohttp import web
@@ -380,7 +381,7 @@ async def test_stats_window_reports_the_last_minute_second_by_second(
     empty = await (await admin.get("/admin/stats")).json()
     assert empty["hit_ratio"]["overall"] == {"last_minute": None, "since_start": None}
     assert empty["latency_seconds"]["all"] is None
-    assert empty["history"] == []
+    assert empty["history"] == []  # no second has passed yet
 
     clock.advance(1)
     await proxy.get("/users/1")  # miss
@@ -388,19 +389,21 @@ async def test_stats_window_reports_the_last_minute_second_by_second(
     clock.advance(1)
     for _ in range(3):
         await proxy.get("/users/1")
-    clock.advance(1)  # both seconds are complete now
+    clock.advance(1)  # the seconds with traffic are complete now
     stats = await (await admin.get("/admin/stats")).json()
-    assert [point["requests"]["hit_l1"] for point in stats["history"]] == [1, 3]
-    assert [point["requests"]["miss"] for point in stats["history"]] == [1, 0]
-    assert [point["hit_ratio"]["overall"] for point in stats["history"]] == [0.5, 1.0]
-    assert [point["origin_requests"] for point in stats["history"]] == [1, 0]
+    # The first second (the proxy starting) was quiet: a point of no traffic.
+    assert [point["requests"]["hit_l1"] for point in stats["history"]] == [0, 1, 3]
+    assert [point["requests"]["miss"] for point in stats["history"]] == [0, 1, 0]
+    assert [point["hit_ratio"]["overall"] for point in stats["history"]] == [None, 0.5, 1.0]
+    assert [point["origin_requests"] for point in stats["history"]] == [0, 1, 0]
     assert stats["hit_ratio"]["overall"]["last_minute"] == 4 / 5
     assert stats["requests_per_second"]["hit_l1"] == 4 / 3  # 3 seconds since start
     assert set(stats["latency_seconds"]["hit_l1"]) == {"p50", "p95", "p99"}
 
     clock.advance(61)  # the minute has passed; since-start stays
     later = await (await admin.get("/admin/stats")).json()
-    assert later["history"] == []
+    assert len(later["history"]) == 60
+    assert sum(point["requests"]["hit_l1"] for point in later["history"]) == 0
     assert later["hit_ratio"]["overall"] == {"last_minute": None, "since_start": 4 / 5}
     assert later["requests_per_second"]["total"] == 0
 
@@ -431,3 +434,19 @@ async def test_no_access_log_unless_asked(
     with caplog.at_level(logging.INFO, logger="cachecar.access"):
         await proxy.get("/users/1")
     assert [r for r in caplog.records if r.name == "cachecar.access"] == []
+
+
+async def test_dashboard_page_is_served_whole_with_nothing_to_fetch_elsewhere(
+    make_proxy: MakeProxy, aiohttp_client: AiohttpClient
+) -> None:
+    admin = await admin_of(aiohttp_client, await make_proxy())
+    response = await admin.get("/dashboard")
+    assert response.status == 200
+    assert response.content_type == "text/html"
+    assert response.headers["Cache-Control"] == "no-store"
+    page = await response.text()
+    assert "admin/stats" in page
+    # No script, style, font or image from elsewhere: it works offline (the Chromium test
+    # checks the requests the page really makes).
+    assert re.findall(r"""(?:src|href)\s*=\s*["']?(?:https?:)?//""", page) == []
+    assert re.findall(r"@import|url\(\s*[\"']?(?:https?:)?//", page) == []
