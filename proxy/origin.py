@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,27 +108,14 @@ class OriginClient:
         route: str | None = None,
     ) -> OriginResponse:
         """The whole response, within ``upstream.timeout``."""
-        started = time.perf_counter()
-        status = "unreachable"
-        try:
+        with self._call(method, route) as call:
             async with asyncio.timeout(self._timeout):
                 async with self._session.request(
                     method, url, headers=headers, data=data, allow_redirects=False
                 ) as response:
-                    status = str(response.status)
+                    call.status = str(response.status)
                     body = await response.read()
                     return OriginResponse(response.status, response.headers, body)
-        except TimeoutError as exc:
-            status = "timeout"
-            raise OriginTimeout(f"no answer within {self._timeout:g}s") from exc
-        except aiohttp.ClientError as exc:
-            raise _unreachable(exc) from exc
-        except asyncio.CancelledError:
-            route = None  # the caller gave up: no figure about the origin in that
-            raise
-        finally:
-            if route is not None:
-                self._on_origin(route, method, status, time.perf_counter() - started)
 
     @contextlib.asynccontextmanager
     async def stream(
@@ -141,9 +128,7 @@ class OriginClient:
         route: str | None = None,
     ) -> AsyncIterator[aiohttp.ClientResponse]:
         """The response as it arrives; errors before its head are ``OriginError``."""
-        started = time.perf_counter()
-        status = "unreachable"
-        try:
+        with self._call(method, route) as call:
             response = await self._session.request(
                 method,
                 url,
@@ -152,22 +137,30 @@ class OriginClient:
                 allow_redirects=False,
                 timeout=self._stream_timeout,
             )
-            status = str(response.status)
-        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-            status = "timeout"
-            raise OriginTimeout(f"no answer within {self._timeout:g}s") from exc
-        except aiohttp.ClientError as exc:
-            raise _unreachable(exc) from exc
-        except asyncio.CancelledError:
-            route = None  # the caller gave up: no figure about the origin in that
-            raise
-        finally:
-            if route is not None:
-                self._on_origin(route, method, status, time.perf_counter() - started)
+            call.status = str(response.status)
         try:
             yield response
         finally:
             response.release()
+
+    @contextlib.contextmanager
+    def _call(self, method: str, route: str | None) -> Iterator[_Call]:
+        """aiohttp's failures as ``OriginError``; the call reported when it has a ``route``."""
+        call = _Call()
+        started = time.perf_counter()
+        try:
+            yield call
+        except TimeoutError as exc:  # aiohttp's ServerTimeoutError is one too
+            call.status = "timeout"
+            raise OriginTimeout(f"no answer within {self._timeout:g}s") from exc
+        except aiohttp.ClientError as exc:
+            raise _unreachable(exc) from exc
+        except asyncio.CancelledError:
+            route = None  # the caller gave up: that says nothing about the origin
+            raise
+        finally:
+            if route is not None:
+                self._on_origin(route, method, call.status, time.perf_counter() - started)
 
     async def probe(self, path: str) -> str | None:
         """None when the origin answers ``path`` below 500; else what is wrong."""
@@ -181,6 +174,11 @@ class OriginClient:
 
     async def aclose(self) -> None:
         await self._session.close()
+
+
+@dataclass(slots=True)
+class _Call:
+    status: str = "unreachable"  # until the origin's response head says otherwise
 
 
 def _unreachable(exc: aiohttp.ClientError) -> OriginUnreachable:

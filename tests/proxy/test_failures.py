@@ -8,6 +8,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from proxy.app import RUNTIME
 from tests.fakes import RecordingObserver
 from tests.ports import free_port, silent_port
 from tests.proxy.conftest import MakeProxy, Origin
@@ -39,6 +40,11 @@ async def test_an_origin_slower_than_upstream_timeout_is_a_504_with_a_json_body(
     response = await proxy.get(path)
     assert response.status == 504
     assert await response.json() == {"error": "origin timeout", "detail": "no answer within 1s"}
+    route = "/users/{id}" if path == "/users/1" else "/raw/{id}"
+    timeouts = proxy.app[RUNTIME].metrics.registry.get_sample_value(
+        "cachecar_origin_requests_total", {"route": route, "method": "GET", "status": "timeout"}
+    )
+    assert timeouts == 1
 
 
 async def test_an_origin_that_breaks_off_a_streamed_answer_is_not_passed_off_as_complete(
