@@ -13,7 +13,8 @@ import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable, Iterator, Sequence
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +89,17 @@ def spawn(tmp_path: Path) -> Iterator[Spawn]:
         if process.popen.poll() is None:
             process.popen.kill()
             process.popen.wait()
+
+
+async def until(
+    done: Callable[[], Awaitable[bool]], what: str, within: float = 10.0, every: float = 0.05
+) -> None:
+    """Poll ``done`` until it is true; fail naming ``what`` after ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while not await done():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {within}s: {what}")
+        await asyncio.sleep(every)
 
 
 async def wait_http(url: str, process: Process, within: float = 20) -> None:

@@ -23,7 +23,7 @@ import signal
 import subprocess
 import textwrap
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ import yaml
 from redis.asyncio import Redis
 
 from tests.conftest import IN_CI
-from tests.e2e.conftest import Config, Process, Spawn, start_origin, start_proxy, wait_http
+from tests.e2e.conftest import Config, Process, Spawn, start_origin, start_proxy, until, wait_http
 from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -328,16 +328,6 @@ def start_prometheus(
         ],
     )
     return Prometheus(f"http://127.0.0.1:{port}", process, session)
-
-
-async def until(
-    done: Callable[[], Awaitable[bool]], what: str, within: float = 10.0, every: float = 0.2
-) -> None:
-    deadline = time.monotonic() + within
-    while not await done():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {within}s: {what}")
-        await asyncio.sleep(every)
 
 
 class Traffic:

@@ -11,7 +11,6 @@ import itertools
 import json
 import signal
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ import aiohttp
 import pytest
 from redis.asyncio import Redis
 
-from tests.e2e.conftest import Config, Proxy, Spawn, start_origin, start_proxy, write_config
+from tests.e2e.conftest import Config, Proxy, Spawn, start_origin, start_proxy, until, write_config
 from tests.ports import free_port
 
 FAST = "write_behind: {flush_interval: 200ms}\n"
@@ -94,17 +93,6 @@ def lagging(by_path: dict[str, list[dict[str, Any]]], acked: dict[str, bytes]) -
         for path, body in acked.items()
         if not by_path.get(path) or by_path[path][-1]["body"].encode() != body
     ]
-
-
-async def until(
-    done: Callable[[], Awaitable[bool]], what: str, within: float = 10.0, every: float = 0.05
-) -> None:
-    """Poll ``done`` until it is true; fail naming ``what`` after ``within`` seconds."""
-    deadline = time.monotonic() + within
-    while not await done():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {within}s: {what}")
-        await asyncio.sleep(every)
 
 
 async def reaches_origin(
