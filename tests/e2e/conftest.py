@@ -71,14 +71,21 @@ Spawn = Callable[..., Process]
 
 @pytest.fixture
 def spawn(tmp_path: Path) -> Iterator[Spawn]:
-    """``spawn(name, args)`` runs ``args`` with output to ``tmp_path/name.log``."""
+    """``spawn(name, args)`` runs ``args`` with its output to ``tmp_path/name.log``."""
     started: list[Process] = []
 
-    def start(name: str, args: Sequence[str], cwd: Path | None = None) -> Process:
+    def start(
+        name: str, args: Sequence[str], cwd: Path | None = None, stdout: Path | None = None
+    ) -> Process:
+        """With ``stdout``, standard output goes there and only stderr to the log."""
         log = tmp_path / f"{name}.log"
-        with log.open("wb") as out:
+        with log.open("wb") as out, (stdout or Path(os.devnull)).open("wb") as apart:
             popen = subprocess.Popen(
-                list(args), stdout=out, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True
+                list(args),
+                stdout=out if stdout is None else apart,
+                stderr=subprocess.STDOUT if stdout is None else out,
+                cwd=cwd,
+                start_new_session=True,
             )
         process = Process(name, popen, log)
         started.append(process)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 from redis.asyncio import Redis
 
 from tests.e2e.conftest import (
+    CACHECAR,
     Spawn,
     start_origin,
     start_proxy,
@@ -160,3 +162,32 @@ async def test_cachecar_starts_without_redis(spawn: Spawn, tmp_path: Path) -> No
     status, _, body = await get(proxy.admin + "/readyz")
     assert status == 503
     assert b'"l2"' in body
+
+
+async def test_the_access_log_is_json_lines_on_stdout_apart_from_the_diagnostics(
+    spawn: Spawn, tmp_path: Path
+) -> None:
+    origin = await start_origin(spawn)
+    await origin.put("/users/1", {"name": "ada"})
+    config = write_config(tmp_path / "c.yaml", origin.url)
+    text = config.path.read_text().replace(
+        "shutdown_grace: 5s}", "shutdown_grace: 5s, access_log: true}"
+    )
+    config.path.write_text(text)
+    out = tmp_path / "stdout"
+    proxy = spawn("proxy", [CACHECAR, "serve", "-c", str(config.path)], stdout=out)
+    await wait_http(config.admin + "/healthz", proxy)
+    assert (await get(config.url + "/users/1"))[1] == "MISS"
+    assert (await get(config.url + "/users/1?x=1"))[1] == "MISS"
+    assert (await get(config.url + "/users/1"))[1] == "HIT-L1"
+    assert proxy.stop() == 0
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(line["path"], line["outcome"], line["status"]) for line in lines] == [
+        ("/users/1", "miss", 200),
+        ("/users/1", "miss", 200),
+        ("/users/1", "hit_l1", 200),
+    ]
+    assert {line["route"] for line in lines} == {"/users/{id}"}
+    diagnostics = proxy.output()  # stderr
+    assert "stopped" in diagnostics
+    assert '"outcome"' not in diagnostics
