@@ -35,7 +35,7 @@ from cache.tiered import Loaded, Loader, Lookup, Source, TieredCache
 from cache.write_behind import WriteBehind
 from proxy import headers as forwarding
 from proxy.metrics import Metrics
-from proxy.origin import OriginClient, OriginError
+from proxy.origin import OriginClient, OriginError, RequestBodyError
 from proxy.paths import BadPath, normalize_path
 from proxy.policy import bypass_reason, decide, delta_seconds, not_modified
 from proxy.routes import UNMATCHED, Mode, Route, Router
@@ -62,8 +62,15 @@ _KEEP_ON_304 = forwarding.NOT_MODIFIED_HEADERS | {"x-cache", "cache-status", "ag
 OnAnswer = Callable[[int | None], Awaitable[None]]
 
 
-class BodyTooLarge(Exception):
+class BodyTooLarge(RequestBodyError):
     """A request body past ``server.max_body``, found while streaming it."""
+
+
+class ClientGone(Exception):
+    """The client went away before its request was whole; nothing reached the origin whole."""
+
+
+CLIENT_GONE = 499  # nginx's "client closed request": the status counted and logged
 
 
 class Proxy:
@@ -95,39 +102,50 @@ class Proxy:
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
+        path, _, query = request.raw_path.partition("?")
         route: Route | None = None
-        status = 500  # what aiohttp answers when a handler raises
         response: web.StreamResponse | None = None
         try:
-            route, response = await self._dispatch(request)
-            status = response.status
+            try:
+                path = normalize_path(path)
+            except BadPath as exc:
+                response = error_response(400, "bad request path", str(exc), BYPASS_ROUTE)
+                return response
+            found = self._router.match(path)
+            route, params = found if found is not None else (None, {})
+            try:
+                response = await self._dispatch(request, route, params, path, query)
+            except ClientGone as exc:
+                # Nobody is left to answer; counted (and logged) as nginx does, 499.
+                response = error_response(
+                    CLIENT_GONE, "client closed request", str(exc), BYPASS_METHOD
+                )
             return response
         finally:
             if response is not None or not _cancelled():
+                status = response.status if response is not None else 500  # aiohttp's answer
                 self._report(request, route, status, response, time.perf_counter() - started)
 
-    async def _dispatch(self, request: web.Request) -> tuple[Route | None, web.StreamResponse]:
-        path, _, query = request.raw_path.partition("?")
-        try:
-            path = normalize_path(path)
-        except BadPath as exc:
-            return None, error_response(400, "bad request path", str(exc), BYPASS_ROUTE)
-        found = self._router.match(path)
-        if found is None:
-            return None, await self._pass(request, None, path, query, BYPASS_ROUTE)
-        route, params = found
+    async def _dispatch(
+        self,
+        request: web.Request,
+        route: Route | None,
+        params: dict[str, str],
+        path: str,
+        query: str,
+    ) -> web.StreamResponse:
+        if route is None or not route.cached:
+            return await self._pass(request, route, path, query, BYPASS_ROUTE)
         method = request.method
-        if not route.cached:
-            return route, await self._pass(request, route, path, query, BYPASS_ROUTE)
         if method in READS:
             reason = bypass_reason(request.headers, route)
             if reason is not None:
                 detail = f"{BYPASS_ROUTE}; detail={reason}"
-                return route, await self._pass(request, route, path, query, detail)
-            return route, await self._read(request, route, params, path, query)
+                return await self._pass(request, route, path, query, detail)
+            return await self._read(request, route, params, path, query)
         if method in WRITES:
-            return route, await self._write(request, route, params, path, query)
-        return route, await self._pass(request, route, path, query, BYPASS_METHOD)
+            return await self._write(request, route, params, path, query)
+        return await self._pass(request, route, path, query, BYPASS_METHOD)
 
     def _report(
         self,
@@ -180,8 +198,8 @@ class Proxy:
             lookup = await self._cache.get(key, variant, l1_ttl=route.l1_ttl, loader=loader)
         except OriginError as exc:
             return error_response(exc.status, exc.title, str(exc), "cachecar; fwd=miss", "MISS")
-        if lookup.coalesced:
-            self._metrics.coalesced(route.name)
+        if lookup.coalesced and lookup.source is Source.LOADER:
+            self._metrics.coalesced(route.name)  # waited for another request's origin fetch
         return self._answer(request, lookup)
 
     async def _load(self, request: web.Request, route: Route, path: str, query: str) -> Loaded:
@@ -368,6 +386,8 @@ class Proxy:
             return await request.read()
         except web.HTTPRequestEntityTooLarge:
             return None
+        except Exception as exc:  # the connection's reader failing: the client's doing
+            raise ClientGone(f"the request body broke off: {type(exc).__name__}") from exc
 
     # -- passing through -------------------------------------------------------------------------
 
@@ -385,20 +405,17 @@ class Proxy:
         if length is not None and length > self._max_body:
             return self._too_large(cache_status)
         sent = forwarding.forward_uncached(request.headers, request.remote, request.scheme)
-        data: object = None
-        limited: _LimitedBody | None = None
+        body: _ClientBody | None = None
         if request.body_exists:
+            body = _ClientBody(request.content, self._max_body)
             if length is not None:
                 sent["Content-Length"] = str(length)
-                data = request.content
-            else:
-                data = limited = _LimitedBody(request.content, self._max_body)
         try:
             async with self._origin.stream(
                 request.method,
                 self._origin.url(path, query),
                 sent,
-                data,
+                body,
                 route=route.name if route is not None else UNMATCHED,
             ) as upstream:
                 if on_answer is not None:
@@ -407,8 +424,10 @@ class Proxy:
         except OriginError as exc:
             if on_answer is not None:
                 await on_answer(None)
-            if limited is not None and limited.exceeded:
+            if body is not None and body.exceeded:
                 return self._too_large(cache_status)
+            if body is not None and body.broken:
+                raise ClientGone("the request body broke off while it was being forwarded") from exc
             return error_response(exc.status, exc.title, str(exc), cache_status)
 
     async def _relay(
@@ -421,7 +440,10 @@ class Proxy:
         await response.prepare(request)
         try:
             async for chunk in upstream.content.iter_any():
-                await response.write(chunk)
+                try:
+                    await response.write(chunk)
+                except ConnectionResetError:
+                    return response  # the client went away: nothing left to relay to
         except aiohttp.ClientError as exc:
             # The head is sent: no error status is possible any more. Cut the connection so the
             # client sees a truncated answer as truncated, never as complete.
@@ -441,24 +463,35 @@ class Proxy:
         )
 
 
-class _LimitedBody:
-    """A request body without Content-Length, cut off once it passes ``limit``.
+class _ClientBody:
+    """A request body streamed to the origin, cut off once it passes ``limit``.
 
-    aiohttp reports the cut as its own client error; ``exceeded`` says it was this limit.
+    aiohttp reports any failure of the body as its own client error; ``exceeded`` says it was
+    this limit, ``broken`` that the client's side failed (gone, or a body shorter than its
+    Content-Length). Either way the origin is not to blame: ``RequestBodyError`` says so.
     """
 
     def __init__(self, content: aiohttp.StreamReader, limit: int) -> None:
         self._content = content
         self._limit = limit
         self.exceeded = False
+        self.broken = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         seen = 0
-        async for chunk in self._content.iter_any():
+        chunks = self._content.iter_any().__aiter__()
+        while True:
+            try:
+                chunk = await chunks.__anext__()
+            except StopAsyncIteration:
+                return
+            except Exception as exc:
+                self.broken = True
+                raise RequestBodyError(f"{type(exc).__name__}: {exc}") from exc
             seen += len(chunk)
             if seen > self._limit:
                 self.exceeded = True
-                raise BodyTooLarge
+                raise BodyTooLarge(f"more than {self._limit} bytes")
             yield chunk
 
 

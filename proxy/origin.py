@@ -29,6 +29,10 @@ class OriginError(Exception):
     title = "origin unreachable"
 
 
+class RequestBodyError(Exception):
+    """The body being sent failed on the client's side: not the origin's failure."""
+
+
 class OriginUnreachable(OriginError):
     """Refused, reset, unresolvable, or an answer that is not HTTP."""
 
@@ -154,6 +158,9 @@ class OriginClient:
             call.status = "timeout"
             raise OriginTimeout(f"no answer within {self._timeout:g}s") from exc
         except aiohttp.ClientError as exc:
+            call.status = "unreachable"  # also when the answer broke off after its head
+            if _caused_by(exc, RequestBodyError):
+                route = None  # the request's body failed: that says nothing about the origin
             raise _unreachable(exc) from exc
         except asyncio.CancelledError:
             route = None  # the caller gave up: that says nothing about the origin
@@ -179,6 +186,18 @@ class OriginClient:
 @dataclass(slots=True)
 class _Call:
     status: str = "unreachable"  # until the origin's response head says otherwise
+
+
+def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+    """Whether ``kind`` is in ``exc``'s chain of causes."""
+    chain: list[BaseException] = []
+    found: BaseException | None = exc
+    while found is not None and found not in chain:
+        if isinstance(found, kind):
+            return True
+        chain.append(found)
+        found = found.__cause__ or found.__context__
+    return False
 
 
 def _unreachable(exc: aiohttp.ClientError) -> OriginUnreachable:
