@@ -154,7 +154,8 @@ class Metrics:
         self._l2_enabled = False
         self._queue: WriteQueue | None = None
         self._queue_stats: QueueStats | None = None
-        self._queue_available = False
+        self._queue_failing = False  # the last read failed (logged once per outage)
+        self._queue_readable: Gauge | None = None  # exported with a write-behind queue only
         self._breaker_open = False
 
     def routes(self, cached: list[str]) -> None:
@@ -235,6 +236,13 @@ class Metrics:
         self._l1 = l1
         self._l2_enabled = l2
         self._queue = queue
+        if queue is not None and self._queue_readable is None:
+            self._queue_readable = Gauge(
+                "cachecar_write_behind_queue_readable",
+                "1 when the last read of the write-behind queue's figures succeeded; while 0 "
+                "the queue gauges hold the last figures read.",
+                registry=self.registry,
+            )
         self._l1_entries.set_function(lambda: l1.entries)
         self._l1_bytes.set_function(lambda: l1.bytes)
 
@@ -245,15 +253,23 @@ class Metrics:
         try:
             stats = await self._queue.stats()
         except (TierUnavailable, CorruptEntry) as exc:
-            if self._queue_available:
+            if not self._queue_failing:
                 logger.warning("write-behind queue figures unavailable: %s", exc)
-            self._queue_available = False
+            self._queue_failing = True
+            self._readable(False)
             return
-        self._queue_available = True
+        if self._queue_failing:
+            logger.info("write-behind queue figures available again")
+        self._queue_failing = False
+        self._readable(True)
         self._queue_stats = stats
         self._queue_depth.set(stats.depth)
         self._queue_age.set(stats.oldest_age)
         self._dead_letters.set(stats.dead)
+
+    def _readable(self, readable: bool) -> None:
+        if self._queue_readable is not None:
+            self._queue_readable.set(1 if readable else 0)
 
     def snapshot(self) -> dict[str, Any]:
         """The ``/admin/stats`` document (call ``refresh`` first for fresh queue figures)."""
@@ -283,7 +299,7 @@ class Metrics:
             },
             "write_behind": {
                 "enabled": self._queue is not None,
-                "available": self._queue is not None and self._queue_available,
+                "available": self._queue_stats is not None and not self._queue_failing,
                 "queue_depth": queue.depth if queue else 0,
                 "oldest_pending_age_seconds": queue.oldest_age if queue else 0.0,
                 "dead_letters": queue.dead if queue else 0,
