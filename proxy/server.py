@@ -10,10 +10,14 @@ SIGTERM/SIGINT: stop accepting -> finish in-flight requests within server.shutdo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import signal
 import sys
+import threading
 from importlib.metadata import version
+from queue import Full, Queue
 
 from aiohttp import web
 from prometheus_client import disable_created_metrics
@@ -42,8 +46,13 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
 
     # One series per metric: the *_created timestamps only double what a scrape transfers.
     disable_created_metrics()  # type: ignore[no-untyped-call]
-    if settings.server.access_log:
-        _log_access_to_stdout()
+    with _AccessLog() if settings.server.access_log else contextlib.nullcontext():
+        await _run(settings, stop)
+    logger.info("stopped")
+
+
+async def _run(settings: Settings, stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
     grace = settings.server.shutdown_grace
     proxy_app = build_proxy_app(settings)
     proxy_runner = web.AppRunner(proxy_app, access_log=None, shutdown_timeout=grace)
@@ -68,7 +77,6 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
     finally:
         await admin_runner.cleanup()
         await proxy_runner.cleanup()
-    logger.info("stopped")
 
 
 def _announce(settings: Settings, routes: int, write_behind: bool) -> None:
@@ -102,17 +110,59 @@ def _announce(settings: Settings, routes: int, write_behind: bool) -> None:
         )
 
 
-def _log_access_to_stdout() -> None:
-    """The access log: its JSON lines alone on stdout, apart from the diagnostics on stderr."""
-    access = logging.getLogger("cachecar.access")
-    if _ACCESS_HANDLER not in access.handlers:
-        _ACCESS_HANDLER.setFormatter(logging.Formatter("%(message)s"))
-        access.addHandler(_ACCESS_HANDLER)
-    access.setLevel(logging.INFO)
-    access.propagate = False
+class _AccessLog(logging.Handler):
+    """The access log: JSON lines alone on stdout, apart from the diagnostics on stderr.
 
+    A thread of its own writes them to a copy of stdout's descriptor, so a stdout nobody reads
+    (a stalled log shipper, a full pipe) never blocks the event loop, nor the exit: past
+    ``MAX_BACKLOG`` waiting lines, new ones are dropped and counted.
+    """
 
-_ACCESS_HANDLER = logging.StreamHandler(sys.stdout)
+    MAX_BACKLOG = 10_000
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dropped = 0
+        self._lines: Queue[bytes | None] = Queue(self.MAX_BACKLOG)
+        self._fd = os.dup(sys.stdout.fileno())
+        self._writer = threading.Thread(target=self._write, name="access-log", daemon=True)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._lines.put_nowait(record.getMessage().encode() + b"\n")
+        except Full:
+            self.dropped += 1
+
+    def _write(self) -> None:
+        while (line := self._lines.get()) is not None:
+            view = memoryview(line)
+            try:
+                while view:
+                    view = view[os.write(self._fd, view) :]
+            except OSError:  # stdout closed: nothing more can be written
+                self.dropped += 1
+
+    def __enter__(self) -> None:
+        access = logging.getLogger("cachecar.access")
+        access.addHandler(self)
+        access.setLevel(logging.INFO)
+        access.propagate = False
+        self._writer.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        logging.getLogger("cachecar.access").removeHandler(self)
+        with contextlib.suppress(Full):
+            self._lines.put_nowait(None)
+        self._writer.join(timeout=1.0)  # what is still waiting, if stdout takes it
+        stuck = self._writer.is_alive()
+        if not stuck:
+            os.close(self._fd)
+        if self.dropped or stuck:
+            logger.warning(
+                "access log: %d lines dropped%s (stdout was not read fast enough)",
+                self.dropped,
+                f", {self._lines.qsize()} left unwritten" if stuck else "",
+            )
 
 
 def redact(url: str) -> str:

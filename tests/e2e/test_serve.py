@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 from pathlib import Path
 
@@ -191,3 +192,33 @@ async def test_the_access_log_is_json_lines_on_stdout_apart_from_the_diagnostics
     diagnostics = proxy.output()  # stderr
     assert "stopped" in diagnostics
     assert '"outcome"' not in diagnostics
+
+
+async def test_an_access_log_nobody_reads_never_stalls_the_proxy(
+    spawn: Spawn, tmp_path: Path
+) -> None:
+    origin = await start_origin(spawn)
+    await origin.put("/users/1", {"name": "ada"})
+    config = write_config(tmp_path / "c.yaml", origin.url)
+    text = config.path.read_text().replace(
+        "shutdown_grace: 5s}", "shutdown_grace: 5s, access_log: true}"
+    )
+    config.path.write_text(text)
+    unread, stdout = os.pipe()  # a pipe holds 64 KiB: a few hundred lines, then it is full
+    try:
+        proxy = spawn(
+            "proxy", [CACHECAR, "serve", "-c", str(config.path)], stdout=Path(f"/dev/fd/{stdout}")
+        )
+        await wait_http(config.admin + "/healthz", proxy)
+        timeout = aiohttp.ClientTimeout(total=5)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            for _ in range(2000):  # about 400 KiB of log lines
+                async with session.get(config.url + "/users/1") as response:
+                    assert response.status == 200
+            async with session.get(config.admin + "/healthz") as response:
+                assert response.status == 200
+        assert proxy.stop() == 0
+        assert "access log: " in proxy.output()  # the lines it had to drop, counted
+    finally:
+        os.close(unread)
+        os.close(stdout)
