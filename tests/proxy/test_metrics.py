@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
+from collections.abc import AsyncIterator
 
 import pytest
 from aiohttp import web
@@ -15,9 +17,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from pytest_aiohttp import AiohttpClient
 from redis.asyncio import Redis
 
+from cache.errors import TierUnavailable
 from cache.memory import MemoryTier
+from cache.queue import QueueStats
 from proxy.admin import build_admin_app
 from proxy.app import RUNTIME, build_proxy_app
+from proxy.metrics import Metrics
 from tests.fakes import FakeClock, RecordingObserver
 from tests.ports import free_port
 from tests.proxy.conftest import MakeProxy, Origin, raw, settings_for
@@ -48,17 +53,18 @@ DESIGN_METRICS = {
 }
 
 
-def registry_of(proxy: Client) -> CollectorRegistry:
-    return proxy.app[RUNTIME].metrics.registry
+def registry_of(proxy: Client | web.Application) -> CollectorRegistry:
+    app = proxy if isinstance(proxy, web.Application) else proxy.app
+    return app[RUNTIME].metrics.registry
 
 
-def value(proxy: Client, name: str, **labels: str) -> float:
+def value(proxy: Client | web.Application, name: str, **labels: str) -> float:
     """One sample's value; 0 when the series does not exist."""
     found = registry_of(proxy).get_sample_value(name, labels)
     return 0.0 if found is None else found
 
 
-def total(proxy: Client, name: str, **labels: str) -> float:
+def total(proxy: Client | web.Application, name: str, **labels: str) -> float:
     """The sum of every series of ``name`` whose labels include ``labels``."""
     return sum(
         sample.value
@@ -450,3 +456,134 @@ async def test_dashboard_page_is_served_whole_with_nothing_to_fetch_elsewhere(
     # checks the requests the page really makes).
     assert re.findall(r"""(?:src|href)\s*=\s*["']?(?:https?:)?//""", page) == []
     assert re.findall(r"@import|url\(\s*[\"']?(?:https?:)?//", page) == []
+
+
+# -- what is not the origin's failure, and what is not a coalesced fetch -------------------------
+
+
+async def test_a_streamed_body_over_max_body_is_a_413_not_an_origin_error(
+    make_proxy: MakeProxy,
+) -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(8):
+            yield b"x" * 512
+
+    proxy = await make_proxy("server: {max_body: 1KiB}\n")
+    assert (await proxy.post("/raw/upload", data=chunks())).status == 413
+    assert total(proxy, "cachecar_origin_requests_total") == 0
+    assert proxy.app[RUNTIME].metrics.snapshot()["origin"]["errors_total"] == 0
+
+
+@contextlib.asynccontextmanager
+async def served_like_cachecar(app: web.Application) -> AsyncIterator[int]:
+    """``app`` on a port, served as ``cachecar serve`` serves it (handlers never cancelled)."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield port
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_client_that_leaves_mid_upload_is_counted_499_and_nothing_reaches_the_origin(
+    origin: Origin, clock: FakeClock
+) -> None:
+    routes = """
+    routes:
+      - path: /users/{id}
+        key: "users:{id}"
+      - path: /items/{id}
+        key: "items:{id}"
+        mode: write-through
+    """
+    app = build_proxy_app(settings_for(origin, routes=routes), clock=clock)
+    async with served_like_cachecar(app) as port:
+        for path in ("/users/1", "/items/1"):
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(
+                f"PUT {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n".encode()
+                + b"x" * 1000
+            )
+            await writer.drain()
+            await asyncio.sleep(0.2)
+            writer.transport.abort()  # gone, 99,000 bytes short
+        for _ in range(100):
+            if total(app, "cachecar_requests_total") == 2:
+                break
+            await asyncio.sleep(0.05)
+    for route in ("/users/{id}", "/items/{id}"):
+        assert value(app, "cachecar_requests_total", route=route, method="PUT", status="499") == 1
+        assert (
+            value(app, "cachecar_request_duration_seconds_count", route=route, outcome="write") == 1
+        )
+    assert total(app, "cachecar_origin_requests_total") == 0
+    assert [r.method for r in origin.received] == []
+
+
+async def test_an_origin_answer_that_breaks_off_after_its_head_is_an_origin_error(
+    make_proxy: MakeProxy, origin: Origin
+) -> None:
+    async def broken(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Length": "100000"})
+        await response.prepare(request)
+        await response.write(b"x" * 10)
+        assert request.transport is not None
+        request.transport.abort()
+        return response
+
+    origin.handlers["/users/9"] = broken
+    proxy = await make_proxy()
+    assert (await proxy.get("/users/9")).status == 502
+    labels = {"route": USERS, "method": "GET"}
+    assert value(proxy, "cachecar_origin_requests_total", **labels, status="unreachable") == 1
+    assert value(proxy, "cachecar_origin_requests_total", **labels, status="200") == 0
+
+
+async def test_reads_that_wait_on_one_l2_lookup_are_not_coalesced_origin_fetches(
+    make_proxy: MakeProxy, origin: Origin, redis_url: str, key_prefix: str, redis_client: Redis
+) -> None:
+    first = await make_proxy(l2=redis_url, key_prefix=key_prefix)
+    assert (await first.get("/users/1")).headers["X-Cache"] == "MISS"
+    await asyncio.sleep(0.1)  # the L2 fill
+    second = await make_proxy(l2=redis_url, key_prefix=key_prefix)
+    answers = await asyncio.gather(*(second.get("/users/1") for _ in range(20)))
+    assert {a.headers["X-Cache"] for a in answers} == {"HIT-L2"}
+    assert value(second, "cachecar_coalesced_requests_total", route=USERS) == 0
+
+
+class FlakyQueue:
+    """The queue's figures, or a failure while ``up`` is false."""
+
+    def __init__(self) -> None:
+        self.up = False
+
+    async def stats(self) -> QueueStats:
+        if not self.up:
+            raise TierUnavailable("queue stats", "connection refused")
+        return QueueStats(depth=3, oldest_age=1.5, dead=0)
+
+
+async def test_queue_figures_that_cannot_be_read_say_so_and_the_first_failure_is_logged(
+    clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    metrics = Metrics(clock)
+    queue = FlakyQueue()
+    l1 = MemoryTier(max_entries=10, max_bytes=1000, clock=clock)
+    metrics.watch(l1, l2=True, queue=queue)  # type: ignore[arg-type]
+    readable = "cachecar_write_behind_queue_readable"
+    with caplog.at_level(logging.INFO, logger="cachecar.metrics"):
+        await metrics.refresh()  # Redis down since the start
+        await metrics.refresh()
+        assert metrics.registry.get_sample_value(readable) == 0
+        assert metrics.snapshot()["write_behind"]["available"] is False
+        queue.up = True
+        await metrics.refresh()
+    assert metrics.registry.get_sample_value(readable) == 1
+    assert metrics.registry.get_sample_value("cachecar_write_behind_queue_depth") == 3
+    assert metrics.snapshot()["write_behind"]["available"] is True
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == [
+        "write-behind queue figures unavailable",  # once, not once per scrape
+        "write-behind queue figures available again",
+    ]
