@@ -51,7 +51,8 @@ class OriginResponse:
     body: bytes
 
 
-# (route, method, status or "timeout"/"unreachable", seconds until the response head)
+# (route, method, status or "timeout"/"unreachable", seconds: to the whole answer, or to the
+# head of a streamed one)
 OnOrigin = Callable[[str, str, str, float], None]
 
 
