@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 
 from tests.e2e.conftest import (
     CACHECAR,
+    Config,
     Spawn,
     start_origin,
     start_proxy,
@@ -165,9 +166,8 @@ async def test_cachecar_starts_without_redis(spawn: Spawn, tmp_path: Path) -> No
     assert b'"l2"' in body
 
 
-async def test_the_access_log_is_json_lines_on_stdout_apart_from_the_diagnostics(
-    spawn: Spawn, tmp_path: Path
-) -> None:
+async def with_access_log(spawn: Spawn, tmp_path: Path) -> Config:
+    """A config with server.access_log on, in front of an origin holding /users/1."""
     origin = await start_origin(spawn)
     await origin.put("/users/1", {"name": "ada"})
     config = write_config(tmp_path / "c.yaml", origin.url)
@@ -175,6 +175,13 @@ async def test_the_access_log_is_json_lines_on_stdout_apart_from_the_diagnostics
         "shutdown_grace: 5s}", "shutdown_grace: 5s, access_log: true}"
     )
     config.path.write_text(text)
+    return config
+
+
+async def test_the_access_log_is_json_lines_on_stdout_apart_from_the_diagnostics(
+    spawn: Spawn, tmp_path: Path
+) -> None:
+    config = await with_access_log(spawn, tmp_path)
     out = tmp_path / "stdout"
     proxy = spawn("proxy", [CACHECAR, "serve", "-c", str(config.path)], stdout=out)
     await wait_http(config.admin + "/healthz", proxy)
@@ -197,13 +204,7 @@ async def test_the_access_log_is_json_lines_on_stdout_apart_from_the_diagnostics
 async def test_an_access_log_nobody_reads_never_stalls_the_proxy(
     spawn: Spawn, tmp_path: Path
 ) -> None:
-    origin = await start_origin(spawn)
-    await origin.put("/users/1", {"name": "ada"})
-    config = write_config(tmp_path / "c.yaml", origin.url)
-    text = config.path.read_text().replace(
-        "shutdown_grace: 5s}", "shutdown_grace: 5s, access_log: true}"
-    )
-    config.path.write_text(text)
+    config = await with_access_log(spawn, tmp_path)
     unread, stdout = os.pipe()  # a pipe holds 64 KiB: a few hundred lines, then it is full
     try:
         proxy = spawn(
