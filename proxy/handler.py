@@ -8,8 +8,9 @@
            -> answer from the entry: X-Cache, Cache-Status, Age; 304 when the validator matches
       -> PUT/PATCH/POST/DELETE on a cached route -> by the route's mode (see ``proxy.writes``)
 
-Everything passed through is streamed both ways; only a cacheable miss is read whole, because it
-is about to be stored.
+Everything passed through is streamed both ways (``proxy.passthrough``); only a cacheable miss is
+read whole, because it is about to be stored. Each answer is counted once, by its X-Cache, in
+``proxy.metrics`` (and in the access log when it is on).
 """
 
 from __future__ import annotations
@@ -19,10 +20,8 @@ import functools
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 
-import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
@@ -34,12 +33,13 @@ from cache.queue import QueuedWrite
 from cache.tiered import Loaded, Loader, Lookup, Source, TieredCache
 from cache.write_behind import WriteBehind
 from proxy import headers as forwarding
+from proxy.answers import CLIENT_GONE, error_response
 from proxy.metrics import Metrics
-from proxy.origin import OriginClient, OriginError, RequestBodyError
+from proxy.origin import OriginClient, OriginError
+from proxy.passthrough import ClientGone, PassThrough
 from proxy.paths import BadPath, normalize_path
 from proxy.policy import bypass_reason, decide, delta_seconds, not_modified
 from proxy.routes import UNMATCHED, Mode, Route, Router
-from proxy.units import format_size
 from proxy.writes import tombstone, validators_of, written_entry
 
 logger = logging.getLogger("cachecar.proxy")
@@ -58,19 +58,6 @@ WRITTEN = "cachecar; fwd=method; stored"
 _X_CACHE = {Source.L1: "HIT-L1", Source.L2: "HIT-L2", Source.LOADER: "MISS"}
 _OUTCOMES = {"HIT-L1": "hit_l1", "HIT-L2": "hit_l2", "MISS": "miss", "STALE": "stale"}
 _KEEP_ON_304 = forwarding.NOT_MODIFIED_HEADERS | {"x-cache", "cache-status", "age"}
-
-OnAnswer = Callable[[int | None], Awaitable[None]]
-
-
-class BodyTooLarge(RequestBodyError):
-    """A request body past ``server.max_body``, found while streaming it."""
-
-
-class ClientGone(Exception):
-    """The client went away before its request was whole; nothing reached the origin whole."""
-
-
-CLIENT_GONE = 499  # nginx's "client closed request": the status counted and logged
 
 
 class Proxy:
@@ -91,7 +78,7 @@ class Proxy:
         self._access_log = access_log
         self._cache = cache
         self._origin = origin
-        self._max_body = max_body
+        self._passthrough = PassThrough(origin, max_body)
         self._clock = clock
         self._write_behind = write_behind
         self._write_through_locks = KeyLocks()
@@ -135,17 +122,17 @@ class Proxy:
         query: str,
     ) -> web.StreamResponse:
         if route is None or not route.cached:
-            return await self._pass(request, route, path, query, BYPASS_ROUTE)
+            return await self._passthrough(request, _name(route), path, query, BYPASS_ROUTE)
         method = request.method
         if method in READS:
             reason = bypass_reason(request.headers, route)
             if reason is not None:
                 detail = f"{BYPASS_ROUTE}; detail={reason}"
-                return await self._pass(request, route, path, query, detail)
+                return await self._passthrough(request, _name(route), path, query, detail)
             return await self._read(request, route, params, path, query)
         if method in WRITES:
             return await self._write(request, route, params, path, query)
-        return await self._pass(request, route, path, query, BYPASS_METHOD)
+        return await self._passthrough(request, _name(route), path, query, BYPASS_METHOD)
 
     def _report(
         self,
@@ -161,7 +148,7 @@ class Proxy:
         cached_route = route is not None and route.cached
         if outcome == "bypass" and cached_route and request.method in WRITES:
             outcome = "write"
-        name = route.name if route is not None else UNMATCHED
+        name = _name(route)
         self._metrics.request(name, request.method, status, outcome, seconds)
         if self._access_log:
             access_logger.info(
@@ -267,7 +254,9 @@ class Proxy:
             if status is None or 200 <= status < 300:
                 await self._cache.invalidate(key)
 
-        return await self._pass(request, route, path, query, BYPASS_METHOD, on_answer=invalidate)
+        return await self._passthrough(
+            request, _name(route), path, query, BYPASS_METHOD, on_answer=invalidate
+        )
 
     async def _write_through(
         self,
@@ -280,7 +269,7 @@ class Proxy:
     ) -> web.StreamResponse:
         body = await self._body(request)
         if body is None:
-            return self._too_large(BYPASS_METHOD)
+            return self._passthrough.too_large(BYPASS_METHOD)
         sent = forwarding.forward_uncached(request.headers, request.remote, request.scheme)
         # One PUT of a key at a time from here: the cache ends with what the origin got last.
         async with self._write_through_locks.hold(key):
@@ -337,7 +326,7 @@ class Proxy:
         if request.method == "PUT":
             body = await self._body(request)
             if body is None:
-                return self._too_large(BYPASS_METHOD)
+                return self._passthrough.too_large(BYPASS_METHOD)
             entry = written_entry(body, request.headers.get("Content-Type"), now, ttl)
         else:
             entry = tombstone(key, now, ttl)
@@ -389,110 +378,9 @@ class Proxy:
         except Exception as exc:  # the connection's reader failing: the client's doing
             raise ClientGone(f"the request body broke off: {type(exc).__name__}") from exc
 
-    # -- passing through -------------------------------------------------------------------------
 
-    async def _pass(
-        self,
-        request: web.Request,
-        route: Route | None,
-        path: str,
-        query: str,
-        cache_status: str,
-        *,
-        on_answer: OnAnswer | None = None,
-    ) -> web.StreamResponse:
-        length = request.content_length
-        if length is not None and length > self._max_body:
-            return self._too_large(cache_status)
-        sent = forwarding.forward_uncached(request.headers, request.remote, request.scheme)
-        body: _ClientBody | None = None
-        if request.body_exists:
-            body = _ClientBody(request.content, self._max_body)
-            if length is not None:
-                sent["Content-Length"] = str(length)
-        try:
-            async with self._origin.stream(
-                request.method,
-                self._origin.url(path, query),
-                sent,
-                body,
-                route=route.name if route is not None else UNMATCHED,
-            ) as upstream:
-                if on_answer is not None:
-                    await on_answer(upstream.status)
-                return await self._relay(request, upstream, cache_status)
-        except OriginError as exc:
-            if on_answer is not None:
-                await on_answer(None)
-            if body is not None and body.exceeded:
-                return self._too_large(cache_status)
-            if body is not None and body.broken:
-                raise ClientGone("the request body broke off while it was being forwarded") from exc
-            return error_response(exc.status, exc.title, str(exc), cache_status)
-
-    async def _relay(
-        self, request: web.Request, upstream: aiohttp.ClientResponse, cache_status: str
-    ) -> web.StreamResponse:
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-        response.headers.extend(forwarding.to_pass(upstream.headers))
-        response.headers["X-Cache"] = "BYPASS"
-        response.headers["Cache-Status"] = cache_status
-        await response.prepare(request)
-        try:
-            async for chunk in upstream.content.iter_any():
-                try:
-                    await response.write(chunk)
-                except ConnectionResetError:
-                    return response  # the client went away: nothing left to relay to
-        except aiohttp.ClientError as exc:
-            # The head is sent: no error status is possible any more. Cut the connection so the
-            # client sees a truncated answer as truncated, never as complete.
-            logger.warning("origin broke off %s %s: %s", request.method, request.path, exc)
-            if request.transport is not None:
-                request.transport.abort()
-            return response
-        await response.write_eof()
-        return response
-
-    def _too_large(self, cache_status: str) -> web.Response:
-        return error_response(
-            413,
-            "request body too large",
-            f"the body exceeds server.max_body ({format_size(self._max_body)})",
-            cache_status,
-        )
-
-
-class _ClientBody:
-    """A request body streamed to the origin, cut off once it passes ``limit``.
-
-    aiohttp reports any failure of the body as its own client error; ``exceeded`` says it was
-    this limit, ``broken`` that the client's side failed (gone, or a body shorter than its
-    Content-Length). Either way the origin is not to blame: ``RequestBodyError`` says so.
-    """
-
-    def __init__(self, content: aiohttp.StreamReader, limit: int) -> None:
-        self._content = content
-        self._limit = limit
-        self.exceeded = False
-        self.broken = False
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        seen = 0
-        chunks = self._content.iter_any().__aiter__()
-        while True:
-            try:
-                chunk = await chunks.__anext__()
-            except StopAsyncIteration:
-                return
-            except Exception as exc:
-                self.broken = True
-                raise RequestBodyError(f"{type(exc).__name__}: {exc}") from exc
-            seen += len(chunk)
-            if seen > self._limit:
-                self.exceeded = True
-                raise BodyTooLarge(f"more than {self._limit} bytes")
-            yield chunk
+def _name(route: Route | None) -> str:
+    return route.name if route is not None else UNMATCHED
 
 
 def _cancelled() -> bool:
@@ -514,14 +402,3 @@ def _miss_status(lookup: Lookup) -> str:
     if lookup.detail:
         status += f"; detail={lookup.detail}"
     return status
-
-
-def error_response(
-    status: int, error: str, detail: str, cache_status: str, x_cache: str = "BYPASS"
-) -> web.Response:
-    """cachecar's own error answer: a JSON body saying what went wrong."""
-    return web.json_response(
-        {"error": error, "detail": detail},
-        status=status,
-        headers={"X-Cache": x_cache, "Cache-Status": cache_status},
-    )
