@@ -161,6 +161,14 @@ class MemoryTier:
         self._dropped(variants, Eviction.INVALIDATED)
         return True
 
+    async def delete_prefix(self, prefix: str) -> int:
+        """Drop every key starting with ``prefix``; returns how many keys."""
+        with self._store.timer:
+            keys = [key for key in self._store if key.startswith(prefix)]
+            for key in keys:
+                self._dropped(self._store.pop(key), Eviction.INVALIDATED)
+        return len(keys)
+
     async def clear(self) -> int:
         """Drop everything (a replica that may have missed invalidations); returns how many."""
         dropped = self._count

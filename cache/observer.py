@@ -45,6 +45,12 @@ class CacheObserver(Protocol):
     def queued(self, coalesced: bool) -> None:
         """A write-behind write was made durable; ``coalesced``: it replaced an unflushed one."""
 
+    def coherence_changed(self, subscribed: bool) -> None:
+        """This replica started, or stopped, hearing the others' changes (and using L1)."""
+
+    def coherence_lag(self, seconds: float) -> None:
+        """Another replica's change reached this one ``seconds`` after it was announced."""
+
     def flushed(self, result: str) -> None:
         """The flusher sent a write: ``ok``, ``retry`` (will be sent again) or ``dead``."""
 
@@ -70,6 +76,12 @@ class NullObserver:
         pass
 
     def queued(self, coalesced: bool) -> None:
+        pass
+
+    def coherence_changed(self, subscribed: bool) -> None:
+        pass
+
+    def coherence_lag(self, seconds: float) -> None:
         pass
 
     def flushed(self, result: str) -> None:
@@ -107,6 +119,14 @@ class Observers:
     def queued(self, coalesced: bool) -> None:
         for observer in self._all:
             observer.queued(coalesced)
+
+    def coherence_changed(self, subscribed: bool) -> None:
+        for observer in self._all:
+            observer.coherence_changed(subscribed)
+
+    def coherence_lag(self, seconds: float) -> None:
+        for observer in self._all:
+            observer.coherence_lag(seconds)
 
     def flushed(self, result: str) -> None:
         for observer in self._all:

@@ -50,3 +50,15 @@ class Tier(Protocol):
     async def aclose(self) -> None:
         """Release what the tier holds open."""
         ...
+
+
+class LocalTier(Tier, Protocol):
+    """A tier in this process (L1): it can also be emptied, wholly or by key prefix."""
+
+    async def delete_prefix(self, prefix: str) -> int:
+        """Drop every key starting with ``prefix``; returns how many keys."""
+        ...
+
+    async def clear(self) -> int:
+        """Drop everything; returns how many entries."""
+        ...

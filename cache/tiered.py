@@ -27,7 +27,7 @@ import dataclasses
 import enum
 import logging
 from collections import Counter
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -36,7 +36,7 @@ from cache.clock import Clock
 from cache.entry import Entry
 from cache.errors import CorruptEntry, TierUnavailable
 from cache.observer import CacheObserver, Invalidation, NullObserver
-from cache.tier import Stored, Tier
+from cache.tier import LocalTier, Stored, Tier
 
 logger = logging.getLogger("cachecar.cache")
 
@@ -101,13 +101,15 @@ class _Flight:
 class TieredCache:
     def __init__(
         self,
-        l1: Tier,
+        l1: LocalTier,
         l2: Tier | None = None,
         *,
         clock: Clock,
         observer: CacheObserver | None = None,
         breaker: Breaker | None = None,
+        trust_l1: bool = True,
     ) -> None:
+        """``trust_l1=False``: L1 unused until ``trust_l1()`` (coherence not subscribed yet)."""
         self._l1 = l1
         self._l2 = l2
         self._clock = clock
@@ -121,9 +123,14 @@ class TieredCache:
         self._deleting: Counter[str] = Counter()
         self._retrying_deletes = False
         self._l2_ok = True
+        # False while this replica may be missing other replicas' changes (coherence): L1 is
+        # then neither read nor filled.
+        self._l1_trusted = trust_l1
+        # Tells the other replicas which keys this one changed (coherence), once L2 has them.
+        self.announce: Callable[[Sequence[str]], Awaitable[None]] | None = None
 
     @property
-    def l1(self) -> Tier:
+    def l1(self) -> LocalTier:
         return self._l1
 
     @property
@@ -146,10 +153,11 @@ class TieredCache:
         ``l1_ttl`` caps how long an entry found in L2 is kept in L1. Errors raised by the loader
         reach every caller waiting for that lookup; tier errors never do.
         """
-        stored = await self._l1.get(key, variant)
-        self._observer.lookup("l1", stored is not None)
-        if stored is not None:
-            return Lookup(stored.entry, Source.L1)
+        if self._l1_trusted:
+            stored = await self._l1.get(key, variant)
+            self._observer.lookup("l1", stored is not None)
+            if stored is not None:
+                return Lookup(stored.entry, Source.L1)
 
         flights = self._flights.get(key)
         flight = flights.get(variant) if flights is not None else None
@@ -194,11 +202,51 @@ class TieredCache:
         self._observer.invalidated(Invalidation.WRITE)
         await self._replace(key, _Written(variant, entry, l1_ttl, l2_ttl, version))
 
-    async def _replace(self, key: str, new: _Written | None) -> None:
+    # -- other replicas' changes (coherence) ----------------------------------------------------
+
+    async def forget(self, keys: Sequence[str]) -> None:
+        """Drop ``keys`` from L1 only: another replica changed them, and L2 already knows."""
+        for key in keys:
+            self._detach(key)
+            await self._l1.delete(key)
+            self._observer.invalidated(Invalidation.REMOTE)
+
+    async def forget_prefix(self, prefix: str) -> None:
+        for key in [key for key in self._flights if key.startswith(prefix)]:
+            self._detach(key)
+        for _ in range(await self._l1.delete_prefix(prefix)):
+            self._observer.invalidated(Invalidation.REMOTE)
+
+    async def distrust_l1(self) -> None:
+        """Stop using L1 (changes may go unheard from now on) and empty it."""
+        self._l1_trusted = False
+        await self._empty_l1()
+
+    async def trust_l1(self) -> None:
+        """Use L1 again, emptied: it may hold what an unheard change dropped."""
+        await self._empty_l1()
+        self._l1_trusted = True
+
+    @property
+    def l1_trusted(self) -> bool:
+        return self._l1_trusted
+
+    async def _empty_l1(self) -> None:
+        # Lookups under way may have read what an unheard change replaced: they answer their
+        # callers but store nothing.
+        for key in list(self._flights):
+            self._detach(key)
+        await self._l1.clear()
+
+    def _detach(self, key: str) -> None:
+        """Running lookups of ``key`` answer whoever waits for them, and store nothing."""
         flights = self._flights.pop(key, None)
         if flights is not None:
             for flight in flights.values():
                 flight.stale = True
+
+    async def _replace(self, key: str, new: _Written | None) -> None:
+        self._detach(key)
         drop = None
         if self._l2 is not None:
             # Until Redis has dropped the key, L2 is not trusted for it: a read arriving in
@@ -231,7 +279,7 @@ class TieredCache:
     ) -> Lookup:
         stored = await self._l2_get(key, variant)
         if stored is not None:
-            if not flight.stale:
+            if not flight.stale and self._l1_trusted:
                 await self._l1.set(key, variant, stored.entry, min(l1_ttl, stored.ttl_left))
             return Lookup(stored.entry, Source.L2)
 
@@ -240,7 +288,7 @@ class TieredCache:
         flight.shared = loaded.shared
         if flight.stale:
             return Lookup(loaded.entry, Source.LOADER, detail=loaded.detail or "invalidated")
-        if loaded.l1_ttl > 0:
+        if loaded.l1_ttl > 0 and self._l1_trusted:
             await self._l1.set(key, variant, loaded.entry, loaded.l1_ttl)
         stored_l2 = loaded.l2_ttl > 0 and self._l2 is not None
         if stored_l2:
@@ -330,10 +378,9 @@ class TieredCache:
             waited = [*self._fills.get(key, ()), *([previous] if previous else [])]
             if waited:
                 await asyncio.wait(waited)
-            if new is None:
-                await self._l2_delete(key)
-            else:
-                await self._l2_replace(key, new)
+            done = await self._l2_delete(key) if new is None else await self._l2_replace(key, new)
+            if done and self.announce is not None:
+                await self.announce([key])
         finally:
             self._deleting[key] -= 1
             if self._deleting[key] <= 0:
@@ -343,10 +390,11 @@ class TieredCache:
         if self._drops.get(key) is task:
             del self._drops[key]
 
-    async def _l2_replace(self, key: str, new: _Written) -> None:
+    async def _l2_replace(self, key: str, new: _Written) -> bool:
+        """True when L2 took the write (or holds a newer one); False when it is remembered."""
         l2 = self._l2
         if l2 is None:
-            return
+            return False
         if self._l2_allowed():
             try:
                 stored = await l2.replace(
@@ -356,23 +404,24 @@ class TieredCache:
                 self._l2_failed(exc)
             except CorruptEntry as exc:
                 self._foreign(key, exc)
-                return
+                return False
             else:
                 self._pending_deletes.discard(key)
                 self._l2_answered()
                 if not stored:
                     # Another replica's newer write holds L2: this one lost, in L1 too.
                     await self._l1.delete(key)
-                return
+                return True
         # L2 may still hold the value this write replaced: never trust it for the key again
         # until it has been dropped there.
         self._remember_delete(key)
+        return False
 
-    async def _l2_delete(self, key: str) -> None:
-        """Drop ``key`` from L2, or remember to as soon as L2 answers."""
+    async def _l2_delete(self, key: str) -> bool:
+        """Drop ``key`` from L2 (True), or remember to as soon as L2 answers (False)."""
         l2 = self._l2
         if l2 is None:
-            return
+            return False
         if self._l2_allowed():
             try:
                 await l2.delete(key)
@@ -381,8 +430,9 @@ class TieredCache:
             else:
                 self._pending_deletes.discard(key)
                 self._l2_answered()
-                return
+                return True
         self._remember_delete(key)
+        return False
 
     def _remember_delete(self, key: str) -> None:
         if len(self._pending_deletes) < MAX_PENDING_DELETES:
@@ -411,6 +461,8 @@ class TieredCache:
                     self._l2_failed(exc)
                     return
                 self._pending_deletes.discard(key)
+                if self.announce is not None:
+                    await self.announce([key])
         finally:
             self._retrying_deletes = False
 

@@ -12,6 +12,7 @@ runtime through the proxy app, so both listeners see one cache.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 from collections.abc import AsyncIterator
 
@@ -20,11 +21,12 @@ from prometheus_client import CollectorRegistry
 
 from cache.breaker import Breaker, breaker_logger
 from cache.clock import Clock, SystemClock
+from cache.coherence import Coherence, listener_client, replica_name
 from cache.flusher import Backoff, Flusher
 from cache.memory import MemoryTier
 from cache.observer import CacheObserver, Observers
 from cache.queue import WriteQueue
-from cache.redis_tier import RedisTier, client_from_url
+from cache.redis_tier import MEMORY_URL, RedisTier, client_from_url
 from cache.tiered import TieredCache
 from cache.write_behind import WriteBehind
 from proxy.handler import Proxy
@@ -46,6 +48,7 @@ class Runtime:
     proxy: Proxy
     write_behind: WriteBehind | None
     metrics: Metrics
+    coherence: Coherence | None
     # When the stop began (loop time): the write-behind drain gets what is left of the grace.
     stopping_since: float | None = None
 
@@ -78,7 +81,21 @@ class Runtime:
             clock=clock,
             on_change=breaker_logger("l2", settings.l2.breaker.reset_after, observer),
         )
-        cache = TieredCache(l1, l2, clock=clock, observer=observer, breaker=breaker)
+        coherent = (
+            settings.coherence.enabled
+            and settings.l2.url is not None
+            and not settings.l2.url.startswith(MEMORY_URL)  # in this process only: no replicas
+        )
+        cache = TieredCache(
+            l1,
+            l2,
+            clock=clock,
+            observer=observer,
+            breaker=breaker,
+            # Until subscribed, another replica's change could go unheard.
+            trust_l1=not coherent,
+        )
+        coherence = _coherence(settings, cache, clock, observer) if coherent else None
         origin = OriginClient.create(
             settings.upstream.url,
             timeout=settings.upstream.timeout,
@@ -103,15 +120,26 @@ class Runtime:
         )
         metrics.routes([route.name for route in router.routes if route.cached])
         metrics.watch(
-            l1, l2=l2 is not None, queue=write_behind.queue if write_behind is not None else None
+            l1,
+            l2=l2 is not None,
+            coherence=coherence is not None,
+            queue=write_behind.queue if write_behind is not None else None,
         )
-        return cls(settings, cache, l2, origin, proxy, write_behind, metrics)
+        return cls(settings, cache, l2, origin, proxy, write_behind, metrics, coherence)
 
-    def start(self) -> None:
+    async def start(self) -> None:
+        if self.coherence is not None:
+            self.coherence.start()
+            # With Redis up, L1 is in use from the first request; without, it waits for Redis.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(SUBSCRIBE_WAIT):
+                    await self.coherence.first_attempt()
         if self.write_behind is not None:
             self.write_behind.start()
 
     async def aclose(self) -> None:
+        if self.coherence is not None:
+            await self.coherence.aclose()
         if self.write_behind is not None:
             grace = self.settings.server.shutdown_grace
             if self.stopping_since is not None:
@@ -119,6 +147,27 @@ class Runtime:
             await self.write_behind.aclose(max(0.0, grace))
         await self.cache.aclose()
         await self.origin.aclose()
+
+
+def _coherence(
+    settings: Settings, cache: TieredCache, clock: Clock, observer: CacheObserver
+) -> Coherence:
+    assert settings.l2.url is not None
+    replica = replica_name()
+    coherence = Coherence(
+        client_from_url(settings.l2.url, timeout=settings.l2.timeout),
+        listener_client(
+            settings.l2.url, name=f"cachecar-coherence-{replica}", timeout=settings.l2.timeout
+        ),
+        settings.coherence.channel,
+        local=cache,
+        clock=clock,
+        timeout=settings.l2.timeout,
+        replica=replica,
+        observer=observer,
+    )
+    cache.announce = coherence.publish
+    return coherence
 
 
 def _write_behind(
@@ -158,6 +207,7 @@ def _write_behind(
 
 
 RUNTIME = web.AppKey("runtime", Runtime)
+SUBSCRIBE_WAIT = 2.0  # seconds a start waits for the coherence subscription
 
 
 def build_proxy_app(
@@ -174,7 +224,7 @@ def build_proxy_app(
     async def runtime(app: web.Application) -> AsyncIterator[None]:
         metrics = Metrics(clock, registry)
         app[RUNTIME] = Runtime.open(settings, clock, metrics, observer)
-        app[RUNTIME].start()
+        await app[RUNTIME].start()
         yield
         await app[RUNTIME].aclose()
 

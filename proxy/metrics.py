@@ -36,7 +36,7 @@ from proxy.stats import OUTCOMES, Window
 logger = logging.getLogger("cachecar.metrics")
 
 METHODS = frozenset({"GET", "HEAD", "PUT", "PATCH", "POST", "DELETE", "OPTIONS"})
-L2_OPS = ("get", "set", "replace", "delete", "decode")
+L2_OPS = ("get", "set", "replace", "delete", "decode", "publish")
 FLUSH_RESULTS = ("ok", "retry", "dead")
 READ_OUTCOMES = ("hit_l1", "hit_l2", "miss", "stale", "write")  # the outcomes of a cached route
 
@@ -46,6 +46,7 @@ REQUEST_BUCKETS = (
     0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
 ORIGIN_BUCKETS = REQUEST_BUCKETS[3:]
+LAG_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 def method_label(method: str) -> str:
@@ -130,6 +131,17 @@ class Metrics:
         self._dead_letters = Gauge(
             "cachecar_write_behind_dead_letters", "Writes the origin refused for good.", registry=r
         )
+        self._coherence = Gauge(
+            "cachecar_coherence_subscribed",
+            "1 while this replica hears the others' changes (and uses its L1); 0 without.",
+            registry=r,
+        )
+        self._coherence_lag = Histogram(
+            "cachecar_coherence_lag_seconds",
+            "Time from another replica announcing a change to this one dropping the key from L1.",
+            buckets=LAG_BUCKETS,
+            registry=r,
+        )
         ProcessCollector(registry=r)  # process_resident_memory_bytes, CPU seconds, open fds
         Gauge(
             "cachecar_build_info", "The running cachecar's version.", ["version"], registry=r
@@ -152,6 +164,8 @@ class Metrics:
         self._totals: CounterOf[str] = CounterOf()
         self._l1: MemoryTier | None = None
         self._l2_enabled = False
+        self._coherence_enabled = False
+        self._coherence_subscribed = False
         self._queue: WriteQueue | None = None
         self._queue_stats: QueueStats | None = None
         self._queue_failing = False  # the last read failed (logged once per outage)
@@ -220,6 +234,13 @@ class Metrics:
     def invalidated(self, source: Invalidation) -> None:
         self._child(self._invalidations, source.value).inc()
 
+    def coherence_changed(self, subscribed: bool) -> None:
+        self._coherence_subscribed = subscribed
+        self._coherence.set(1 if subscribed else 0)
+
+    def coherence_lag(self, seconds: float) -> None:
+        self._coherence_lag.observe(seconds)
+
     def queued(self, coalesced: bool) -> None:
         if coalesced:
             self._wb_coalesced.inc()
@@ -231,10 +252,11 @@ class Metrics:
 
     # -- gauges read when asked for --------------------------------------------------------------
 
-    def watch(self, l1: MemoryTier, *, l2: bool, queue: WriteQueue | None) -> None:
+    def watch(self, l1: MemoryTier, *, l2: bool, coherence: bool, queue: WriteQueue | None) -> None:
         """Read L1's size from ``l1`` and the write-behind gauges from ``queue``."""
         self._l1 = l1
         self._l2_enabled = l2
+        self._coherence_enabled = coherence
         self._queue = queue
         if queue is not None and self._queue_readable is None:
             self._queue_readable = Gauge(
@@ -296,6 +318,10 @@ class Metrics:
                 "enabled": self._l2_enabled,
                 "breaker": "open" if self._breaker_open else "closed",
                 "errors_total": totals["l2_errors"],
+            },
+            "coherence": {
+                "enabled": self._coherence_enabled,
+                "subscribed": self._coherence_subscribed,
             },
             "write_behind": {
                 "enabled": self._queue is not None,

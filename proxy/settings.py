@@ -243,6 +243,11 @@ class RouteSettings(_Section):
         return value
 
 
+class CoherenceSettings(_Section):
+    enabled: bool = True
+    channel: str = Field("cachecar:invalidate", min_length=1)
+
+
 class Settings(_Section):
     server: ServerSettings = ServerSettings()
     admin: AdminSettings = AdminSettings()
@@ -250,7 +255,7 @@ class Settings(_Section):
     l1: L1Settings = L1Settings()
     l2: L2Settings = L2Settings()
     routes: tuple[RouteSettings, ...] = ()
-    coherence: NotYet
+    coherence: CoherenceSettings = CoherenceSettings()
     write_behind: WriteBehindSettings = WriteBehindSettings()
 
     @model_validator(mode="after")

@@ -41,6 +41,8 @@ class RecordingObserver:
         self.writes_queued: Counter[bool] = Counter()
         self.flushes: Counter[str] = Counter()
         self.invalidations: Counter[Invalidation] = Counter()
+        self.subscribed: list[bool] = []
+        self.lags: list[float] = []
 
     def lookup(self, tier: str, hit: bool) -> None:
         self.lookups[tier, hit] += 1
@@ -62,6 +64,12 @@ class RecordingObserver:
 
     def invalidated(self, source: Invalidation) -> None:
         self.invalidations[source] += 1
+
+    def coherence_changed(self, subscribed: bool) -> None:
+        self.subscribed.append(subscribed)
+
+    def coherence_lag(self, seconds: float) -> None:
+        self.lags.append(seconds)
 
 
 class FlakyTier:

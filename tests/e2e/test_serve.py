@@ -19,6 +19,7 @@ from tests.e2e.conftest import (
     start_origin,
     start_proxy,
     start_redis,
+    until,
     wait_http,
     write_config,
 )
@@ -153,17 +154,29 @@ async def test_sigterm_finishes_requests_in_flight(spawn: Spawn, tmp_path: Path)
     assert await asyncio.to_thread(proxy.process.wait) == 0
 
 
-async def test_cachecar_starts_without_redis(spawn: Spawn, tmp_path: Path) -> None:
+async def test_cachecar_starts_without_redis_and_uses_it_once_it_answers(
+    spawn: Spawn, tmp_path: Path
+) -> None:
     origin = await start_origin(spawn)
     await origin.put("/users/1", {})
-    config = write_config(tmp_path / "c.yaml", origin.url, l2=f"redis://127.0.0.1:{free_port()}")
+    redis_port = free_port()
+    config = write_config(tmp_path / "c.yaml", origin.url, l2=f"redis://127.0.0.1:{redis_port}")
     proxy = await start_proxy(spawn, config)
+    # Without Redis it cannot hear other replicas' writes, so L1 waits: the origin answers.
     assert (await get(proxy.url + "/users/1"))[:2] == (200, "MISS")
-    assert (await get(proxy.url + "/users/1"))[:2] == (200, "HIT-L1")
-    await wait_http(proxy.admin + "/healthz", proxy.process)
+    assert (await get(proxy.url + "/users/1"))[:2] == (200, "MISS")
     status, _, body = await get(proxy.admin + "/readyz")
     assert status == 503
     assert b'"l2"' in body
+
+    start_redis(spawn, redis_port)
+
+    async def cached() -> bool:
+        return (await get(proxy.url + "/users/1"))[1] in {"HIT-L1", "HIT-L2"}
+
+    await until(cached, "answers from the cache once Redis is there", within=15)
+    assert (await get(proxy.url + "/users/1"))[1] == "HIT-L1"
+    assert (await get(proxy.admin + "/readyz"))[0] == 200
 
 
 async def with_access_log(spawn: Spawn, tmp_path: Path) -> Config:

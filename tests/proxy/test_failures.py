@@ -69,7 +69,8 @@ async def test_an_origin_that_breaks_off_a_streamed_answer_is_not_passed_off_as_
 async def test_an_l2_on_a_dead_port_changes_nothing_for_clients(
     make_proxy: MakeProxy, origin: Origin, observer: RecordingObserver
 ) -> None:
-    proxy = await make_proxy(l2=f"redis://127.0.0.1:{free_port()}")
+    # A single replica: nobody else's changes to miss, so L1 serves through the outage.
+    proxy = await make_proxy("coherence: {enabled: false}\n", l2=f"redis://127.0.0.1:{free_port()}")
     first = await proxy.get("/users/1")
     second = await proxy.get("/users/1")
     assert (first.status, first.headers["X-Cache"]) == (200, "MISS")
@@ -77,6 +78,17 @@ async def test_an_l2_on_a_dead_port_changes_nothing_for_clients(
     assert (await proxy.put("/users/1", data=b"{}")).status == 200
     assert (await proxy.get("/users/1")).headers["X-Cache"] == "MISS"
     assert observer.errors["l2", "get"] >= 1
+
+
+async def test_with_coherence_and_redis_dead_reads_go_to_the_origin_never_to_l1(
+    make_proxy: MakeProxy, origin: Origin, observer: RecordingObserver
+) -> None:
+    # Other replicas' changes cannot be heard: an L1 copy could be one they replaced.
+    proxy = await make_proxy(l2=f"redis://127.0.0.1:{free_port()}")
+    answers = [await proxy.get("/users/1") for _ in range(3)]
+    assert [(a.status, a.headers["X-Cache"]) for a in answers] == [(200, "MISS")] * 3
+    assert origin.count("/users/1") == 3
+    assert observer.lookups["l1", True] == 0
 
 
 async def test_a_hung_l2_is_cut_off_and_reads_are_served_from_the_origin(

@@ -571,7 +571,7 @@ async def test_queue_figures_that_cannot_be_read_say_so_and_the_first_failure_is
     metrics = Metrics(clock)
     queue = FlakyQueue()
     l1 = MemoryTier(max_entries=10, max_bytes=1000, clock=clock)
-    metrics.watch(l1, l2=True, queue=queue)  # type: ignore[arg-type]
+    metrics.watch(l1, l2=True, coherence=False, queue=queue)  # type: ignore[arg-type]
     readable = "cachecar_write_behind_queue_readable"
     with caplog.at_level(logging.INFO, logger="cachecar.metrics"):
         await metrics.refresh()  # Redis down since the start

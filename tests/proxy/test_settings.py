@@ -93,7 +93,8 @@ def test_an_unset_variable_without_a_default_names_the_variable_and_the_key() ->
         ("l1: {ttll: 30s}", "l1.ttll: unknown key (did you mean 'ttl'?)"),
         (
             "cache: {}",
-            "cache: unknown key (known keys: server, admin, upstream, l1, l2, routes, write_behind)",
+            "cache: unknown key (known keys: server, admin, upstream, l1, l2, routes, coherence, "
+            "write_behind)",
         ),
         (
             "routes: [{path: /a, tag: x}]",
@@ -162,10 +163,6 @@ def test_the_origin_url_must_be_http_with_a_host() -> None:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        (
-            "coherence: {enabled: true}",
-            "coherence: is in the documented contract but not implemented in this version yet",
-        ),
         (
             "routes: [{path: /a, stale_if_error: 10m}]",
             "routes[0].stale_if_error: is in the documented contract but not implemented in this version yet",

@@ -1,0 +1,235 @@
+"""Coherence: every replica's L1 drops a key soon after any replica writes or purges it.
+
+    replica A: write users:1 -> L1 (own) -> L2 replaced -> PUBLISH channel {"r": A, "k": [...]}
+    replica B: subscribed on its own connection -> message from A -> drop users:1 from L1
+                                                -> message from B itself -> ignored
+
+Redis pub/sub, not RESP3 client tracking: one message per write reaches every replica whatever
+keys it holds (tracking would need every L1 key registered with Redis and a connection per
+replica per node), it works on Redis Cluster the same way (a PUBLISH reaches the subscribers of
+every node), and invalidation traffic is one message per write, never per read: fills are
+never announced.
+
+Pub/sub delivers at most once: a replica that is not subscribed misses messages for good. So a
+replica trusts its L1 only while it is subscribed:
+
+    start, or the subscription lost -> L1 cleared and not used (reads go to L2 and the origin)
+    SUBSCRIBE confirmed             -> L1 cleared once more, then used again
+
+The subscription's connection has no retries of its own: a reconnect that redis-py made quietly
+would hide the gap in which messages were lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from cache.clock import Clock
+from cache.errors import TierUnavailable
+from cache.observer import CacheObserver, NullObserver
+from cache.redis_tier import bounded, close_quietly
+
+logger = logging.getLogger("cachecar.coherence")
+
+# Waits between attempts to subscribe again: from RETRY_FIRST doubling to RETRY_MAX.
+RETRY_FIRST = 0.05
+RETRY_MAX = 2.0
+
+
+class Local(Protocol):
+    """What coherence does to this replica's caches (``TieredCache`` is one)."""
+
+    async def forget(self, keys: Sequence[str]) -> None:
+        """Drop ``keys`` from L1 (another replica changed them)."""
+
+    async def forget_prefix(self, prefix: str) -> None:
+        """Drop every key starting with ``prefix`` from L1."""
+
+    async def distrust_l1(self) -> None:
+        """Clear L1 and stop using it: messages may be missed from now on."""
+
+    async def trust_l1(self) -> None:
+        """Clear L1 (it may hold what a missed message dropped) and use it again."""
+
+
+def replica_name() -> str:
+    """This process among the replicas: host, pid, and a random part (pids are reused)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class Coherence:
+    """Publishes this replica's changes and applies the others'."""
+
+    def __init__(
+        self,
+        client: Redis,
+        listener: Callable[[], Redis],
+        channel: str,
+        *,
+        local: Local,
+        clock: Clock,
+        timeout: float,
+        replica: str | None = None,
+        observer: CacheObserver | None = None,
+    ) -> None:
+        """``client`` publishes; ``listener()`` makes the subscription's client (one per try)."""
+        self._client = client
+        self._listener = listener
+        self._channel = channel
+        self._local = local
+        self._clock = clock
+        self._timeout = timeout
+        self.replica = replica or replica_name()
+        self._observer: CacheObserver = observer or NullObserver()
+        self._task: asyncio.Task[None] | None = None
+        self._subscribed = asyncio.Event()
+        self._tried = asyncio.Event()  # the first subscription attempt succeeded or failed
+        self._published_ok = True
+
+    @property
+    def subscribed(self) -> bool:
+        return self._subscribed.is_set()
+
+    async def wait_subscribed(self) -> None:
+        await self._subscribed.wait()
+
+    async def first_attempt(self) -> bool:
+        """Wait for the first try to subscribe to end; True when it worked."""
+        await self._tried.wait()
+        return self.subscribed
+
+    # -- announcing ---------------------------------------------------------------------------
+
+    async def publish(self, keys: Sequence[str]) -> None:
+        """Tell the other replicas that ``keys`` changed (never raises)."""
+        if keys:
+            await self._send({"k": list(keys)})
+
+    async def publish_prefix(self, prefix: str) -> None:
+        await self._send({"p": prefix})
+
+    async def _send(self, change: dict[str, Any]) -> None:
+        message = json.dumps({"r": self.replica, "t": self._clock.time(), **change})
+        try:
+            async with bounded("publish", self._timeout):
+                await self._client.publish(self._channel, message)
+        except TierUnavailable as exc:
+            # The others cannot hear anyone either while Redis is away from them too: they are
+            # unsubscribed and clear their L1 when they are back. Only a partition from this
+            # replica alone leaves their L1 as it was, until its TTL.
+            self._observer.tier_error("l2", "publish")
+            if self._published_ok:
+                logger.warning("cannot announce changes to other replicas: %s", exc.reason)
+            self._published_ok = False
+            return
+        if not self._published_ok:
+            logger.info("announcing changes to other replicas again")
+        self._published_ok = True
+
+    # -- listening ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._listen(), name="coherence")
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        await close_quietly(self._client)
+
+    async def _listen(self) -> None:
+        wait = RETRY_FIRST
+        first = True
+        while True:
+            client = self._listener()
+            pubsub = client.pubsub()
+            try:
+                await pubsub.subscribe(self._channel)
+                async for message in pubsub.listen():
+                    if message["type"] == "subscribe":
+                        await self._local.trust_l1()
+                        self._subscribed.set()
+                        self._tried.set()
+                        self._observer.coherence_changed(True)
+                        wait = RETRY_FIRST
+                        (logger.info if first else logger.warning)(
+                            "listening for other replicas' changes on %r; L1 in use",
+                            self._channel,
+                        )
+                        first = False
+                    elif message["type"] == "message":
+                        await self._apply(message["data"])
+            except (RedisError, OSError) as exc:
+                if self._subscribed.is_set() or first:
+                    logger.warning(
+                        "not subscribed to %r (%s): L1 cleared and unused until subscribed again",
+                        self._channel,
+                        exc,
+                    )
+                    first = False
+            finally:
+                self._tried.set()
+                if self._subscribed.is_set():
+                    self._subscribed.clear()
+                    self._observer.coherence_changed(False)
+                await self._local.distrust_l1()
+                await _close(pubsub, client)
+            await asyncio.sleep(wait)
+            wait = min(wait * 2, RETRY_MAX)
+
+    async def _apply(self, data: bytes | str) -> None:
+        try:
+            change = json.loads(data)
+            if change.get("r") == self.replica:
+                return  # this replica's own change: its caches made it already
+            keys, prefix, sent = change.get("k"), change.get("p"), float(change["t"])
+        except (ValueError, TypeError, KeyError, AttributeError):
+            logger.warning("ignoring a message on %r that is not cachecar's", self._channel)
+            return
+        if isinstance(keys, list):
+            await self._local.forget([str(key) for key in keys])
+        if isinstance(prefix, str):
+            await self._local.forget_prefix(prefix)
+        self._observer.coherence_lag(max(0.0, self._clock.time() - sent))
+
+
+async def _close(pubsub: Any, client: Redis) -> None:
+    try:
+        await asyncio.shield(pubsub.aclose())
+        await asyncio.shield(client.aclose())
+    except (RedisError, OSError):
+        pass
+
+
+def listener_client(url: str, *, name: str, timeout: float) -> Callable[[], Redis]:
+    """Clients for the subscription: named (``CLIENT LIST`` shows whose it is), no retries,
+    no read timeout (a subscription waits as long as nobody writes)."""
+
+    def make() -> Redis:
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        return Redis.from_url(
+            url,
+            client_name=name,
+            socket_connect_timeout=timeout,
+            socket_keepalive=True,
+            retry=Retry(NoBackoff(), 0),
+        )
+
+    return make
+
+
+Announce = Callable[[Sequence[str]], Awaitable[None]]

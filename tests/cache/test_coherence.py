@@ -1,0 +1,190 @@
+"""Coherence over the real Redis: replicas' L1s follow each other's writes and purges."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+import pytest
+from redis.asyncio import Redis
+
+from cache.clock import SystemClock
+from cache.coherence import Coherence, listener_client
+from cache.entry import Entry
+from cache.memory import MemoryTier
+from cache.redis_tier import RedisTier, client_from_url
+from cache.tiered import Loaded, Source, TieredCache
+from tests.fakes import RecordingObserver, until
+from tests.ports import free_port
+
+pytestmark = pytest.mark.redis
+
+CLOCK = SystemClock()
+
+
+@dataclass
+class Replica:
+    name: str
+    cache: TieredCache
+    coherence: Coherence
+    observer: RecordingObserver
+
+    async def read(self, key: str, body: bytes = b"origin") -> tuple[Source, bytes]:
+        async def load() -> Loaded:
+            return Loaded(Entry(200, (), body, CLOCK.time(), 60), l1_ttl=60, l2_ttl=60)
+
+        lookup = await self.cache.get(key, "", l1_ttl=60, loader=load)
+        return lookup.source, lookup.entry.body
+
+    async def write(self, key: str, body: bytes) -> None:
+        entry = Entry(200, (), body, CLOCK.time(), 60)
+        await self.cache.put(key, "", entry, l1_ttl=60, l2_ttl=60)
+
+
+Start = Callable[..., Awaitable[Replica]]
+
+
+@pytest.fixture
+async def start(redis_url: str, key_prefix: str, redis_client: Redis) -> AsyncIterator[Start]:
+    """``await start(name)``: a replica on the real Redis, subscribed on this test's channel."""
+    channel = f"{key_prefix}invalidate"
+    replicas: list[Replica] = []
+
+    async def make(name: str, url: str = redis_url) -> Replica:
+        observer = RecordingObserver()
+        l1 = MemoryTier(max_entries=100, max_bytes=1 << 20, clock=CLOCK, observer=observer)
+        l2 = RedisTier(client_from_url(url, timeout=1.0), key_prefix=key_prefix, timeout=1.0)
+        cache = TieredCache(l1, l2, clock=CLOCK, observer=observer, trust_l1=False)
+        coherence = Coherence(
+            client_from_url(url, timeout=1.0),
+            listener_client(url, name=f"cachecar-coherence-{name}-{uuid.uuid4().hex}", timeout=1.0),
+            channel,
+            local=cache,
+            clock=CLOCK,
+            timeout=1.0,
+            replica=name,
+            observer=observer,
+        )
+        cache.announce = coherence.publish
+        coherence.start()
+        replica = Replica(name, cache, coherence, observer)
+        replicas.append(replica)
+        return replica
+
+    yield make
+    for replica in replicas:
+        await replica.coherence.aclose()
+        await replica.cache.aclose()
+
+
+async def subscribed(*replicas: Replica) -> None:
+    async with asyncio.timeout(5):
+        for replica in replicas:
+            await replica.coherence.wait_subscribed()
+
+
+async def test_a_write_on_one_replica_drops_the_key_from_the_others_l1(start: Start) -> None:
+    a, b = await start("a"), await start("b")
+    await subscribed(a, b)
+    assert await b.read("users:1") == (Source.LOADER, b"origin")
+    assert await b.read("users:1") == (Source.L1, b"origin")
+
+    await a.write("users:1", b"new")
+    await until(lambda: b.observer.lags != [])
+    assert await b.read("users:1") == (Source.L2, b"new")
+    assert 0 <= b.observer.lags[0] < 1.0
+    assert a.observer.lags == []  # its own message is ignored
+
+
+async def test_fills_are_never_announced(start: Start, redis_url: str) -> None:
+    a, b = await start("a"), await start("b")
+    await subscribed(a, b)
+    await b.read("users:1")
+    await a.read("users:1")  # a fill (an L2 hit) on another replica
+    await a.read("users:2")  # a fill from the origin
+    await asyncio.sleep(0.1)
+    assert b.observer.lags == []
+    assert await b.read("users:1") == (Source.L1, b"origin")
+
+
+async def test_an_l1_is_unused_until_subscribed_and_emptied_when_it_is(start: Start) -> None:
+    a = await start("a", url=f"redis://127.0.0.1:{free_port()}")  # never subscribes
+    assert not a.cache.l1_trusted
+    assert (await a.read("users:1"))[0] is Source.LOADER
+    assert (await a.read("users:1"))[0] is Source.LOADER
+    assert a.observer.lookups["l1", True] + a.observer.lookups["l1", False] == 0
+
+
+async def test_a_lost_subscription_clears_l1_and_a_value_overwritten_meanwhile_is_never_served(
+    start: Start, redis_client: Redis
+) -> None:
+    a, b = await start("a"), await start("b")
+    await subscribed(a, b)
+    await b.read("users:1")
+    assert await b.read("users:1") == (Source.L1, b"origin")
+
+    killed = await kill_subscription(redis_client, "cachecar-coherence-b-")
+    assert killed == 1
+    await until(lambda: not b.coherence.subscribed)
+    await a.write("users:1", b"new")  # b cannot hear this
+    source, body = await b.read("users:1")
+    assert (source, body) != (Source.L1, b"origin")
+    assert body == b"new"
+    await until(lambda: b.coherence.subscribed)  # it subscribes again by itself
+    assert b.observer.subscribed == [True, False, True]
+    assert await b.read("users:1") == (Source.L2, b"new")  # L1 was emptied on the way back
+    assert await b.read("users:1") == (Source.L1, b"new")
+
+
+async def test_a_prefix_change_drops_every_matching_key(start: Start) -> None:
+    a, b = await start("a"), await start("b")
+    await subscribed(a, b)
+    for key in ("users:1", "users:2", "items:1"):
+        await b.read(key)
+    await a.coherence.publish_prefix("users:")
+    await until(lambda: b.observer.lags != [])
+    assert (await b.read("users:1"))[0] is not Source.L1
+    assert (await b.read("users:2"))[0] is not Source.L1
+    assert (await b.read("items:1"))[0] is Source.L1
+
+
+async def test_messages_that_are_not_cachecar_s_are_ignored(
+    start: Start, redis_client: Redis, key_prefix: str
+) -> None:
+    b = await start("b")
+    await subscribed(b)
+    await b.read("users:1")
+    for junk in (b"hello", b"[1, 2]", b'{"r": "x"}', b'{"r": "x", "t": "soon", "k": 1}'):
+        await redis_client.publish(f"{key_prefix}invalidate", junk)
+    await asyncio.sleep(0.1)
+    assert b.coherence.subscribed
+    assert await b.read("users:1") == (Source.L1, b"origin")
+
+
+async def kill_subscription(client: Redis, name_prefix: str) -> int:
+    """``CLIENT KILL`` the connections whose name starts with ``name_prefix``."""
+    clients = await client.client_list()
+    ids = [c["id"] for c in clients if c.get("name", "").startswith(name_prefix)]
+    for client_id in ids:
+        await client.client_kill_filter(_id=client_id)
+    return len(ids)
+
+
+async def test_a_lookup_under_way_when_the_change_arrives_stores_nothing(start: Start) -> None:
+    a, b = await start("a"), await start("b")
+    await subscribed(a, b)
+    gate = asyncio.Event()
+
+    async def slow_old_value() -> Loaded:
+        await gate.wait()  # fetched before the write, answered after it
+        return Loaded(Entry(200, (), b"old", CLOCK.time(), 60), l1_ttl=60, l2_ttl=60)
+
+    reading = asyncio.create_task(b.cache.get("users:1", "", l1_ttl=60, loader=slow_old_value))
+    await asyncio.sleep(0.05)
+    await a.write("users:1", b"new")
+    await until(lambda: b.observer.lags != [])
+    gate.set()
+    assert (await reading).entry.body == b"old"  # its caller asked before the write
+    assert await b.read("users:1") == (Source.L2, b"new")
