@@ -61,6 +61,7 @@ server: {{listen: "127.0.0.1:{port}", shutdown_grace: 5s}}
 admin: {{listen: "127.0.0.1:{admin}"}}
 upstream: {{url: "{origin}", timeout: 2s}}
 l2: {{url: "{redis}", key_prefix: "{prefix}", timeout: 200ms, breaker: {{failures: 3, reset_after: 1s}}}}
+coherence: {{channel: "{prefix}invalidate"}}
 routes:
   - path: /users/{{id}}
     key: "users:{{id}}"
@@ -78,7 +79,7 @@ global: {{scrape_interval: 1s, scrape_timeout: 900ms, evaluation_interval: 1s}}
 rule_files: ["{rules}"]
 scrape_configs:
   - job_name: {job}
-    static_configs: [{{targets: ["{target}"]}}]
+    static_configs: [{{targets: [{targets}]}}]
 """
 
 
@@ -312,12 +313,13 @@ class Prometheus:
 
 
 def start_prometheus(
-    spawn: Spawn, tmp_path: Path, target: str, session: aiohttp.ClientSession
+    spawn: Spawn, tmp_path: Path, session: aiohttp.ClientSession, *targets: str
 ) -> Prometheus:
-    """Prometheus scraping ``target``, started: wait for its /-/ready before querying it."""
+    """Prometheus scraping ``targets``, started: wait for its /-/ready before querying it."""
     port = free_port()
     config = tmp_path / "prometheus.yml"
-    config.write_text(PROMETHEUS_CONFIG.format(rules=RULES, job=JOB, target=target))
+    listed = ", ".join(f'"{target}"' for target in targets)
+    config.write_text(PROMETHEUS_CONFIG.format(rules=RULES, job=JOB, targets=listed))
     process = spawn(
         "prometheus",
         [
@@ -378,9 +380,13 @@ async def test_every_dashboard_query_returns_cachecar_data_from_a_real_prometheu
 ) -> None:
     board = dashboard()
     port, admin, origin_port = free_port(), free_port(), free_port()
+    # A second replica on the same Redis: it hears the first one's writes (coherence).
+    port_b, admin_b = free_port(), free_port()
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
         # Prometheus first: it takes up new scrape targets only 5s after it starts.
-        prometheus = start_prometheus(spawn, tmp_path, f"127.0.0.1:{admin}", session)
+        prometheus = start_prometheus(
+            spawn, tmp_path, session, f"127.0.0.1:{admin}", f"127.0.0.1:{admin_b}"
+        )
         # Origin latency keeps a miss in flight long enough for concurrent reads to wait on it.
         db = tmp_path / "origin.sqlite"
         origin = await start_origin(spawn, "20ms", port=origin_port, db=db)
@@ -397,14 +403,28 @@ async def test_every_dashboard_query_returns_cachecar_data_from_a_real_prometheu
         proxy = await start_proxy(
             spawn, Config(config, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin}")
         )
+        config_b = tmp_path / "cachecar-b.yaml"
+        config_b.write_text(
+            CONFIG.format(
+                port=port_b, admin=admin_b, origin=origin.url, redis=redis_url, prefix=key_prefix
+            )
+        )
+        proxy_b = await start_proxy(
+            spawn,
+            Config(config_b, f"http://127.0.0.1:{port_b}", f"http://127.0.0.1:{admin_b}"),
+            name="proxy-b",
+        )
         await wait_http(prometheus.url + "/-/ready", prometheus.process)
 
         async def scraped() -> bool:
-            return await prometheus.value(f'up{{job="{JOB}"}}') == 1
+            return await prometheus.value(f'sum(up{{job="{JOB}"}})') == 2
 
-        await until(scraped, "Prometheus scraping cachecar's /metrics")
+        await until(scraped, "Prometheus scraping both replicas' /metrics")
 
         traffic = Traffic(session, proxy.url)
+        replica_b = Traffic(session, proxy_b.url)
+        for i in range(1, 4):
+            await replica_b.send("GET", f"/users/{i}", expect={200})
         for n in range(3):
             await traffic.round(n)
             await asyncio.sleep(0.5)
@@ -438,7 +458,8 @@ async def test_every_dashboard_query_returns_cachecar_data_from_a_real_prometheu
                 f'{{job="{JOB}", __name__=~"cachecar_.+"}}', "15s"
             )
             dead = await prometheus.value("max(cachecar_write_behind_dead_letters)")
-            return requests == traffic.sent and fewest >= 2 and dead == 1
+            sent = traffic.sent + replica_b.sent
+            return requests == sent and fewest >= 2 and dead == 1
 
         try:
             await until(settled, "Prometheus holding all the traffic's series")
@@ -446,7 +467,8 @@ async def test_every_dashboard_query_returns_cachecar_data_from_a_real_prometheu
             requests = await prometheus.value(f'sum(cachecar_requests_total{{job="{JOB}"}})')
             dead = await prometheus.value("max(cachecar_write_behind_dead_letters)")
             raise AssertionError(
-                f"{exc}: sent {traffic.sent} requests, cachecar_requests_total says {requests}; "
+                f"{exc}: sent {traffic.sent} + {replica_b.sent} requests, "
+                f"cachecar_requests_total says {requests}; "
                 f"dead letters {dead}\n{proxy.process.output()}"
             ) from None
 
@@ -558,7 +580,7 @@ async def test_promql_hit_ratios_of_a_known_sequence_are_exact_across_a_restart(
     """1 miss + 9 L1 hits on one key, 1 miss on another, a restart, 2 L2 hits: 11/13 overall."""
     port, admin = free_port(), free_port()
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
-        prometheus = start_prometheus(spawn, tmp_path, f"127.0.0.1:{admin}", session)
+        prometheus = start_prometheus(spawn, tmp_path, session, f"127.0.0.1:{admin}")
         origin = await start_origin(spawn)
         await origin.put("/users/1", {"id": 1})
         await origin.put("/users/2", {"id": 2})
