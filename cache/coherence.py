@@ -52,7 +52,7 @@ class Local(Protocol):
     async def forget(self, keys: Sequence[str]) -> None:
         """Drop ``keys`` from L1 (another replica changed them)."""
 
-    async def forget_prefix(self, prefix: str) -> None:
+    async def forget_prefix(self, prefix: str) -> int:
         """Drop every key starting with ``prefix`` from L1."""
 
     async def distrust_l1(self) -> None:

@@ -7,7 +7,7 @@ variant that is past its own expiry reads as a miss and is removed when read.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from cachetools import TLRUCache
@@ -117,7 +117,14 @@ class MemoryTier:
             return Stored(entry, expires - now)
 
     async def set(
-        self, key: str, variant: str, entry: Entry, ttl: float, *, fetched_at: float | None = None
+        self,
+        key: str,
+        variant: str,
+        entry: Entry,
+        ttl: float,
+        *,
+        fetched_at: float | None = None,
+        tags: Sequence[str] = (),  # indexed in L2 only: a purge by tag finds keys there
     ) -> None:
         # ``fetched_at`` needs no check here: this process's own writes detach its fills.
         if ttl <= 0:
@@ -142,7 +149,14 @@ class MemoryTier:
                 self._store.popitem()
 
     async def replace(
-        self, key: str, variant: str, entry: Entry, ttl: float, *, version: int | None = None
+        self,
+        key: str,
+        variant: str,
+        entry: Entry,
+        ttl: float,
+        *,
+        version: int | None = None,
+        tags: Sequence[str] = (),
     ) -> bool:
         # One process orders its own writes (the write-behind lock), so no version is checked.
         with self._store.timer:
@@ -161,13 +175,13 @@ class MemoryTier:
         self._dropped(variants, Eviction.INVALIDATED)
         return True
 
-    async def delete_prefix(self, prefix: str) -> int:
-        """Drop every key starting with ``prefix``; returns how many keys."""
+    async def delete_prefix(self, prefix: str) -> list[str]:
+        """Drop every key starting with ``prefix``; returns them."""
         with self._store.timer:
             keys = [key for key in self._store if key.startswith(prefix)]
             for key in keys:
                 self._dropped(self._store.pop(key), Eviction.INVALIDATED)
-        return len(keys)
+        return keys
 
     async def clear(self) -> int:
         """Drop everything (a replica that may have missed invalidations); returns how many."""

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 from redis.asyncio import Redis
 from redis.backoff import NoBackoff
@@ -65,6 +65,9 @@ def client_from_url(url: str, *, timeout: float) -> Redis:
 
 
 MARK = "!w"
+# Tag sets live beside the entries as ``{key_prefix}!tag:{tag}``; logical keys never start with
+# "!" (the config refuses such key templates), so the two cannot meet.
+TAG = "!tag:"
 # Clocks of replicas differ a little: a fill that started this soon after a mark is not trusted.
 CLOCK_SLACK = 1.0
 
@@ -170,7 +173,14 @@ class RedisTier:
         return Stored(entry, ttl_left)
 
     async def set(
-        self, key: str, variant: str, entry: Entry, ttl: float, *, fetched_at: float | None = None
+        self,
+        key: str,
+        variant: str,
+        entry: Entry,
+        ttl: float,
+        *,
+        fetched_at: float | None = None,
+        tags: Sequence[str] = (),
     ) -> None:
         if ttl <= 0:
             return
@@ -178,6 +188,7 @@ class RedisTier:
         data = encode(entry)
         ttl_ms = max(1, round(ttl * 1000))
         async with self._bounded("set"):
+            await self._index(key, tags, ttl_ms)
             if fetched_at is not None:
                 await self._fill(keys=[name], args=[variant, data, fetched_at, ttl_ms, CLOCK_SLACK])
                 return
@@ -195,7 +206,14 @@ class RedisTier:
         return removed > 0
 
     async def replace(
-        self, key: str, variant: str, entry: Entry, ttl: float, *, version: int | None = None
+        self,
+        key: str,
+        variant: str,
+        entry: Entry,
+        ttl: float,
+        *,
+        version: int | None = None,
+        tags: Sequence[str] = (),
     ) -> bool:
         """Make ``entry`` the key's only variant, marked written now, in one step.
 
@@ -204,6 +222,7 @@ class RedisTier:
         """
         data = encode(entry)
         async with self._bounded("replace"):
+            await self._index(key, tags, max(1, round(ttl * 1000)))
             stored: int = await self._replace(
                 keys=[self._prefix + key],
                 args=[
@@ -216,6 +235,53 @@ class RedisTier:
                 ],
             )
         return bool(stored)
+
+    async def _index(self, key: str, tags: Sequence[str], ttl_ms: int) -> None:
+        """Add ``key`` to each tag's set, which lives at least as long as the entry.
+
+        Indexed before the entry is stored, so a purge by tag never misses a stored entry (a
+        member whose entry is gone costs one needless drop). The set's TTL only grows (NX sets
+        it on a new set, GT lengthens it), so it never outlives the entries by more than the
+        longest of them, and untagged entries are never indexed.
+        """
+        if not tags:
+            return
+        pipe = self._client.pipeline(transaction=False)
+        for tag in tags:
+            name = self._prefix + TAG + tag
+            pipe.sadd(name, key)
+            pipe.pexpire(name, ttl_ms, nx=True)
+            pipe.pexpire(name, ttl_ms, gt=True)
+        await pipe.execute()
+
+    async def tagged(self, tag: str) -> list[str]:
+        """The keys indexed under ``tag``; the index of the tag is dropped (a purge by tag)."""
+        name = self._prefix + TAG + tag
+        async with self._bounded("purge"):
+            pipe = self._client.pipeline(transaction=True)
+            pipe.smembers(name)
+            pipe.delete(name)
+            members, _ = await pipe.execute()
+        return sorted(_text(member) for member in members)
+
+    async def keys_with_prefix(self, prefix: str, batch: int = 500) -> AsyncIterator[list[str]]:
+        """The keys starting with ``prefix``, a batch at a time (SCAN, never KEYS).
+
+        Keys dropped by a write are kept a while as marks (see the module docstring): they
+        are listed too, and a drop of one removes nothing.
+        """
+        pattern = _glob_escape(self._prefix + prefix) + "*"
+        skip = self._prefix + TAG
+        cursor = 0
+        while True:
+            async with self._bounded("purge"):
+                cursor, found = await self._client.scan(cursor, match=pattern, count=batch)
+            keys = [_text(name)[len(self._prefix) :] for name in found]
+            keys = [key for key in keys if not (self._prefix + key).startswith(skip)]
+            if keys:
+                yield keys
+            if cursor == 0:
+                return
 
     async def ping(self) -> None:
         """Raises ``TierUnavailable`` unless Redis answers within the timeout."""
@@ -253,6 +319,15 @@ async def close_quietly(client: Redis) -> None:
     """Close ``client``; a Redis that is already gone is no error at shutdown."""
     with contextlib.suppress(RedisError, OSError):
         await client.aclose()
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` matched literally by a Redis glob pattern."""
+    return "".join("\\" + char if char in "*?[]\\" else char for char in text)
 
 
 def _describe(exc: BaseException) -> str:

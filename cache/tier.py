@@ -7,6 +7,7 @@ Most keys have one variant, ``""``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple, Protocol
 
 from cache.entry import Entry
@@ -27,17 +28,32 @@ class Tier(Protocol):
         ...
 
     async def set(
-        self, key: str, variant: str, entry: Entry, ttl: float, *, fetched_at: float | None = None
+        self,
+        key: str,
+        variant: str,
+        entry: Entry,
+        ttl: float,
+        *,
+        fetched_at: float | None = None,
+        tags: Sequence[str] = (),
     ) -> None:
         """Keep ``entry`` as ``variant`` of ``key`` for ``ttl`` seconds.
 
         ``fetched_at`` marks a fill: the entry was fetched from the origin starting then, and a
         shared tier must not store it if the key was written or dropped since (by any replica).
+        ``tags``: a shared tier indexes the key under each, for purge by tag.
         """
         ...
 
     async def replace(
-        self, key: str, variant: str, entry: Entry, ttl: float, *, version: int | None = None
+        self,
+        key: str,
+        variant: str,
+        entry: Entry,
+        ttl: float,
+        *,
+        version: int | None = None,
+        tags: Sequence[str] = (),
     ) -> bool:
         """Make ``entry`` the only variant of ``key`` (a written value); False when the tier
         already holds a newer ``version`` of the key and kept it."""
@@ -55,8 +71,8 @@ class Tier(Protocol):
 class LocalTier(Tier, Protocol):
     """A tier in this process (L1): it can also be emptied, wholly or by key prefix."""
 
-    async def delete_prefix(self, prefix: str) -> int:
-        """Drop every key starting with ``prefix``; returns how many keys."""
+    async def delete_prefix(self, prefix: str) -> list[str]:
+        """Drop every key starting with ``prefix``; returns them."""
         ...
 
     async def clear(self) -> int:

@@ -43,6 +43,7 @@ logger = logging.getLogger("cachecar.cache")
 # Keys whose L2 delete failed, remembered until L2 answers; past this many, further ones are only
 # logged (memory must stay bounded through a long outage).
 MAX_PENDING_DELETES = 100_000
+ANNOUNCE_BATCH = 500  # keys per coherence message of a purge
 
 
 class Source(enum.Enum):
@@ -60,6 +61,7 @@ class Loaded:
     l2_ttl: float = 0.0
     shared: bool = True  # may be handed to callers waiting for the same key and variant
     detail: str = ""  # why it is not stored, for the caller to report
+    tags: tuple[str, ...] = ()  # what L2 indexes the key under, for purge by tag
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -85,6 +87,7 @@ class _Written(NamedTuple):
     l1_ttl: float
     l2_ttl: float
     version: int | None
+    tags: Sequence[str]
 
 
 class _Flight:
@@ -193,6 +196,7 @@ class TieredCache:
         l1_ttl: float,
         l2_ttl: float,
         version: int | None = None,
+        tags: Sequence[str] = (),
     ) -> None:
         """Make ``entry`` the key's value (a written one): every other variant is dropped.
 
@@ -200,7 +204,7 @@ class TieredCache:
         after a newer one made by another replica.
         """
         self._observer.invalidated(Invalidation.WRITE)
-        await self._replace(key, _Written(variant, entry, l1_ttl, l2_ttl, version))
+        await self._replace(key, _Written(variant, entry, l1_ttl, l2_ttl, version, tags))
 
     # -- other replicas' changes (coherence) ----------------------------------------------------
 
@@ -211,11 +215,14 @@ class TieredCache:
             await self._l1.delete(key)
             self._observer.invalidated(Invalidation.REMOTE)
 
-    async def forget_prefix(self, prefix: str) -> None:
+    async def forget_prefix(self, prefix: str, source: Invalidation = Invalidation.REMOTE) -> int:
+        """Drop every key starting with ``prefix`` from L1 only; returns how many."""
         for key in [key for key in self._flights if key.startswith(prefix)]:
             self._detach(key)
-        for _ in range(await self._l1.delete_prefix(prefix)):
-            self._observer.invalidated(Invalidation.REMOTE)
+        dropped = await self._l1.delete_prefix(prefix)
+        for _ in dropped:
+            self._observer.invalidated(source)
+        return len(dropped)
 
     async def distrust_l1(self) -> None:
         """Stop using L1 (changes may go unheard from now on) and empty it."""
@@ -245,7 +252,8 @@ class TieredCache:
             for flight in flights.values():
                 flight.stale = True
 
-    async def _replace(self, key: str, new: _Written | None) -> None:
+    async def _replace(self, key: str, new: _Written | None, *, announce: bool = True) -> bool:
+        """True when a tier held something for ``key`` (a drop) or the write was stored."""
         self._detach(key)
         drop = None
         if self._l2 is not None:
@@ -254,15 +262,34 @@ class TieredCache:
             self._deleting[key] += 1
             # The L2 half is a task of its own: a caller cancelled now (its client gone, the
             # shutdown grace over) must not leave the old value in Redis; aclose waits for it.
-            drop = self._spawn(self._drop_from_l2(key, new, self._drops.get(key)))
+            drop = self._spawn(self._drop_from_l2(key, new, self._drops.get(key), announce))
             self._drops[key] = drop
             drop.add_done_callback(partial(self._dropped, key))
         if new is None:
-            await self._l1.delete(key)
+            held = await self._l1.delete(key)
         else:
-            await self._l1.replace(key, new.variant, new.entry, new.l1_ttl)
+            held = await self._l1.replace(key, new.variant, new.entry, new.l1_ttl)
         if drop is not None:
-            await asyncio.shield(drop)
+            held = bool(await asyncio.shield(drop)) or held
+        return held
+
+    async def purge(self, keys: Sequence[str]) -> int:
+        """Drop ``keys`` from both tiers and every replica's L1 (announced together); returns
+        how many were held here. Raises ``TierUnavailable`` when L2 could not drop them all
+        (they are dropped as soon as it answers)."""
+        held = 0
+        for key in keys:
+            self._observer.invalidated(Invalidation.ADMIN)
+            held += await self._replace(key, None, announce=False)
+        if self.announce is not None:
+            for start in range(0, len(keys), ANNOUNCE_BATCH):
+                await self.announce(keys[start : start + ANNOUNCE_BATCH])
+        undone = sum(1 for key in keys if key in self._pending_deletes)
+        if undone:
+            raise TierUnavailable(
+                "purge", f"{undone} of {len(keys)} keys not dropped from L2 yet (retried)"
+            )
+        return held
 
     async def aclose(self) -> None:
         """Wait for background L2 work (each call is bounded), then close both tiers."""
@@ -292,7 +319,7 @@ class TieredCache:
             await self._l1.set(key, variant, loaded.entry, loaded.l1_ttl)
         stored_l2 = loaded.l2_ttl > 0 and self._l2 is not None
         if stored_l2:
-            self._fill_l2(key, variant, loaded.entry, loaded.l2_ttl, flight, fetched_at)
+            self._fill_l2(key, variant, loaded, flight, fetched_at)
         return Lookup(
             loaded.entry,
             Source.LOADER,
@@ -337,9 +364,9 @@ class TieredCache:
         return None
 
     def _fill_l2(
-        self, key: str, variant: str, entry: Entry, ttl: float, flight: _Flight, fetched_at: float
+        self, key: str, variant: str, loaded: Loaded, flight: _Flight, fetched_at: float
     ) -> None:
-        task = self._spawn(self._l2_set(key, variant, entry, ttl, flight, fetched_at))
+        task = self._spawn(self._l2_set(key, variant, loaded, flight, fetched_at))
         self._fills.setdefault(key, set()).add(task)
         task.add_done_callback(partial(self._filled, key))
 
@@ -351,19 +378,20 @@ class TieredCache:
                 del self._fills[key]
 
     async def _l2_set(
-        self,
-        key: str,
-        variant: str,
-        entry: Entry,
-        ttl: float,
-        flight: _Flight,
-        fetched_at: float,
+        self, key: str, variant: str, loaded: Loaded, flight: _Flight, fetched_at: float
     ) -> None:
         l2 = self._l2
         if l2 is None or flight.stale or self._untrusted(key) or not self._l2_allowed():
             return
         try:
-            await l2.set(key, variant, entry, ttl, fetched_at=fetched_at)
+            await l2.set(
+                key,
+                variant,
+                loaded.entry,
+                loaded.l2_ttl,
+                fetched_at=fetched_at,
+                tags=loaded.tags,
+            )
         except TierUnavailable as exc:
             self._l2_failed(exc)
             return
@@ -372,15 +400,19 @@ class TieredCache:
             return
         self._l2_answered()
 
-    async def _drop_from_l2(self, key: str, new: _Written | None, previous: Task | None) -> None:
+    async def _drop_from_l2(
+        self, key: str, new: _Written | None, previous: Task | None, announce: bool
+    ) -> bool | None:
+        """Whether L2 held something for ``key``; None when it could not be asked."""
         try:
             # Two writes of one key reach L2 in the order they were made.
             waited = [*self._fills.get(key, ()), *([previous] if previous else [])]
             if waited:
                 await asyncio.wait(waited)
-            done = await self._l2_delete(key) if new is None else await self._l2_replace(key, new)
-            if done and self.announce is not None:
+            held = await self._l2_delete(key) if new is None else await self._l2_replace(key, new)
+            if held is not None and announce and self.announce is not None:
                 await self.announce([key])
+            return held
         finally:
             self._deleting[key] -= 1
             if self._deleting[key] <= 0:
@@ -390,21 +422,21 @@ class TieredCache:
         if self._drops.get(key) is task:
             del self._drops[key]
 
-    async def _l2_replace(self, key: str, new: _Written) -> bool:
-        """True when L2 took the write (or holds a newer one); False when it is remembered."""
+    async def _l2_replace(self, key: str, new: _Written) -> bool | None:
+        """True when L2 took the write (or holds a newer one); None when it is remembered."""
         l2 = self._l2
         if l2 is None:
-            return False
+            return None
         if self._l2_allowed():
             try:
                 stored = await l2.replace(
-                    key, new.variant, new.entry, new.l2_ttl, version=new.version
+                    key, new.variant, new.entry, new.l2_ttl, version=new.version, tags=new.tags
                 )
             except TierUnavailable as exc:
                 self._l2_failed(exc)
             except CorruptEntry as exc:
                 self._foreign(key, exc)
-                return False
+                return None
             else:
                 self._pending_deletes.discard(key)
                 self._l2_answered()
@@ -415,24 +447,25 @@ class TieredCache:
         # L2 may still hold the value this write replaced: never trust it for the key again
         # until it has been dropped there.
         self._remember_delete(key)
-        return False
+        return None
 
-    async def _l2_delete(self, key: str) -> bool:
-        """Drop ``key`` from L2 (True), or remember to as soon as L2 answers (False)."""
+    async def _l2_delete(self, key: str) -> bool | None:
+        """Drop ``key`` from L2: whether it held something; None when that must wait until L2
+        answers (the key is remembered)."""
         l2 = self._l2
         if l2 is None:
-            return False
+            return None
         if self._l2_allowed():
             try:
-                await l2.delete(key)
+                held = await l2.delete(key)
             except TierUnavailable as exc:
                 self._l2_failed(exc)
             else:
                 self._pending_deletes.discard(key)
                 self._l2_answered()
-                return True
+                return held
         self._remember_delete(key)
-        return False
+        return None
 
     def _remember_delete(self, key: str) -> None:
         if len(self._pending_deletes) < MAX_PENDING_DELETES:

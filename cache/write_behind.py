@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Sequence
 
 from cache.errors import CacheError, CorruptEntry, TierUnavailable
 from cache.flusher import Flusher
@@ -44,7 +45,13 @@ class WriteBehind:
         self._locks = KeyLocks()
 
     async def write(
-        self, write: QueuedWrite, variant: str, *, l1_ttl: float, l2_ttl: float
+        self,
+        write: QueuedWrite,
+        variant: str,
+        *,
+        l1_ttl: float,
+        l2_ttl: float,
+        tags: Sequence[str] = (),
     ) -> None:
         """Queue ``write``, then make it the cached value; raises when the queue refuses it.
 
@@ -67,6 +74,7 @@ class WriteBehind:
                 l1_ttl=l1_ttl,
                 l2_ttl=l2_ttl,
                 version=queued.seq,
+                tags=tags,
             )
 
     async def replay(self) -> int:
@@ -78,7 +86,15 @@ class WriteBehind:
         self.flusher.wake()
         return len(keys)
 
-    def loader(self, key: str, origin: Loader, *, l1_ttl: float, l2_ttl: float) -> Loader:
+    def loader(
+        self,
+        key: str,
+        origin: Loader,
+        *,
+        l1_ttl: float,
+        l2_ttl: float,
+        tags: tuple[str, ...] = (),
+    ) -> Loader:
         """``origin``, preceded by a look at the key's unflushed write."""
 
         async def load() -> Loaded:
@@ -94,7 +110,7 @@ class WriteBehind:
                 )
                 return await origin()
             if pending is not None:
-                return Loaded(pending.entry, l1_ttl, l2_ttl)
+                return Loaded(pending.entry, l1_ttl, l2_ttl, tags=tags)
             return await origin()
 
         return load

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from cache.entry import Entry
 from cache.errors import TierUnavailable
@@ -94,18 +94,32 @@ class FlakyTier:
         return await self.inner.get(key, variant)
 
     async def set(
-        self, key: str, variant: str, entry: Entry, ttl: float, *, fetched_at: float | None = None
+        self,
+        key: str,
+        variant: str,
+        entry: Entry,
+        ttl: float,
+        *,
+        fetched_at: float | None = None,
+        tags: Sequence[str] = (),
     ) -> None:
         self._check("set")
         if "set" in self.hold:
             await self.released.wait()
-        await self.inner.set(key, variant, entry, ttl, fetched_at=fetched_at)
+        await self.inner.set(key, variant, entry, ttl, fetched_at=fetched_at, tags=tags)
 
     async def replace(
-        self, key: str, variant: str, entry: Entry, ttl: float, *, version: int | None = None
+        self,
+        key: str,
+        variant: str,
+        entry: Entry,
+        ttl: float,
+        *,
+        version: int | None = None,
+        tags: Sequence[str] = (),
     ) -> bool:
         self._check("replace")
-        return await self.inner.replace(key, variant, entry, ttl, version=version)
+        return await self.inner.replace(key, variant, entry, ttl, version=version, tags=tags)
 
     async def delete(self, key: str) -> bool:
         self._check("delete")

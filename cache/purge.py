@@ -1,0 +1,45 @@
+"""Purge: drop keys by name, by prefix or by tag, from L2 and from every replica's L1.
+
+    key     -> both tiers here, announced to the other replicas
+    prefix  -> L2 walked with SCAN a batch at a time (never KEYS), each batch dropped and
+               announced; then what only this replica's L1 holds; then the prefix announced,
+               so the others drop what only their L1s hold
+    tag     -> the tag's set in L2 (filled when tagged entries are stored) read and dropped,
+               its keys dropped and announced
+
+The figure returned is how many keys held something here (L2, or this replica's L1).
+"""
+
+from __future__ import annotations
+
+from cache.coherence import Coherence
+from cache.observer import Invalidation
+from cache.redis_tier import RedisTier
+from cache.tiered import TieredCache
+
+
+class Purger:
+    def __init__(
+        self, cache: TieredCache, l2: RedisTier | None, coherence: Coherence | None
+    ) -> None:
+        self._cache = cache
+        self._l2 = l2
+        self._coherence = coherence
+
+    async def key(self, key: str) -> int:
+        return await self._cache.purge([key])
+
+    async def prefix(self, prefix: str) -> int:
+        held = 0
+        if self._l2 is not None:
+            async for keys in self._l2.keys_with_prefix(prefix):
+                held += await self._cache.purge(keys)
+        held += await self._cache.forget_prefix(prefix, Invalidation.ADMIN)
+        if self._coherence is not None:
+            await self._coherence.publish_prefix(prefix)
+        return held
+
+    async def tag(self, tag: str) -> int:
+        if self._l2 is None:
+            return 0  # tags are indexed in L2 only (the config asks for one with tags)
+        return await self._cache.purge(await self._l2.tagged(tag))
