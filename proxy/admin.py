@@ -5,6 +5,7 @@
     GET  /metrics                       Prometheus exposition (``proxy.metrics``)
     GET  /admin/stats                   the same figures as JSON: last minute and since start
     GET  /dashboard                     a live page over /admin/stats (``proxy/static``)
+    POST /admin/purge                   a key, prefix or tag dropped everywhere   (bearer token)
     GET  /admin/write-behind            queue depth, oldest pending age, dead letters
     POST /admin/write-behind/replay     dead letters queued again          (bearer token)
 
@@ -42,6 +43,7 @@ def build_admin_app(proxy_app: web.Application) -> web.Application:
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/admin/stats", stats)
     app.router.add_get("/dashboard", dashboard)
+    app.router.add_post("/admin/purge", purge)
     app.router.add_get("/admin/write-behind", write_behind)
     app.router.add_post("/admin/write-behind/replay", replay)
     return app
@@ -118,6 +120,41 @@ async def _l2_problem(l2: RedisTier) -> str | None:
     except TierUnavailable as exc:
         return str(exc)
     return None
+
+
+PURGE_BY = ("key", "prefix", "tag")
+
+
+async def purge(request: web.Request) -> web.Response:
+    """Drop a key, every key with a prefix, or every key with a tag, on every replica."""
+    refused = _refused(request)
+    if refused is not None:
+        return refused
+    try:
+        body = await request.json()
+    except (ValueError, UnicodeDecodeError):
+        return _error(400, "bad purge", 'the body is not JSON; send {"key": "users:1"}')
+    if not isinstance(body, dict):
+        return _error(400, "bad purge", 'send a JSON object: {"key"|"prefix"|"tag": "..."}')
+    unknown = sorted(set(body) - set(PURGE_BY))
+    if unknown:
+        return _error(400, "bad purge", f"unknown field {unknown[0]!r}: use key, prefix or tag")
+    if len(body) != 1:
+        return _error(400, "bad purge", "give exactly one of key, prefix or tag")
+    ((by, value),) = body.items()
+    if not isinstance(value, str) or not value:
+        return _error(400, "bad purge", f"{by} must be a non-empty string")
+    purger = request.app[PROXY_APP][RUNTIME].purger
+    try:
+        if by == "key":
+            purged = await purger.key(value)
+        elif by == "prefix":
+            purged = await purger.prefix(value)
+        else:
+            purged = await purger.tag(value)
+    except (TierUnavailable, CorruptEntry) as exc:
+        return _error(503, "purge incomplete", f"{exc}; this replica's L1 is purged, retry")
+    return web.json_response({"purged": purged})
 
 
 async def write_behind(request: web.Request) -> web.Response:

@@ -25,6 +25,7 @@ from cache.coherence import Coherence, listener_client, replica_name
 from cache.flusher import Backoff, Flusher
 from cache.memory import MemoryTier
 from cache.observer import CacheObserver, Observers
+from cache.purge import Purger
 from cache.queue import WriteQueue
 from cache.redis_tier import MEMORY_URL, RedisTier, client_from_url
 from cache.tiered import TieredCache
@@ -49,6 +50,7 @@ class Runtime:
     write_behind: WriteBehind | None
     metrics: Metrics
     coherence: Coherence | None
+    purger: Purger
     # When the stop began (loop time): the write-behind drain gets what is left of the grace.
     stopping_since: float | None = None
 
@@ -125,7 +127,8 @@ class Runtime:
             coherence=coherence is not None,
             queue=write_behind.queue if write_behind is not None else None,
         )
-        return cls(settings, cache, l2, origin, proxy, write_behind, metrics, coherence)
+        purger = Purger(cache, l2, coherence)
+        return cls(settings, cache, l2, origin, proxy, write_behind, metrics, coherence, purger)
 
     async def start(self) -> None:
         if self.coherence is not None:

@@ -176,10 +176,11 @@ class Proxy:
     ) -> web.StreamResponse:
         key = route.key_for(params, path, query)
         variant = route.variant_for(request.headers, query, params)
-        loader: Loader = functools.partial(self._load, request, route, path, query)
+        tags = route.tags_for(params)
+        loader: Loader = functools.partial(self._load, request, route, path, query, tags)
         if route.mode is Mode.WRITE_BEHIND and self._write_behind is not None:
             loader = self._write_behind.loader(
-                key, loader, l1_ttl=route.l1_ttl, l2_ttl=route.l2_ttl
+                key, loader, l1_ttl=route.l1_ttl, l2_ttl=route.l2_ttl, tags=tags
             )
         try:
             lookup = await self._cache.get(key, variant, l1_ttl=route.l1_ttl, loader=loader)
@@ -189,7 +190,9 @@ class Proxy:
             self._metrics.coalesced(route.name)  # waited for another request's origin fetch
         return self._answer(request, lookup)
 
-    async def _load(self, request: web.Request, route: Route, path: str, query: str) -> Loaded:
+    async def _load(
+        self, request: web.Request, route: Route, path: str, query: str, tags: tuple[str, ...]
+    ) -> Loaded:
         """Fetch the entry for a cacheable miss (conditional headers are not forwarded)."""
         sent = forwarding.forward_fill(
             request.headers, route.vary + route.forward_headers, request.remote, request.scheme
@@ -216,7 +219,9 @@ class Proxy:
             stored_at=now - age,
             ttl=decision.fresh_for + age,
         )
-        return Loaded(entry, decision.l1_ttl, decision.l2_ttl, decision.shared, decision.detail)
+        return Loaded(
+            entry, decision.l1_ttl, decision.l2_ttl, decision.shared, decision.detail, tags
+        )
 
     def _answer(self, request: web.Request, lookup: Lookup) -> web.Response:
         entry = lookup.entry
@@ -290,7 +295,14 @@ class Proxy:
                     validators_of(response.headers),
                 )
                 variant = route.variant_for(request.headers, query, params)
-                await self._cache.put(key, variant, entry, l1_ttl=route.l1_ttl, l2_ttl=route.l2_ttl)
+                await self._cache.put(
+                    key,
+                    variant,
+                    entry,
+                    l1_ttl=route.l1_ttl,
+                    l2_ttl=route.l2_ttl,
+                    tags=route.tags_for(params),
+                )
         headers = forwarding.to_pass(response.headers)
         headers.popall("Content-Length", None)
         headers["X-Cache"] = "BYPASS"
@@ -334,7 +346,13 @@ class Proxy:
         write = QueuedWrite(key, request.method, target, entry)
         variant = route.variant_for(request.headers, query, params)
         try:
-            await self._write_behind.write(write, variant, l1_ttl=route.l1_ttl, l2_ttl=route.l2_ttl)
+            await self._write_behind.write(
+                write,
+                variant,
+                l1_ttl=route.l1_ttl,
+                l2_ttl=route.l2_ttl,
+                tags=route.tags_for(params),
+            )
         except CacheError as exc:  # unavailable, full, or its keys are not ours to read
             response = error_response(
                 503, "write-behind queue unavailable", f"not accepted: {exc}", BYPASS_METHOD

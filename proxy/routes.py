@@ -127,6 +127,7 @@ class Route:
     vary: tuple[str, ...]  # lower-case request header names
     forward_headers: tuple[str, ...]  # lower-case request header names
     unkeyed: tuple[str, ...]  # path parameters the key template leaves out
+    tags: tuple[KeyTemplate, ...] = ()
 
     @classmethod
     def from_settings(cls, route: RouteSettings, settings: Settings) -> Route:
@@ -144,11 +145,16 @@ class Route:
             vary=tuple(name.lower() for name in route.vary),
             forward_headers=tuple(name.lower() for name in route.forward_headers),
             unkeyed=tuple(p for p in path.params if key is not None and p not in key.fields),
+            tags=tuple(KeyTemplate.compile(tag, path.params) for tag in route.tags),
         )
 
     @property
     def cached(self) -> bool:
         return self.mode is not Mode.BYPASS
+
+    def tags_for(self, params: Mapping[str, str]) -> tuple[str, ...]:
+        """The tags an entry of this route is indexed under, for purge by tag."""
+        return tuple(tag.render(params) for tag in self.tags)
 
     def key_for(self, params: Mapping[str, str], path: str, query: str) -> str:
         """The logical key: the template's output, or the path and its sorted query string."""

@@ -183,6 +183,9 @@ class WriteBehindSettings(_Section):
     timeout: PositiveDuration = 1.0
 
 
+MAX_TAGS = 16  # per route: each is one more Redis set written with every fill
+
+
 class RouteTTL(_Section):
     l1: Duration | None = None
     l2: Duration | None = None
@@ -198,7 +201,7 @@ class RouteSettings(_Section):
     forward_headers: tuple[HeaderName, ...] = ()
     stale_while_revalidate: NotYet
     stale_if_error: NotYet
-    tags: NotYet
+    tags: tuple[str, ...] = ()
 
     @field_validator("path")
     @classmethod
@@ -215,10 +218,27 @@ class RouteSettings(_Section):
         path = info.data.get("path")
         if value is None or path is None:
             return value
+        if value.startswith("!"):
+            raise ValueError(f"{value!r}: keys starting with '!' are cachecar's own in Redis")
         try:
             KeyTemplate.compile(value, PathTemplate.compile(path).params)
         except TemplateError as exc:
             raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("tags")
+    @classmethod
+    def _tag_templates(cls, value: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        path = info.data.get("path")
+        if path is None:
+            return value
+        if len(value) > MAX_TAGS:
+            raise ValueError(f"{len(value)} tags: at most {MAX_TAGS} per route")
+        for tag in value:
+            try:
+                KeyTemplate.compile(tag, PathTemplate.compile(path).params)
+            except TemplateError as exc:
+                raise ValueError(f"{tag!r}: {exc}") from None
         return value
 
     @field_validator("vary")
@@ -245,7 +265,14 @@ class RouteSettings(_Section):
 
 class CoherenceSettings(_Section):
     enabled: bool = True
-    channel: str = Field("cachecar:invalidate", min_length=1)
+    channel: str = "cachecar:invalidate"
+
+    @field_validator("channel")
+    @classmethod
+    def _named(cls, value: str) -> str:
+        if not value:
+            raise ValueError("a channel name cannot be empty")
+        return value
 
 
 class Settings(_Section):
@@ -259,9 +286,11 @@ class Settings(_Section):
     write_behind: WriteBehindSettings = WriteBehindSettings()
 
     @model_validator(mode="after")
-    def _queue_for_write_behind(self) -> Settings:
+    def _redis_for_write_behind_and_tags(self) -> Settings:
         if self.l2.url is None:
             for index, route in enumerate(self.routes):
+                if route.tags:
+                    raise ValueError(f"routes[{index}].tags: tags are indexed in Redis; set l2.url")
                 if route.mode is Mode.WRITE_BEHIND:
                     raise ValueError(
                         f"routes[{index}].mode: write-behind keeps its queue in Redis; set "

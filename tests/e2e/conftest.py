@@ -193,11 +193,14 @@ def write_config(
     extra: str = "",
     mode: str | None = None,
     admin_token: str | None = None,
+    tags: Sequence[str] = (),
 ) -> Config:
-    """``mode`` sets the /users/{id} route's write mode; ``admin_token`` sets admin.token."""
+    """``mode`` sets the /users/{id} route's write mode, ``tags`` its tags; ``admin_token``
+    sets admin.token."""
     port, admin = free_port(), free_port()
     token = f", token: {admin_token!r}" if admin_token is not None else ""
     mode_line = f"mode: {mode}" if mode is not None else ""
+    tags_line = f"tags: {list(tags)!r}" if tags else ""
     l2_line = (
         f"l2: {{url: {l2!r}, key_prefix: {key_prefix!r}, timeout: 100ms, "
         "breaker: {failures: 3, reset_after: 1s}}"
@@ -215,6 +218,7 @@ def write_config(
               - path: /users/{{id}}
                 key: "users:{{id}}"
                 {mode_line}
+                {tags_line}
             """
         )
         + textwrap.dedent(extra)

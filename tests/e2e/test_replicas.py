@@ -25,8 +25,16 @@ BOUND = 0.100  # seconds from a write's answer on A to the new value on B and C
 WRITES = 40
 
 
+TOKEN = "s3cret-token"
+
+
 async def three_replicas(
-    spawn: Spawn, tmp_path: Path, redis_url: str, key_prefix: str, mode: str | None = None
+    spawn: Spawn,
+    tmp_path: Path,
+    redis_url: str,
+    key_prefix: str,
+    mode: str | None = None,
+    tags: tuple[str, ...] = (),
 ) -> tuple[list[Proxy], str]:
     origin = await start_origin(spawn)
     for n in range(WRITES):
@@ -39,6 +47,8 @@ async def three_replicas(
             l2=redis_url,
             key_prefix=key_prefix,
             mode=mode,
+            admin_token=TOKEN,
+            tags=tags,
             extra=f'coherence: {{channel: "{key_prefix}invalidate"}}\n',
         )
         replicas.append(await start_proxy(spawn, config, name))
@@ -121,3 +131,64 @@ async def test_a_replica_whose_subscription_is_killed_never_serves_what_was_over
     log = b.process.output()
     assert "not subscribed to" in log  # it knew it was deaf
     assert "listening for other replicas' changes" in log
+
+
+async def purge(
+    session: aiohttp.ClientSession, replica: Proxy, body: object, token: str | None = TOKEN
+) -> tuple[int, object]:
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    async with session.post(replica.admin + "/admin/purge", json=body, headers=headers) as r:
+        return r.status, await r.json()
+
+
+async def test_purge_by_key_prefix_and_tag_reaches_every_replica_and_needs_the_token(
+    spawn: Spawn, tmp_path: Path, redis_url: str, key_prefix: str, redis_client: Redis
+) -> None:
+    replicas, _ = await three_replicas(
+        spawn, tmp_path, redis_url, key_prefix, tags=("user:{id}", "users")
+    )
+    a = replicas[0]
+    async with aiohttp.ClientSession() as session:
+
+        async def cached_everywhere(*paths: str) -> None:
+            for replica in replicas:
+                for path in paths:
+                    await body_of(session, replica.url + path)
+                    assert (await body_of(session, replica.url + path))[0] == "HIT-L1"
+
+        async def dropped_everywhere(path: str) -> bool:
+            for replica in replicas:
+                if (await body_of(session, replica.url + path))[0] == "HIT-L1":
+                    return False
+            return True
+
+        await cached_everywhere("/users/1", "/users/2", "/users/3")
+        for token, status in ((None, 401), ("wrong", 403)):
+            answer = await purge(session, a, {"key": "users:1"}, token)
+            assert answer[0] == status
+            assert isinstance(answer[1], dict)
+            assert set(answer[1]) == {"error", "detail"}
+        await cached_everywhere("/users/1")  # nothing removed
+
+        assert await purge(session, a, {"key": "users:1"}) == (200, {"purged": 1})
+        await until(lambda: dropped_everywhere("/users/1"), "users:1 purged everywhere")
+
+        await cached_everywhere("/users/1", "/users/2")
+        assert await purge(session, a, {"tag": "user:2"}) == (200, {"purged": 1})
+        await until(lambda: dropped_everywhere("/users/2"), "the tag user:2 purged everywhere")
+        assert (await body_of(session, replicas[1].url + "/users/3"))[0] == "HIT-L1"
+
+        await cached_everywhere("/users/1", "/users/2", "/users/3")
+        assert await purge(session, a, {"prefix": "users:"}) == (200, {"purged": 3})
+        for path in ("/users/1", "/users/2", "/users/3"):
+
+            async def gone(path: str = path) -> bool:
+                return await dropped_everywhere(path)  # (each look fills the caches again)
+
+            await until(gone, f"{path} purged by prefix")
+
+        await cached_everywhere("/users/1", "/users/2", "/users/3")
+        assert await purge(session, a, {"tag": "users"}) == (200, {"purged": 3})
+        await until(lambda: dropped_everywhere("/users/1"), "the tag users purged everywhere")
+        # Untagged entries are not indexed; the tag's set expires with its entries.
+        assert await redis_client.pttl(f"{key_prefix}!tag:user:1") > 0

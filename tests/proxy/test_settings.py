@@ -98,8 +98,7 @@ def test_an_unset_variable_without_a_default_names_the_variable_and_the_key() ->
         ),
         (
             "routes: [{path: /a, tag: x}]",
-            "routes[0].tag: unknown key (known keys: path, mode, key, ttl, negative_ttl, vary, "
-            "forward_headers)",
+            "routes[0].tag: unknown key (did you mean 'tags'?)",
         ),
         (
             "server: {listen: 8080}",
@@ -166,10 +165,6 @@ def test_the_origin_url_must_be_http_with_a_host() -> None:
         (
             "routes: [{path: /a, stale_if_error: 10m}]",
             "routes[0].stale_if_error: is in the documented contract but not implemented in this version yet",
-        ),
-        (
-            "routes: [{path: /a, tags: ['a']}]",
-            "routes[0].tags: is in the documented contract but not implemented in this version yet",
         ),
         (
             "server: {workers: 4}",
@@ -292,3 +287,29 @@ def test_the_effective_settings_fill_defaults_and_hide_the_token() -> None:
 )
 def test_every_shipped_config_is_valid(path: Path) -> None:
     load_settings(REPO / path, env={})
+
+
+UPSTREAM = "upstream: {url: 'http://o'}\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "l2: {url: 'redis://h'}\nroutes: [{path: '/u/{id}', tags: ['user:{uid}']}]",
+            "routes[0].tags: 'user:{uid}': {uid} is not a parameter of the route's path "
+            "(it has {id})",
+        ),
+        (
+            "routes: [{path: '/u/{id}', tags: ['user:{id}']}]",
+            "routes[0].tags: tags are indexed in Redis; set l2.url",
+        ),
+        (
+            "routes: [{path: '/u/{id}', key: '!tag:{id}'}]",
+            "routes[0].key: '!tag:{id}': keys starting with '!' are cachecar's own in Redis",
+        ),
+        ("coherence: {channel: ''}", "coherence.channel: a channel name cannot be empty"),
+    ],
+)
+def test_tags_keys_and_coherence_are_checked(text: str, expected: str) -> None:
+    assert problems(UPSTREAM + text) == [expected]
