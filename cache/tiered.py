@@ -35,6 +35,7 @@ from cache.breaker import Breaker
 from cache.clock import Clock
 from cache.entry import Entry
 from cache.errors import CorruptEntry, TierUnavailable
+from cache.lease import Leases
 from cache.observer import CacheObserver, Invalidation, NullObserver
 from cache.tier import LocalTier, Stored, Tier
 
@@ -111,6 +112,7 @@ class TieredCache:
         observer: CacheObserver | None = None,
         breaker: Breaker | None = None,
         trust_l1: bool = True,
+        leases: Leases | None = None,
     ) -> None:
         """``trust_l1=False``: L1 unused until ``trust_l1()`` (coherence not subscribed yet)."""
         self._l1 = l1
@@ -118,6 +120,7 @@ class TieredCache:
         self._clock = clock
         self._observer: CacheObserver = observer or NullObserver()
         self._breaker = breaker
+        self._leases = leases
         self._flights: dict[str, dict[str, _Flight]] = {}
         self._fills: dict[str, set[asyncio.Task[None]]] = {}
         self._drops: dict[str, Task] = {}  # the latest L2 drop or put of a key
@@ -150,7 +153,9 @@ class TieredCache:
         """Keys whose L2 copy must be dropped before L2 may answer for them again."""
         return len(self._pending_deletes)
 
-    async def get(self, key: str, variant: str, *, l1_ttl: float, loader: Loader) -> Lookup:
+    async def get(
+        self, key: str, variant: str, *, l1_ttl: float, loader: Loader, lease: bool = False
+    ) -> Lookup:
         """The entry for ``key``/``variant`` from the first tier that has it, else ``loader``.
 
         ``l1_ttl`` caps how long an entry found in L2 is kept in L1. Errors raised by the loader
@@ -177,7 +182,7 @@ class TieredCache:
         if flights is None:
             flights = self._flights[key] = {}
         flights[variant] = flight
-        task = asyncio.create_task(self._resolve(key, variant, l1_ttl, loader, flight))
+        task = asyncio.create_task(self._resolve(key, variant, l1_ttl, loader, flight, lease))
         flight.task = task
         task.add_done_callback(partial(self._landed, key, variant, flight))
         return await asyncio.shield(task)
@@ -298,11 +303,13 @@ class TieredCache:
         await self._l1.aclose()
         if self._l2 is not None:
             await self._l2.aclose()
+        if self._leases is not None:
+            await self._leases.aclose()
 
     # -- the lookup ----------------------------------------------------------------------------
 
     async def _resolve(
-        self, key: str, variant: str, l1_ttl: float, loader: Loader, flight: _Flight
+        self, key: str, variant: str, l1_ttl: float, loader: Loader, flight: _Flight, lease: bool
     ) -> Lookup:
         stored = await self._l2_get(key, variant)
         if stored is not None:
@@ -310,22 +317,50 @@ class TieredCache:
                 await self._l1.set(key, variant, stored.entry, min(l1_ttl, stored.ttl_left))
             return Lookup(stored.entry, Source.L2)
 
-        fetched_at = self._clock.time()
-        loaded = await loader()
-        flight.shared = loaded.shared
-        if flight.stale:
-            return Lookup(loaded.entry, Source.LOADER, detail=loaded.detail or "invalidated")
-        if loaded.l1_ttl > 0 and self._l1_trusted:
-            await self._l1.set(key, variant, loaded.entry, loaded.l1_ttl)
-        stored_l2 = loaded.l2_ttl > 0 and self._l2 is not None
-        if stored_l2:
-            self._fill_l2(key, variant, loaded, flight, fetched_at)
-        return Lookup(
-            loaded.entry,
-            Source.LOADER,
-            stored=loaded.l1_ttl > 0 or stored_l2,
-            detail=loaded.detail,
-        )
+        token = ""  # the lease this lookup holds, if any ("": none)
+        if lease:
+            found = await self._lease_or_fill(key, variant)
+            if isinstance(found, Stored):
+                if not flight.stale and self._l1_trusted:
+                    await self._l1.set(key, variant, found.entry, min(l1_ttl, found.ttl_left))
+                return Lookup(found.entry, Source.L2, coalesced=True)
+            token = found
+        try:
+            fetched_at = self._clock.time()
+            loaded = await loader()
+            flight.shared = loaded.shared
+            if flight.stale:
+                return Lookup(loaded.entry, Source.LOADER, detail=loaded.detail or "invalidated")
+            if loaded.l1_ttl > 0 and self._l1_trusted:
+                await self._l1.set(key, variant, loaded.entry, loaded.l1_ttl)
+            stored_l2 = loaded.l2_ttl > 0 and self._l2 is not None
+            if stored_l2:
+                # The lease is released once the fill is in L2, where the waiters look.
+                self._fill_l2(key, variant, loaded, flight, fetched_at, token)
+                token = ""
+            return Lookup(
+                loaded.entry,
+                Source.LOADER,
+                stored=loaded.l1_ttl > 0 or stored_l2,
+                detail=loaded.detail,
+            )
+        finally:
+            if token and self._leases is not None:
+                self._spawn(self._leases.release(key, variant, token))
+
+    async def _lease_or_fill(self, key: str, variant: str) -> Stored | str:
+        """Another replica's fetch of the key, waited for (its entry, from L2); or the lease
+        token this one fetches under ("" when there is no lease to be had)."""
+        l2, leases = self._l2, self._leases
+        if l2 is None or leases is None or self._untrusted(key) or not self._l2_allowed():
+            return ""
+        token = await leases.acquire(key, variant)
+        if token is not None:
+            return token
+        found = await leases.wait_for_fill(key, variant, partial(l2.get, key, variant))
+        if found is not None and found.entry.expires_at() > self._clock.time():
+            return found
+        return ""  # the winner stored nothing, failed or died: fetch without a lease
 
     def _landed(self, key: str, variant: str, flight: _Flight, task: asyncio.Task[Lookup]) -> None:
         flights = self._flights.get(key)
@@ -364,9 +399,15 @@ class TieredCache:
         return None
 
     def _fill_l2(
-        self, key: str, variant: str, loaded: Loaded, flight: _Flight, fetched_at: float
+        self,
+        key: str,
+        variant: str,
+        loaded: Loaded,
+        flight: _Flight,
+        fetched_at: float,
+        lease: str = "",
     ) -> None:
-        task = self._spawn(self._l2_set(key, variant, loaded, flight, fetched_at))
+        task = self._spawn(self._l2_set(key, variant, loaded, flight, fetched_at, lease))
         self._fills.setdefault(key, set()).add(task)
         task.add_done_callback(partial(self._filled, key))
 
@@ -378,6 +419,21 @@ class TieredCache:
                 del self._fills[key]
 
     async def _l2_set(
+        self,
+        key: str,
+        variant: str,
+        loaded: Loaded,
+        flight: _Flight,
+        fetched_at: float,
+        lease: str = "",
+    ) -> None:
+        try:
+            await self._l2_store(key, variant, loaded, flight, fetched_at)
+        finally:
+            if lease and self._leases is not None:
+                await self._leases.release(key, variant, lease)
+
+    async def _l2_store(
         self, key: str, variant: str, loaded: Loaded, flight: _Flight, fetched_at: float
     ) -> None:
         l2 = self._l2

@@ -23,6 +23,7 @@ from cache.breaker import Breaker, breaker_logger
 from cache.clock import Clock, SystemClock
 from cache.coherence import Coherence, listener_client, replica_name
 from cache.flusher import Backoff, Flusher
+from cache.lease import Leases
 from cache.memory import MemoryTier
 from cache.observer import CacheObserver, Observers
 from cache.purge import Purger
@@ -33,7 +34,7 @@ from cache.write_behind import WriteBehind
 from proxy.handler import Proxy
 from proxy.metrics import Metrics
 from proxy.origin import OriginClient
-from proxy.routes import Mode, Router
+from proxy.routes import Coalesce, Mode, Router
 from proxy.settings import Settings
 from proxy.writes import OriginSink
 
@@ -96,6 +97,7 @@ class Runtime:
             breaker=breaker,
             # Until subscribed, another replica's change could go unheard.
             trust_l1=not coherent,
+            leases=_leases(settings),
         )
         coherence = _coherence(settings, cache, clock, observer) if coherent else None
         origin = OriginClient.create(
@@ -150,6 +152,20 @@ class Runtime:
             await self.write_behind.aclose(max(0.0, grace))
         await self.cache.aclose()
         await self.origin.aclose()
+
+
+def _leases(settings: Settings) -> Leases | None:
+    """Leases for the routes with ``coalesce: cluster``; None without any."""
+    url = settings.l2.url
+    if url is None or all(route.coalesce is Coalesce.LOCAL for route in settings.routes):
+        return None
+    return Leases(
+        client_from_url(url, timeout=settings.l2.timeout),
+        key_prefix=settings.l2.key_prefix,
+        timeout=settings.l2.timeout,
+        # Longer than the winner's fetch may take: past it, the others fetch themselves.
+        hold=settings.upstream.timeout + 1.0,
+    )
 
 
 def _coherence(

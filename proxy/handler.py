@@ -39,7 +39,7 @@ from proxy.origin import OriginClient, OriginError
 from proxy.passthrough import ClientGone, PassThrough
 from proxy.paths import BadPath, normalize_path
 from proxy.policy import bypass_reason, decide, delta_seconds, not_modified
-from proxy.routes import UNMATCHED, Mode, Route, Router
+from proxy.routes import UNMATCHED, Coalesce, Mode, Route, Router
 from proxy.writes import tombstone, validators_of, written_entry
 
 logger = logging.getLogger("cachecar.proxy")
@@ -183,7 +183,13 @@ class Proxy:
                 key, loader, l1_ttl=route.l1_ttl, l2_ttl=route.l2_ttl, tags=tags
             )
         try:
-            lookup = await self._cache.get(key, variant, l1_ttl=route.l1_ttl, loader=loader)
+            lookup = await self._cache.get(
+                key,
+                variant,
+                l1_ttl=route.l1_ttl,
+                loader=loader,
+                lease=route.coalesce is Coalesce.CLUSTER,
+            )
         except OriginError as exc:
             return error_response(exc.status, exc.title, str(exc), "cachecar; fwd=miss", "MISS")
         if lookup.coalesced and lookup.source is Source.LOADER:

@@ -35,6 +35,11 @@ _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 UNMATCHED = "unmatched"
 
 
+class Coalesce(enum.StrEnum):
+    LOCAL = "local"  # concurrent misses of a key in one process make one origin fetch
+    CLUSTER = "cluster"  # ... across every replica too: a lease in Redis (``cache.lease``)
+
+
 class Mode(enum.StrEnum):
     CACHE_ASIDE = "cache-aside"  # reads cached; writes go to the origin, then drop the key
     WRITE_THROUGH = "write-through"  # reads cached; a written value becomes the cached one
@@ -128,6 +133,7 @@ class Route:
     forward_headers: tuple[str, ...]  # lower-case request header names
     unkeyed: tuple[str, ...]  # path parameters the key template leaves out
     tags: tuple[KeyTemplate, ...] = ()
+    coalesce: Coalesce = Coalesce.LOCAL
 
     @classmethod
     def from_settings(cls, route: RouteSettings, settings: Settings) -> Route:
@@ -146,6 +152,7 @@ class Route:
             forward_headers=tuple(name.lower() for name in route.forward_headers),
             unkeyed=tuple(p for p in path.params if key is not None and p not in key.fields),
             tags=tuple(KeyTemplate.compile(tag, path.params) for tag in route.tags),
+            coalesce=route.coalesce,
         )
 
     @property

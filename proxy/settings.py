@@ -28,7 +28,7 @@ from pydantic import (
 from yarl import URL
 
 from proxy.headers import CREDENTIALS, HOP_BY_HOP
-from proxy.routes import KeyTemplate, Mode, PathTemplate, TemplateError
+from proxy.routes import Coalesce, KeyTemplate, Mode, PathTemplate, TemplateError
 from proxy.units import format_duration, format_size, parse_duration, parse_size
 
 # -- value types ---------------------------------------------------------------------------------
@@ -202,6 +202,7 @@ class RouteSettings(_Section):
     stale_while_revalidate: NotYet
     stale_if_error: NotYet
     tags: tuple[str, ...] = ()
+    coalesce: Coalesce = Coalesce.LOCAL
 
     @field_validator("path")
     @classmethod
@@ -286,11 +287,15 @@ class Settings(_Section):
     write_behind: WriteBehindSettings = WriteBehindSettings()
 
     @model_validator(mode="after")
-    def _redis_for_write_behind_and_tags(self) -> Settings:
+    def _redis_for_what_needs_it(self) -> Settings:
         if self.l2.url is None:
             for index, route in enumerate(self.routes):
                 if route.tags:
                     raise ValueError(f"routes[{index}].tags: tags are indexed in Redis; set l2.url")
+                if route.coalesce is Coalesce.CLUSTER:
+                    raise ValueError(
+                        f"routes[{index}].coalesce: cluster takes its leases in Redis; set l2.url"
+                    )
                 if route.mode is Mode.WRITE_BEHIND:
                     raise ValueError(
                         f"routes[{index}].mode: write-behind keeps its queue in Redis; set "

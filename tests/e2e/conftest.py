@@ -194,13 +194,15 @@ def write_config(
     mode: str | None = None,
     admin_token: str | None = None,
     tags: Sequence[str] = (),
+    coalesce: str | None = None,
 ) -> Config:
-    """``mode`` sets the /users/{id} route's write mode, ``tags`` its tags; ``admin_token``
-    sets admin.token."""
+    """``mode`` sets the /users/{id} route's write mode, ``tags`` its tags, ``coalesce`` its
+    coalescing; ``admin_token`` sets admin.token."""
     port, admin = free_port(), free_port()
     token = f", token: {admin_token!r}" if admin_token is not None else ""
     mode_line = f"mode: {mode}" if mode is not None else ""
     tags_line = f"tags: {list(tags)!r}" if tags else ""
+    coalesce_line = f"coalesce: {coalesce}" if coalesce is not None else ""
     l2_line = (
         f"l2: {{url: {l2!r}, key_prefix: {key_prefix!r}, timeout: 100ms, "
         "breaker: {failures: 3, reset_after: 1s}}"
@@ -219,6 +221,7 @@ def write_config(
                 key: "users:{{id}}"
                 {mode_line}
                 {tags_line}
+                {coalesce_line}
             """
         )
         + textwrap.dedent(extra)

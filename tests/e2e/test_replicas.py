@@ -8,6 +8,7 @@ answer) is asserted; the lags seen are printed for docs/operations.md.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import statistics
 import time
@@ -17,7 +18,15 @@ import aiohttp
 import pytest
 from redis.asyncio import Redis
 
-from tests.e2e.conftest import Proxy, Spawn, start_origin, start_proxy, until, write_config
+from tests.e2e.conftest import (
+    Origin,
+    Proxy,
+    Spawn,
+    start_origin,
+    start_proxy,
+    until,
+    write_config,
+)
 
 pytestmark = pytest.mark.redis
 
@@ -35,8 +44,10 @@ async def three_replicas(
     key_prefix: str,
     mode: str | None = None,
     tags: tuple[str, ...] = (),
-) -> tuple[list[Proxy], str]:
-    origin = await start_origin(spawn)
+    coalesce: str | None = None,
+    latency: str = "0ms",
+) -> tuple[list[Proxy], Origin]:
+    origin = await start_origin(spawn, latency)
     for n in range(WRITES):
         await origin.put(f"/users/{n}", {"v": "initial"})
     replicas = []
@@ -49,10 +60,11 @@ async def three_replicas(
             mode=mode,
             admin_token=TOKEN,
             tags=tags,
+            coalesce=coalesce,
             extra=f'coherence: {{channel: "{key_prefix}invalidate"}}\n',
         )
         replicas.append(await start_proxy(spawn, config, name))
-    return replicas, origin.url
+    return replicas, origin
 
 
 async def body_of(session: aiohttp.ClientSession, url: str) -> tuple[str, object]:
@@ -192,3 +204,23 @@ async def test_purge_by_key_prefix_and_tag_reaches_every_replica_and_needs_the_t
         await until(lambda: dropped_everywhere("/users/1"), "the tag users purged everywhere")
         # Untagged entries are not indexed; the tag's set expires with its entries.
         assert await redis_client.pttl(f"{key_prefix}!tag:user:1") > 0
+
+
+async def test_500_concurrent_gets_over_3_replicas_on_a_cold_key_make_one_origin_request(
+    spawn: Spawn, tmp_path: Path, redis_url: str, key_prefix: str, redis_client: Redis
+) -> None:
+    replicas, origin = await three_replicas(
+        spawn, tmp_path, redis_url, key_prefix, coalesce="cluster", latency="50ms"
+    )
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        answers = await asyncio.gather(
+            *(body_of(session, replicas[n % 3].url + "/users/7") for n in range(500))
+        )
+    assert all(value == {"v": "initial"} for _, value in answers)
+    assert await origin.count("/users/7") == 1
+    x_cache = [x for x, _ in answers]
+    print(
+        f"\n500 GETs over 3 replicas: {x_cache.count('MISS')} MISS, "
+        f"{x_cache.count('HIT-L2')} HIT-L2, {x_cache.count('HIT-L1')} HIT-L1"
+    )

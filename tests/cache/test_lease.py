@@ -1,0 +1,129 @@
+"""Leases on the real Redis: replicas that miss one key at once make one origin fetch."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+from redis.asyncio import Redis
+
+from cache.clock import SystemClock
+from cache.entry import Entry
+from cache.lease import Leases
+from cache.memory import MemoryTier
+from cache.redis_tier import RedisTier, client_from_url
+from cache.tiered import Loaded, Lookup, Source, TieredCache
+
+pytestmark = pytest.mark.redis
+
+CLOCK = SystemClock()
+HOLD = 1.0
+
+
+class Origin:
+    def __init__(self, latency: float = 0.05) -> None:
+        self.calls = 0
+        self.latency = latency
+        self.fail = False
+
+    async def load(self) -> Loaded:
+        self.calls += 1
+        await asyncio.sleep(self.latency)
+        if self.fail:
+            raise RuntimeError("origin down")
+        return Loaded(Entry(200, (), b"v", CLOCK.time(), 60), l1_ttl=60, l2_ttl=60)
+
+
+MakeReplica = Callable[[], TieredCache]
+
+
+@pytest.fixture
+async def replicas(
+    redis_url: str, key_prefix: str, redis_client: Redis
+) -> AsyncIterator[MakeReplica]:
+    made: list[TieredCache] = []
+
+    def make() -> TieredCache:
+        l1 = MemoryTier(max_entries=100, max_bytes=1 << 20, clock=CLOCK)
+        l2 = RedisTier(client_from_url(redis_url, timeout=1.0), key_prefix=key_prefix, timeout=1.0)
+        leases = Leases(
+            client_from_url(redis_url, timeout=1.0), key_prefix=key_prefix, timeout=1.0, hold=HOLD
+        )
+        cache = TieredCache(l1, l2, clock=CLOCK, leases=leases)
+        made.append(cache)
+        return cache
+
+    yield make
+    for cache in made:
+        await cache.aclose()
+
+
+async def read_everywhere(caches: list[TieredCache], origin: Origin, each: int) -> list[Lookup]:
+    return await asyncio.gather(
+        *(
+            cache.get("users:1", "", l1_ttl=60, loader=origin.load, lease=True)
+            for cache in caches
+            for _ in range(each)
+        )
+    )
+
+
+async def test_replicas_missing_one_key_at_once_make_one_origin_fetch(
+    replicas: MakeReplica,
+) -> None:
+    caches = [replicas() for _ in range(3)]
+    origin = Origin()
+    lookups = await read_everywhere(caches, origin, 50)
+    assert origin.calls == 1
+    assert {lookup.entry.body for lookup in lookups} == {b"v"}
+    sources = [lookup.source for lookup in lookups]
+    assert sources.count(Source.LOADER) == 50  # the winner's process
+    assert sources.count(Source.L2) == 100  # the two others, from the winner's fill
+
+
+async def test_without_a_lease_each_replica_fetches(replicas: MakeReplica) -> None:
+    caches = [replicas() for _ in range(3)]
+    origin = Origin()
+    await asyncio.gather(
+        *(cache.get("users:1", "", l1_ttl=60, loader=origin.load) for cache in caches)
+    )
+    assert origin.calls == 3
+
+
+async def test_when_the_winner_fails_the_others_fetch_themselves_at_once(
+    replicas: MakeReplica,
+) -> None:
+    winner, other = replicas(), replicas()
+    failing, working = Origin(latency=0.1), Origin(latency=0.0)
+    failing.fail = True
+    first = asyncio.create_task(
+        winner.get("users:1", "", l1_ttl=60, loader=failing.load, lease=True)
+    )
+    await asyncio.sleep(0.02)  # the winner holds the lease
+    started = asyncio.get_running_loop().time()
+    lookup = await other.get("users:1", "", l1_ttl=60, loader=working.load, lease=True)
+    waited = asyncio.get_running_loop().time() - started
+    with pytest.raises(RuntimeError):
+        await first
+    assert lookup.source is Source.LOADER
+    assert working.calls == 1
+    assert waited < HOLD / 2  # the released lease ended the wait, not the hold
+
+
+async def test_a_winner_that_dies_holding_the_lease_costs_the_others_one_hold(
+    replicas: MakeReplica, redis_url: str, key_prefix: str
+) -> None:
+    cache = replicas()
+    dead = Leases(
+        client_from_url(redis_url, timeout=1.0), key_prefix=key_prefix, timeout=1.0, hold=HOLD
+    )
+    assert await dead.acquire("users:1", "")  # and never releases it
+    origin = Origin(latency=0.0)
+    started = asyncio.get_running_loop().time()
+    lookup = await cache.get("users:1", "", l1_ttl=60, loader=origin.load, lease=True)
+    waited = asyncio.get_running_loop().time() - started
+    await dead.aclose()
+    assert lookup.source is Source.LOADER
+    assert origin.calls == 1
+    assert HOLD * 0.9 <= waited < HOLD * 2
