@@ -37,7 +37,8 @@ from redis.exceptions import RedisError
 from cache.clock import Clock
 from cache.errors import TierUnavailable
 from cache.observer import CacheObserver, NullObserver
-from cache.redis_tier import bounded, close_quietly
+from cache.redis_tier import RedisClient, bounded, close_quietly
+from cache.redis_url import subscriber_factory
 
 logger = logging.getLogger("cachecar.coherence")
 
@@ -72,7 +73,7 @@ class Coherence:
 
     def __init__(
         self,
-        client: Redis,
+        client: RedisClient,
         listener: Callable[[], Redis],
         channel: str,
         *,
@@ -215,21 +216,12 @@ async def _close(pubsub: Any, client: Redis) -> None:
 
 def listener_client(url: str, *, name: str, timeout: float) -> Callable[[], Redis]:
     """Clients for the subscription: named (``CLIENT LIST`` shows whose it is), no retries,
-    no read timeout (a subscription waits as long as nobody writes)."""
+    no read timeout (a subscription waits as long as nobody writes).
 
-    def make() -> Redis:
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
-
-        return Redis.from_url(
-            url,
-            client_name=name,
-            socket_connect_timeout=timeout,
-            socket_keepalive=True,
-            retry=Retry(NoBackoff(), 0),
-        )
-
-    return make
+    On Redis Cluster each is a plain client of one seed node, the next seed each time: a
+    PUBLISH reaches the subscribers of every node. Behind Sentinel, of the master.
+    """
+    return subscriber_factory(url, name=name, timeout=timeout)
 
 
 Announce = Callable[[Sequence[str]], Awaitable[None]]

@@ -21,10 +21,8 @@ import asyncio
 import secrets
 from collections.abc import Awaitable, Callable
 
-from redis.asyncio import Redis
-
 from cache.errors import CorruptEntry, TierUnavailable
-from cache.redis_tier import bounded, close_quietly
+from cache.redis_tier import RedisClient, bounded, close_quietly
 from cache.tier import Stored
 
 LEASE = "!lease:"
@@ -41,7 +39,7 @@ return 0
 
 class Leases:
     def __init__(
-        self, client: Redis, *, key_prefix: str, timeout: float, hold: float
+        self, client: RedisClient, *, key_prefix: str, timeout: float, hold: float
     ) -> None:
         self._client = client
         self._prefix = key_prefix

@@ -40,13 +40,11 @@ import logging
 import struct
 from typing import Any, NamedTuple, cast
 
-from redis.asyncio import Redis
-
 from cache.clock import Clock
 from cache.entry import Entry, decode, encode
 from cache.errors import CacheError, CorruptEntry
 from cache.queue_scripts import ACK, CLAIM, ENQUEUE, FAIL, REPLAY
-from cache.redis_tier import bounded, close_quietly
+from cache.redis_tier import RedisClient, bounded, close_quietly
 
 logger = logging.getLogger("cachecar.write_behind")
 
@@ -138,7 +136,7 @@ class WriteQueue:
 
     def __init__(
         self,
-        client: Redis,
+        client: RedisClient,
         *,
         key_prefix: str,
         timeout: float,
@@ -146,7 +144,7 @@ class WriteQueue:
         max_pending: int = 0,
         coalesce_for: float = 0.0,
     ) -> None:
-        if client.get_encoder().decode_responses:  # type: ignore[no-untyped-call]
+        if client.get_encoder().decode_responses:
             raise ValueError("the queue's client must be built with decode_responses=False")
         if timeout <= 0:
             raise ValueError("the queue timeout must be positive")

@@ -16,6 +16,13 @@ Written values are ordered too: a write-behind write carries its queue sequence 
 writing one key at once leave L2 with the value the queue will send last. ``!w`` and ``!v``
 cannot collide with a variant name (those are "" or hex digests).
 
+On Redis Cluster every script touches one key, so one slot; the tag index (one set per tag) is
+written by a pipeline that is no transaction, so its sets may live on any nodes. What must be
+atomic is a script, never MULTI: redis-py's cluster client runs each command queued in a
+transaction through ``asyncio.run`` on a thread of its own, blocking the event loop and leaving
+connections bound to a loop that is gone. A listing by prefix SCANs every primary in turn: one
+node's SCAN sees that node's keys only.
+
 Every call is bounded by ``timeout`` and any failure (refused, reset, slow, an error reply) is
 raised as ``TierUnavailable``: the tiered cache counts it and carries on as if it had missed.
 A key that holds something else (another Redis type, bytes that are not an envelope) is a
@@ -27,42 +34,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
-from redis.asyncio import Redis
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError, ResponseError
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from cache.clock import Clock, SystemClock
 from cache.entry import Entry, decode, encode
 from cache.errors import CorruptEntry, TierUnavailable
+
+# Re-exported: the callers of a tier build its client from a URL here.
+from cache.redis_url import MEMORY_URL as MEMORY_URL
+from cache.redis_url import RedisClient as RedisClient
+from cache.redis_url import client_from_url as client_from_url
 from cache.tier import Stored
-
-MEMORY_URL = "memory://"
-
-
-def client_from_url(url: str, *, timeout: float) -> Redis:
-    """A client for ``url`` set up for a bounded tier: no retries, connect and read timeouts.
-
-    ``memory://`` is an in-process Redis (fakeredis): one per call, shared by nobody.
-    """
-    if url.startswith(MEMORY_URL):
-        import fakeredis
-
-        # A server of its own: two apps in one process (tests) must not share a "memory" L2.
-        client: Redis = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
-        return client
-    from redis.asyncio.retry import Retry
-
-    # The tier bounds each call itself; redis-py retrying underneath would only spend the budget
-    # reconnecting to a server that is down.
-    return Redis.from_url(
-        url,
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-        retry=Retry(NoBackoff(), 0),
-        health_check_interval=30,
-    )
-
 
 MARK = "!w"
 # Tag sets live beside the entries as ``{key_prefix}!tag:{tag}``; logical keys never start with
@@ -130,22 +115,36 @@ redis.call('PEXPIRE', KEYS[1], math.max(tonumber(ARGV[3]), tonumber(ARGV[5])))
 return 1
 """
 
+# KEYS: the key   ARGV: variant envelope ttl_ms
+_STORE = """
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+"""
+
+# KEYS: a tag's set   -> its members; the set is gone
+_TAKE = """
+local members = redis.call('SMEMBERS', KEYS[1])
+redis.call('DEL', KEYS[1])
+return members
+"""
+
 
 class RedisTier:
-    """L2 over ``redis.asyncio``; the client must return bytes (``decode_responses=False``)."""
+    """L2 over ``redis.asyncio``, one Redis or a Cluster; the client must return bytes
+    (``decode_responses=False``)."""
 
     name = "l2"
 
     def __init__(
         self,
-        client: Redis,
+        client: RedisClient,
         *,
         key_prefix: str,
         timeout: float,
         clock: Clock | None = None,
         fence: float = 60.0,
     ) -> None:
-        if client.get_encoder().decode_responses:  # type: ignore[no-untyped-call]
+        if client.get_encoder().decode_responses:
             raise ValueError("the L2 client must be built with decode_responses=False")
         if timeout <= 0:
             raise ValueError("the L2 timeout must be positive")
@@ -157,6 +156,8 @@ class RedisTier:
         self._fill = client.register_script(_FILL)
         self._drop = client.register_script(_DROP)
         self._replace = client.register_script(_REPLACE)
+        self._store = client.register_script(_STORE)
+        self._take = client.register_script(_TAKE)
 
     async def get(self, key: str, variant: str = "") -> Stored | None:
         name = self._prefix + key
@@ -192,10 +193,7 @@ class RedisTier:
             if fetched_at is not None:
                 await self._fill(keys=[name], args=[variant, data, fetched_at, ttl_ms, CLOCK_SLACK])
                 return
-            pipe = self._client.pipeline(transaction=True)
-            pipe.hset(name, variant, data)
-            pipe.pexpire(name, ttl_ms)
-            await pipe.execute()
+            await self._store(keys=[name], args=[variant, data, ttl_ms])
 
     async def delete(self, key: str) -> bool:
         """Drop every variant of ``key`` and mark it written now (see the module docstring)."""
@@ -258,10 +256,7 @@ class RedisTier:
         """The keys indexed under ``tag``; the index of the tag is dropped (a purge by tag)."""
         name = self._prefix + TAG + tag
         async with self._bounded("purge"):
-            pipe = self._client.pipeline(transaction=True)
-            pipe.smembers(name)
-            pipe.delete(name)
-            members, _ = await pipe.execute()
+            members = await self._take(keys=[name])
         return sorted(_text(member) for member in members)
 
     async def keys_with_prefix(self, prefix: str, batch: int = 500) -> AsyncIterator[list[str]]:
@@ -272,16 +267,19 @@ class RedisTier:
         """
         pattern = _glob_escape(self._prefix + prefix) + "*"
         skip = self._prefix + TAG
-        cursor = 0
-        while True:
-            async with self._bounded("purge"):
-                cursor, found = await self._client.scan(cursor, match=pattern, count=batch)
-            keys = [_text(name)[len(self._prefix) :] for name in found]
-            keys = [key for key in keys if not (self._prefix + key).startswith(skip)]
-            if keys:
-                yield keys
-            if cursor == 0:
-                return
+        async with self._bounded("purge"):
+            nodes = await _primaries(self._client)
+        for node in nodes:
+            cursor = 0
+            while True:
+                async with self._bounded("purge"):
+                    cursor, found = await _scan(self._client, node, cursor, pattern, batch)
+                keys = [_text(name)[len(self._prefix) :] for name in found]
+                keys = [key for key in keys if not (self._prefix + key).startswith(skip)]
+                if keys:
+                    yield keys
+                if cursor == 0:
+                    break
 
     async def ping(self) -> None:
         """Raises ``TierUnavailable`` unless Redis answers within the timeout."""
@@ -311,14 +309,37 @@ async def bounded(op: str, within: float) -> AsyncIterator[None]:
         if "WRONGTYPE" in str(exc):
             raise CorruptEntry(f"{op}: the key holds another Redis type") from exc
         raise TierUnavailable(op, _describe(exc)) from exc
-    except (RedisError, OSError) as exc:
+    except (RedisError, RedisClusterException, OSError) as exc:
+        # RedisClusterException is no RedisError: a cluster no seed of which answers, say.
         raise TierUnavailable(op, _describe(exc)) from exc
 
 
-async def close_quietly(client: Redis) -> None:
+async def close_quietly(client: RedisClient) -> None:
     """Close ``client``; a Redis that is already gone is no error at shutdown."""
-    with contextlib.suppress(RedisError, OSError):
+    with contextlib.suppress(RedisError, RedisClusterException, OSError):
         await client.aclose()
+
+
+async def _primaries(client: RedisClient) -> list[ClusterNode | None]:
+    """Where SCAN must go to see every key: each primary of a cluster (a SCAN sees the keys
+    of the node it runs on), or the one Redis (None)."""
+    if not isinstance(client, RedisCluster):
+        return [None]
+    await client.initialize()  # the nodes are known once the client has asked a seed
+    return list(client.get_primaries())
+
+
+async def _scan(
+    client: RedisClient, node: ClusterNode | None, cursor: int, pattern: str, count: int
+) -> tuple[int, list[bytes | str]]:
+    """One SCAN step on ``node`` (None: the one Redis): the next cursor and the names found."""
+    if node is None or not isinstance(client, RedisCluster):
+        found: Any = await client.scan(cursor, match=pattern, count=count)
+        return int(found[0]), list(found[1])
+    # A cluster client answers a SCAN sent to one node with that node's cursor by name.
+    answer: Any = await client.scan(cursor, match=pattern, count=count, target_nodes=node)
+    cursors, names = answer
+    return int(cursors[node.name]), list(names)
 
 
 def _text(value: bytes | str) -> str:

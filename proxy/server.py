@@ -21,7 +21,6 @@ from queue import Full, Queue
 
 from aiohttp import web
 from prometheus_client import disable_created_metrics
-from yarl import URL
 
 from cache.redis_tier import MEMORY_URL
 from proxy.admin import build_admin_app
@@ -166,6 +165,11 @@ class _AccessLog(logging.Handler):
 
 
 def redact(url: str) -> str:
-    """``url`` without its password, for logs."""
-    parsed = URL(url)
-    return str(parsed.with_password("***")) if parsed.password else url
+    """``url`` without its password, for logs (cluster and Sentinel URLs list several hosts)."""
+    scheme, sep, rest = url.partition("://")
+    netloc, slash, path = rest.partition("/")
+    credentials, at, hosts = netloc.rpartition("@")
+    if not sep or not at or ":" not in credentials:
+        return url
+    user = credentials.partition(":")[0]
+    return f"{scheme}://{user}:***@{hosts}{slash}{path}"

@@ -27,6 +27,7 @@ from pydantic import (
 )
 from yarl import URL
 
+from cache.redis_url import parse_redis_url
 from proxy.headers import CREDENTIALS, HOP_BY_HOP
 from proxy.routes import Coalesce, KeyTemplate, Mode, PathTemplate, TemplateError
 from proxy.units import format_duration, format_size, parse_duration, parse_size
@@ -146,16 +147,8 @@ class L2Settings(_Section):
     @field_validator("url")
     @classmethod
     def _redis_url(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        scheme = value.partition("://")[0] if "://" in value else ""
-        if scheme in {"redis+cluster", "redis+sentinel"}:
-            raise ValueError(f"{scheme}:// is not implemented in this version yet")
-        if scheme not in {"memory", "redis", "rediss", "unix"}:
-            raise ValueError(
-                f"{value!r} is not a Redis URL (use memory://, redis://host:port/db, "
-                "rediss:// or unix://)"
-            )
+        if value is not None:
+            parse_redis_url(value)  # a ValueError names what is wrong
         return value
 
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from redis.asyncio import Redis
+from cache.redis_tier import RedisClient
 
 
-async def drop_prefix(client: Redis, prefix: str) -> int:
-    """Delete every key under ``prefix`` (SCAN, never KEYS); returns how many."""
+async def drop_prefix(client: RedisClient, prefix: str) -> int:
+    """Delete every key under ``prefix`` (SCAN, never KEYS; on a cluster, of every node);
+    returns how many."""
     keys = [key async for key in client.scan_iter(match=f"{prefix}*", count=500)]
     if keys:
         await client.delete(*keys)

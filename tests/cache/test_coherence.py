@@ -1,23 +1,31 @@
-"""Coherence over the real Redis: replicas' L1s follow each other's writes and purges."""
+"""Coherence over the real Redis, a Redis Cluster and a master behind Sentinel: replicas' L1s
+follow each other's writes and purges.
+
+On a cluster the replicas subscribe on a seed node and publish through the cluster client, so a
+message crosses the cluster bus to reach them (it is published on whatever node the client
+picks)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from cache.clock import SystemClock
 from cache.coherence import Coherence, listener_client
 from cache.entry import Entry
 from cache.memory import MemoryTier
-from cache.redis_tier import RedisTier, client_from_url
+from cache.redis_tier import RedisClient, RedisTier, client_from_url
 from cache.tiered import Loaded, Source, TieredCache
 from tests.fakes import RecordingObserver, until
 from tests.ports import free_port
+from tests.redis_servers import Deployment
 
 pytestmark = pytest.mark.redis
 
@@ -47,12 +55,14 @@ Start = Callable[..., Awaitable[Replica]]
 
 
 @pytest.fixture
-async def start(redis_url: str, key_prefix: str, redis_client: Redis) -> AsyncIterator[Start]:
-    """``await start(name)``: a replica on the real Redis, subscribed on this test's channel."""
+async def start(
+    deployment: Deployment, key_prefix: str, deployed_client: RedisClient
+) -> AsyncIterator[Start]:
+    """``await start(name)``: a replica on ``deployment``, subscribed on this test's channel."""
     channel = f"{key_prefix}invalidate"
     replicas: list[Replica] = []
 
-    async def make(name: str, url: str = redis_url) -> Replica:
+    async def make(name: str, url: str = deployment.url) -> Replica:
         observer = RecordingObserver()
         l1 = MemoryTier(max_entries=100, max_bytes=1 << 20, clock=CLOCK, observer=observer)
         l2 = RedisTier(client_from_url(url, timeout=1.0), key_prefix=key_prefix, timeout=1.0)
@@ -98,7 +108,7 @@ async def test_a_write_on_one_replica_drops_the_key_from_the_others_l1(start: St
     assert a.observer.lags == []  # its own message is ignored
 
 
-async def test_fills_are_never_announced(start: Start, redis_url: str) -> None:
+async def test_fills_are_never_announced(start: Start) -> None:
     a, b = await start("a"), await start("b")
     await subscribed(a, b)
     await b.read("users:1")
@@ -109,8 +119,18 @@ async def test_fills_are_never_announced(start: Start, redis_url: str) -> None:
     assert await b.read("users:1") == (Source.L1, b"origin")
 
 
-async def test_an_l1_is_unused_until_subscribed_and_emptied_when_it_is(start: Start) -> None:
-    a = await start("a", url=f"redis://127.0.0.1:{free_port()}")  # never subscribes
+DEAD = {
+    "redis": "redis://127.0.0.1:{port}",
+    "cluster": "redis+cluster://127.0.0.1:{port}",
+    "sentinel": "redis+sentinel://127.0.0.1:{port}/mymaster",
+}
+
+
+async def test_an_l1_is_unused_until_subscribed_and_emptied_when_it_is(
+    start: Start, deployment: Deployment
+) -> None:
+    dead = DEAD[deployment.name].format(port=free_port())
+    a = await start("a", url=dead)  # never subscribes
     assert not a.cache.l1_trusted
     assert (await a.read("users:1"))[0] is Source.LOADER
     assert (await a.read("users:1"))[0] is Source.LOADER
@@ -118,14 +138,16 @@ async def test_an_l1_is_unused_until_subscribed_and_emptied_when_it_is(start: St
 
 
 async def test_a_lost_subscription_clears_l1_and_a_value_overwritten_meanwhile_is_never_served(
-    start: Start, redis_client: Redis
+    start: Start, deployment: Deployment
 ) -> None:
     a, b = await start("a"), await start("b")
     await subscribed(a, b)
     await b.read("users:1")
     assert await b.read("users:1") == (Source.L1, b"origin")
 
-    killed = await kill_subscription(redis_client, "cachecar-coherence-b-")
+    # The subscriptions are on the node_url's node: the cluster's seed, Sentinel's master.
+    async with Redis.from_url(deployment.node_url) as node:
+        killed = await kill_subscription(node, "cachecar-coherence-b-")
     assert killed == 1
     await until(lambda: not b.coherence.subscribed)
     await a.write("users:1", b"new")  # b cannot hear this
@@ -151,13 +173,13 @@ async def test_a_prefix_change_drops_every_matching_key(start: Start) -> None:
 
 
 async def test_messages_that_are_not_cachecar_s_are_ignored(
-    start: Start, redis_client: Redis, key_prefix: str
+    start: Start, deployed_client: RedisClient, key_prefix: str
 ) -> None:
     b = await start("b")
     await subscribed(b)
     await b.read("users:1")
     for junk in (b"hello", b"[1, 2]", b'{"r": "x"}', b'{"r": "x", "t": "soon", "k": 1}'):
-        await redis_client.publish(f"{key_prefix}invalidate", junk)
+        await deployed_client.publish(f"{key_prefix}invalidate", junk)
     await asyncio.sleep(0.1)
     assert b.coherence.subscribed
     assert await b.read("users:1") == (Source.L1, b"origin")
@@ -188,3 +210,20 @@ async def test_a_lookup_under_way_when_the_change_arrives_stores_nothing(start: 
     gate.set()
     assert (await reading).entry.body == b"old"  # its caller asked before the write
     assert await b.read("users:1") == (Source.L2, b"new")
+
+
+@pytest.mark.parametrize("deployment", ["cluster"], indirect=True)
+async def test_on_a_cluster_a_change_published_on_any_node_reaches_every_replica(
+    start: Start, deployed_client: RedisClient, key_prefix: str
+) -> None:
+    b = await start("b")
+    await subscribed(b)
+    assert isinstance(deployed_client, RedisCluster)
+    await deployed_client.initialize()
+    primaries = deployed_client.get_primaries()
+    for node in primaries:  # b listens on the seed; two of these cross the cluster bus
+        change = {"r": "a", "t": CLOCK.time(), "k": [f"users:{node.port}"]}
+        await deployed_client.publish(
+            f"{key_prefix}invalidate", json.dumps(change), target_nodes=node
+        )
+    await until(lambda: len(b.observer.lags) == len(primaries) == 3)

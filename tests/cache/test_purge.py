@@ -1,11 +1,12 @@
-"""Purge in the engine, on the real Redis: batches, literal prefixes, what is counted."""
+"""Purge in the engine, on the real Redis and on a Redis Cluster: batches, literal prefixes,
+tags, what is counted."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
 import pytest
-from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from cache.clock import SystemClock
 from cache.entry import Entry
@@ -13,21 +14,28 @@ from cache.memory import MemoryTier
 from cache.purge import Purger
 from cache.redis_tier import RedisTier, client_from_url
 from cache.tiered import TieredCache
+from tests.conftest import deployment_of
+from tests.redis_keys import drop_prefix
+from tests.redis_servers import Deployment
 
 pytestmark = pytest.mark.redis
 
 CLOCK = SystemClock()
 
 
-@pytest.fixture
+@pytest.fixture(params=["redis", "cluster"])
 async def tiers(
-    redis_url: str, key_prefix: str, redis_client: Redis
+    request: pytest.FixtureRequest, key_prefix: str
 ) -> AsyncIterator[tuple[TieredCache, RedisTier]]:
-    l2 = RedisTier(client_from_url(redis_url, timeout=2.0), key_prefix=key_prefix, timeout=2.0)
+    url = deployment_of(request, request.param).url
+    l2 = RedisTier(client_from_url(url, timeout=2.0), key_prefix=key_prefix, timeout=2.0)
     l1 = MemoryTier(max_entries=10_000, max_bytes=1 << 26, clock=CLOCK)
     cache = TieredCache(l1, l2, clock=CLOCK)
     yield cache, l2
     await cache.aclose()
+    cleaner = client_from_url(url, timeout=2.0)
+    await drop_prefix(cleaner, key_prefix)
+    await cleaner.aclose()
 
 
 def entry() -> Entry:
@@ -71,3 +79,37 @@ async def test_keys_held_only_in_this_replicas_l1_are_purged_and_counted(
     await cache.l1.set("users:2", "", entry(), 60)  # in both: counted once
     assert await Purger(cache, l2, None).prefix("users:") == 2
     assert await cache.l1.get("users:1") is None
+
+
+async def test_a_tag_purge_drops_the_tagged_keys_and_the_tag(
+    tiers: tuple[TieredCache, RedisTier],
+) -> None:
+    cache, l2 = tiers
+    await l2.set("users:1", "", entry(), 60, tags=["team:a", "all"])
+    await l2.set("users:2", "", entry(), 60, tags=["team:b", "all"])
+    assert await Purger(cache, l2, None).tag("team:a") == 1
+    assert await l2.get("users:1") is None
+    assert await l2.get("users:2") is not None
+    assert await l2.tagged("team:a") == []  # the tag's set went with the purge
+    assert await l2.tagged("all") == ["users:1", "users:2"]
+
+
+async def test_on_a_cluster_the_listing_sees_the_keys_of_every_primary(
+    redis_cluster: Deployment, key_prefix: str
+) -> None:
+    client = client_from_url(redis_cluster.url, timeout=2.0)
+    assert isinstance(client, RedisCluster)
+    l2 = RedisTier(client, key_prefix=key_prefix, timeout=2.0)
+    try:
+        keys = [f"users:{n}" for n in range(60)]
+        for key in keys:
+            await l2.set(key, "", entry(), 60)
+        nodes = [client.get_node_from_key(key_prefix + key) for key in keys]
+        homes = {node.name for node in nodes if node is not None}
+        assert homes == {node.name for node in client.get_primaries()}
+        assert len(homes) == 3
+        listed = [key async for batch in l2.keys_with_prefix("users:") for key in batch]
+        assert sorted(listed) == sorted(keys)
+    finally:
+        await drop_prefix(client, key_prefix)
+        await l2.aclose()

@@ -1,4 +1,5 @@
-"""The durable write-behind queue, on fakeredis (memory://) and on the real Redis."""
+"""The durable write-behind queue, on fakeredis (memory://), on the real Redis, on a Redis
+Cluster (every script's keys in one slot, or the cluster refuses it) and behind Sentinel."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from redis.asyncio import Redis
 from cache.entry import Entry
 from cache.errors import CorruptEntry, TierUnavailable
 from cache.queue import QueuedWrite, QueueFull, WriteQueue
-from cache.redis_tier import client_from_url
+from cache.redis_tier import RedisClient, client_from_url
+from tests.conftest import deployment_of
 from tests.fakes import FakeClock
 from tests.ports import free_port
 from tests.redis_keys import drop_prefix
@@ -24,13 +26,15 @@ def put(key: str, body: bytes) -> QueuedWrite:
     return QueuedWrite(key, "PUT", f"/{key.replace(':', '/')}", entry)
 
 
-@pytest.fixture(params=["fakeredis", "redis"])
-async def client(request: pytest.FixtureRequest, key_prefix: str) -> AsyncIterator[Redis]:
-    found: Redis
+@pytest.fixture(params=["fakeredis", "redis", "cluster", "sentinel"])
+async def client(request: pytest.FixtureRequest, key_prefix: str) -> AsyncIterator[RedisClient]:
+    found: RedisClient
     if request.param == "fakeredis":
         found = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
-    else:
+    elif request.param == "redis":
         found = Redis.from_url(request.getfixturevalue("redis_url"))
+    else:  # built from its URL, as cachecar builds it
+        found = client_from_url(deployment_of(request, request.param).url, timeout=2.0)
     try:
         yield found
     finally:
@@ -38,14 +42,16 @@ async def client(request: pytest.FixtureRequest, key_prefix: str) -> AsyncIterat
         await found.aclose()
 
 
-def queue_on(client: Redis, key_prefix: str, clock: FakeClock, max_pending: int = 0) -> WriteQueue:
+def queue_on(
+    client: RedisClient, key_prefix: str, clock: FakeClock, max_pending: int = 0
+) -> WriteQueue:
     return WriteQueue(
         client, key_prefix=key_prefix, timeout=2.0, clock=clock, max_pending=max_pending
     )
 
 
 @pytest.fixture
-def queue(client: Redis, key_prefix: str, clock: FakeClock) -> WriteQueue:
+def queue(client: RedisClient, key_prefix: str, clock: FakeClock) -> WriteQueue:
     return queue_on(client, key_prefix, clock)
 
 
@@ -192,7 +198,7 @@ async def test_a_replica_that_lost_its_lease_cannot_settle_the_key(
 
 
 async def test_a_stop_takes_keys_in_their_window_but_not_those_backing_off(
-    client: Redis, key_prefix: str, clock: FakeClock
+    client: RedisClient, key_prefix: str, clock: FakeClock
 ) -> None:
     queue = WriteQueue(client, key_prefix=key_prefix, timeout=2.0, clock=clock, coalesce_for=1.0)
     await queue.enqueue(put("users:1", b"1"))
@@ -205,7 +211,7 @@ async def test_a_stop_takes_keys_in_their_window_but_not_those_backing_off(
 
 
 async def test_past_max_pending_keys_new_keys_are_refused_and_queued_ones_still_take_writes(
-    client: Redis, key_prefix: str, clock: FakeClock
+    client: RedisClient, key_prefix: str, clock: FakeClock
 ) -> None:
     queue = queue_on(client, key_prefix, clock, max_pending=2)
     await queue.enqueue(put("users:1", b"1"))
@@ -231,7 +237,7 @@ async def test_stats_report_depth_and_the_oldest_pending_age(
 
 
 async def test_every_queue_key_shares_one_hash_tag(
-    queue: WriteQueue, client: Redis, key_prefix: str
+    queue: WriteQueue, client: RedisClient, key_prefix: str
 ) -> None:
     await queue.enqueue(put("users:1", b"1"))
     [claim] = await queue.claim(10, LEASE)
@@ -242,7 +248,7 @@ async def test_every_queue_key_shares_one_hash_tag(
 
 
 async def test_bytes_that_are_not_a_queued_write_are_corrupt(
-    queue: WriteQueue, client: Redis, key_prefix: str
+    queue: WriteQueue, client: RedisClient, key_prefix: str
 ) -> None:
     await client.hset(f"{key_prefix}{{wb}}:values", "users:1", b"not ours")
     with pytest.raises(CorruptEntry):
@@ -268,7 +274,7 @@ async def test_a_client_that_decodes_responses_is_refused(clock: FakeClock) -> N
 
 
 async def test_a_key_waits_out_its_coalescing_window_before_it_can_be_claimed(
-    client: Redis, key_prefix: str, clock: FakeClock
+    client: RedisClient, key_prefix: str, clock: FakeClock
 ) -> None:
     queue = WriteQueue(client, key_prefix=key_prefix, timeout=2.0, clock=clock, coalesce_for=1.0)
     await queue.enqueue(put("users:1", b"1"))
@@ -287,7 +293,7 @@ async def test_a_key_waits_out_its_coalescing_window_before_it_can_be_claimed(
 
 
 async def test_a_stop_can_claim_keys_still_in_their_window_but_not_leased_ones(
-    client: Redis, key_prefix: str, clock: FakeClock
+    client: RedisClient, key_prefix: str, clock: FakeClock
 ) -> None:
     queue = WriteQueue(client, key_prefix=key_prefix, timeout=2.0, clock=clock, coalesce_for=1.0)
     await queue.enqueue(put("users:1", b"1"))
@@ -302,7 +308,7 @@ async def test_a_stop_can_claim_keys_still_in_their_window_but_not_leased_ones(
 
 
 async def test_an_unreadable_queued_write_is_dead_lettered_and_the_others_are_claimed(
-    queue: WriteQueue, client: Redis, key_prefix: str
+    queue: WriteQueue, client: RedisClient, key_prefix: str
 ) -> None:
     await queue.enqueue(put("users:1", b"1"))
     await queue.enqueue(put("users:2", b"2"))

@@ -1,4 +1,5 @@
-"""What every tier promises, run on L1 (memory), fakeredis (memory://) and the real Redis."""
+"""What every tier promises, run on L1 (memory), fakeredis (memory://), the real Redis, and real
+Redis deployments: a Cluster, a master behind Sentinel, a Redis over TLS."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from redis.asyncio import Redis
 
 from cache.entry import Entry
 from cache.memory import MemoryTier
-from cache.redis_tier import RedisTier
+from cache.redis_tier import RedisClient, RedisTier, client_from_url
 from cache.tier import Tier
+from tests.conftest import deployment_of
 from tests.fakes import FakeClock
 from tests.redis_keys import drop_prefix
 
@@ -25,7 +27,7 @@ class Backend:
     wait: Callable[[float], Awaitable[None]]  # let this many seconds pass for the tier
 
 
-@pytest.fixture(params=["memory", "fakeredis", "redis"])
+@pytest.fixture(params=["memory", "fakeredis", "redis", "cluster", "sentinel", "tls"])
 async def backend(request: pytest.FixtureRequest, key_prefix: str) -> AsyncIterator[Backend]:
     if request.param == "memory":
         clock = FakeClock()
@@ -38,11 +40,13 @@ async def backend(request: pytest.FixtureRequest, key_prefix: str) -> AsyncItera
         await tier.aclose()
         return
     # Redis keeps its own time: these backends wait it out for real, with a TTL of a few ms.
-    client: Redis
+    client: RedisClient
     if request.param == "fakeredis":
         client = fakeredis.FakeAsyncRedis()
-    else:
+    elif request.param == "redis":
         client = Redis.from_url(request.getfixturevalue("redis_url"))
+    else:  # built from its URL, as cachecar builds it
+        client = client_from_url(deployment_of(request, request.param).url, timeout=1.0)
     try:
         yield Backend(
             RedisTier(client, key_prefix=key_prefix, timeout=1.0), ttl=0.05, wait=asyncio.sleep

@@ -8,6 +8,7 @@ import pytest
 
 from proxy.config import ConfigError, effective_yaml, load_settings, parse_settings
 from proxy.routes import Mode
+from proxy.server import redact
 from proxy.settings import Address
 
 MINIMAL = "upstream: {url: http://127.0.0.1:9000}\n"
@@ -110,7 +111,23 @@ def test_an_unset_variable_without_a_default_names_the_variable_and_the_key() ->
         ),
         (
             "l2: {url: 'mysql://x'}",
-            "l2.url: 'mysql://x' is not a Redis URL (use memory://, redis://host:port/db, rediss:// or unix://)",
+            "l2.url: 'mysql://x' is not a Redis URL (use memory://, redis://host:port/db, rediss://, unix://, redis+cluster://host:port or redis+sentinel://host:port/service)",
+        ),
+        (
+            "l2: {url: 'redis+cluster://h:7000/2'}",
+            "l2.url: 'redis+cluster://h:7000/2': Redis Cluster has database 0 only; give no path",
+        ),
+        (
+            "l2: {url: 'redis+cluster://h:7000,h:x'}",
+            "l2.url: 'redis+cluster://h:7000,h:x': 'h:x' is not host:port (Port could not be cast to integer value as 'x')",
+        ),
+        (
+            "l2: {url: 'redis+sentinel://h:26379'}",
+            "l2.url: 'redis+sentinel://h:26379': name the master's service, as in redis+sentinel://host:26379/mymaster (or /mymaster/0 for a database)",
+        ),
+        (
+            "l2: {url: 'redis+sentinel://h:26379/mymaster/x'}",
+            "l2.url: 'redis+sentinel://h:26379/mymaster/x': '/x' is not a database number",
         ),
         (
             "routes: [{path: /a, mode: lazy}]",
@@ -170,16 +187,30 @@ def test_the_origin_url_must_be_http_with_a_host() -> None:
             "server: {workers: 4}",
             "server.workers: 4 workers: only 1 is implemented in this version yet",
         ),
-        (
-            "l2: {url: 'redis+cluster://h:7000'}",
-            "l2.url: redis+cluster:// is not implemented in this version yet",
-        ),
     ],
 )
 def test_contract_keys_this_version_does_not_implement_are_refused_by_name(
     text: str, expected: str
 ) -> None:
     assert problems(MINIMAL + text + "\n") == [expected]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "memory://",
+        "redis://h:6379/0",
+        "rediss://user:secret@h:6380/1?ssl_ca_certs=/etc/ca.pem",
+        "unix:///run/redis.sock?db=2",
+        "redis+cluster://h:7000",
+        "redis+cluster://h1:7000,h2:7001,[::1]:7002",
+        "rediss+cluster://user:secret@h:7000?ssl_cert_reqs=none",
+        "redis+sentinel://s1:26379,s2/mymaster",
+        "redis+sentinel://:secret@s1:26379/mymaster/3",
+    ],
+)
+def test_every_documented_redis_url_form_is_accepted(url: str) -> None:
+    assert parse_settings(MINIMAL + f"l2: {{url: {url!r}}}\n", env={}).l2.url == url
 
 
 @pytest.mark.parametrize(
@@ -313,3 +344,21 @@ UPSTREAM = "upstream: {url: 'http://o'}\n"
 )
 def test_tags_keys_and_coherence_are_checked(text: str, expected: str) -> None:
     assert problems(UPSTREAM + text) == [expected]
+
+
+@pytest.mark.parametrize(
+    ("url", "logged"),
+    [
+        ("redis://:pw@h:6379/0", "redis://:***@h:6379/0"),
+        ("redis://app:pw@h/0", "redis://app:***@h/0"),
+        ("redis://h:6379/0", "redis://h:6379/0"),
+        ("redis+cluster://app:s3cret@h:7000,h:7001", "redis+cluster://app:***@h:7000,h:7001"),
+        (
+            "redis+sentinel://:pw@h:26379,h2/mymaster/0",
+            "redis+sentinel://:***@h:26379,h2/mymaster/0",
+        ),
+        ("memory://", "memory://"),
+    ],
+)
+def test_a_redis_url_is_logged_without_its_password(url: str, logged: str) -> None:
+    assert redact(url) == logged
