@@ -20,8 +20,10 @@ import asyncio
 import functools
 import hmac
 from importlib import resources
+from typing import Any, Protocol
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 from cache.errors import CacheError, CorruptEntry, TierUnavailable
@@ -34,10 +36,27 @@ _NO_STORE = {"Cache-Control": "no-store"}
 DEAD_LETTERS_SHOWN = 100
 
 
-def build_admin_app(proxy_app: web.Application) -> web.Application:
-    """The admin listener's app; ``proxy_app`` must be started first."""
+class Aggregate(Protocol):
+    """The figures of several worker processes as one (``proxy.workers``)."""
+
+    async def registry(self) -> CollectorRegistry: ...
+
+    async def stats(self) -> dict[str, Any]: ...
+
+
+WORKERS = web.AppKey("workers", Aggregate)
+
+
+def build_admin_app(
+    proxy_app: web.Application, workers: Aggregate | None = None
+) -> web.Application:
+    """The admin listener's app; ``proxy_app`` must be started first. With ``workers``, the
+    figures are theirs (``proxy_app`` serves no traffic: it is the supervisor's, for the admin
+    calls that act through Redis)."""
     app = web.Application()
     app[PROXY_APP] = proxy_app
+    if workers is not None:
+        app[WORKERS] = workers
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
@@ -47,6 +66,23 @@ def build_admin_app(proxy_app: web.Application) -> web.Application:
     app.router.add_get("/admin/write-behind", write_behind)
     app.router.add_post("/admin/write-behind/replay", replay)
     return app
+
+
+def build_worker_app(proxy_app: web.Application) -> web.Application:
+    """A worker's figures for its supervisor (``proxy.workers``), on a Unix socket."""
+    app = web.Application()
+    app[PROXY_APP] = proxy_app
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/worker/stats", worker_stats)
+    return app
+
+
+async def worker_stats(request: web.Request) -> web.Response:
+    runtime = request.app[PROXY_APP][RUNTIME]
+    await runtime.metrics.refresh()
+    return web.json_response(
+        {"snapshot": runtime.metrics.snapshot(), "window": runtime.metrics.window.dump()}
+    )
 
 
 def _error(status: int, error: str, detail: str) -> web.Response:
@@ -91,18 +127,23 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     runtime = request.app[PROXY_APP][RUNTIME]
-    await runtime.metrics.refresh()
+    workers = request.app.get(WORKERS)
+    if workers is not None:
+        registry = await workers.registry()  # every worker's, added up
+    else:
+        await runtime.metrics.refresh()
+        registry = runtime.metrics.registry
     # Prometheus asks for OpenMetrics or the text format in Accept; either is served.
     encode, content_type = choose_encoder(request.headers.get("Accept", ""))
-    return web.Response(
-        body=encode(runtime.metrics.registry), headers={"Content-Type": content_type}
-    )
+    return web.Response(body=encode(registry), headers={"Content-Type": content_type})
 
 
 async def stats(request: web.Request) -> web.Response:
     runtime = request.app[PROXY_APP][RUNTIME]
+    workers = request.app.get(WORKERS)
     await runtime.metrics.refresh()
-    return web.json_response(runtime.metrics.snapshot(), headers=_NO_STORE)
+    snapshot = await workers.stats() if workers is not None else runtime.metrics.snapshot()
+    return web.json_response(snapshot, headers=_NO_STORE)
 
 
 async def dashboard(request: web.Request) -> web.Response:

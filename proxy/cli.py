@@ -122,7 +122,8 @@ def _serve(args: argparse.Namespace) -> int:
     if settings is None:
         return EXIT_INVALID_CONFIG
     try:
-        run(serve(settings))
+        # Workers (server.workers) are started with the same file.
+        run(serve(settings, config=(args.config or default_config()).resolve()))
     except ListenError as exc:
         logging.getLogger("cachecar").error("%s", exc)
         return 1

@@ -184,6 +184,9 @@ class Metrics:
             self._child(self._coalesced, route)
         self._child(self._duration, UNMATCHED, "bypass")
 
+    def now(self) -> float:
+        return self._clock.time()
+
     # -- what the proxy reports ------------------------------------------------------------------
 
     def request(self, route: str, method: str, status: int, outcome: str, seconds: float) -> None:

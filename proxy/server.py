@@ -17,25 +17,35 @@ import signal
 import sys
 import threading
 from importlib.metadata import version
+from pathlib import Path
 from queue import Full, Queue
 
 from aiohttp import web
 from prometheus_client import disable_created_metrics
 
 from cache.redis_tier import MEMORY_URL
-from proxy.admin import build_admin_app
+from proxy.admin import build_admin_app, build_worker_app
 from proxy.app import RUNTIME, build_proxy_app
 from proxy.settings import Settings
 
 logger = logging.getLogger("cachecar")
+
+# Set by the supervisor in a worker's environment: the Unix socket its figures are read on.
+WORKER_SOCKET = "CACHECAR_WORKER_SOCKET"
 
 
 class ListenError(Exception):
     """A listener could not bind its address."""
 
 
-async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
-    """Serve until ``stop`` is set (or a signal arrives), then stop gracefully."""
+async def serve(
+    settings: Settings, *, stop: asyncio.Event | None = None, config: Path | None = None
+) -> None:
+    """Serve until ``stop`` is set (or a signal arrives), then stop gracefully.
+
+    With ``server.workers`` above 1 this process supervises that many workers (``proxy.workers``,
+    each started with ``config``) and serves the admin listener for all of them.
+    """
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     # Installed for the life of the loop: a second signal while stopping is absorbed, so the
@@ -45,31 +55,51 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
 
     # One series per metric: the *_created timestamps only double what a scrape transfers.
     disable_created_metrics()  # type: ignore[no-untyped-call]
+    worker = os.environ.get(WORKER_SOCKET)
+    if settings.server.workers > 1 and worker is None:
+        from proxy.workers import supervise
+
+        await supervise(settings, config, stop)
+        logger.info("stopped")
+        return
     with _AccessLog() if settings.server.access_log else contextlib.nullcontext():
-        await _run(settings, stop)
+        await _run(settings, stop, worker)
     logger.info("stopped")
 
 
-async def _run(settings: Settings, stop: asyncio.Event) -> None:
+async def _run(settings: Settings, stop: asyncio.Event, worker: str | None) -> None:
+    """The proxy and admin listeners; a worker (``worker``: its socket) serves the proxy port
+    beside the other workers, and its figures to the supervisor on that socket."""
     loop = asyncio.get_running_loop()
     grace = settings.server.shutdown_grace
     proxy_app = build_proxy_app(settings)
     proxy_runner = web.AppRunner(proxy_app, access_log=None, shutdown_timeout=grace)
     await proxy_runner.setup()
-    admin_runner = web.AppRunner(build_admin_app(proxy_app), access_log=None, shutdown_timeout=1)
+    admin_app = build_admin_app(proxy_app) if worker is None else build_worker_app(proxy_app)
+    admin_runner = web.AppRunner(admin_app, access_log=None, shutdown_timeout=1)
     await admin_runner.setup()
     try:
-        for runner, address in (
-            (proxy_runner, settings.server.listen),
-            (admin_runner, settings.admin.listen),
-        ):
-            site = web.TCPSite(runner, address.host, address.port, backlog=1024)
+        address = settings.server.listen
+        site: web.BaseSite = web.TCPSite(
+            proxy_runner, address.host, address.port, backlog=1024, reuse_port=worker is not None
+        )
+        try:
+            await site.start()
+        except OSError as exc:
+            raise ListenError(f"cannot listen on {address}: {exc.strerror or exc}") from exc
+        if worker is None:
+            site = web.TCPSite(admin_runner, settings.admin.listen.host, settings.admin.listen.port)
             try:
                 await site.start()
             except OSError as exc:
-                raise ListenError(f"cannot listen on {address}: {exc.strerror or exc}") from exc
-        cached = sum(route.cached for route in proxy_app[RUNTIME].proxy.routes)
-        _announce(settings, cached, proxy_app[RUNTIME].write_behind is not None)
+                raise ListenError(
+                    f"cannot listen on {settings.admin.listen}: {exc.strerror or exc}"
+                ) from exc
+            cached = sum(route.cached for route in proxy_app[RUNTIME].proxy.routes)
+            _announce(settings, cached, proxy_app[RUNTIME].write_behind is not None)
+        else:
+            await web.UnixSite(admin_runner, worker).start()
+            logger.info("worker %d serving http://%s", os.getpid(), address)
         await stop.wait()
         proxy_app[RUNTIME].stopping_since = loop.time()
         logger.info("stopping: finishing in-flight requests (up to %gs)", grace)

@@ -82,19 +82,15 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+MAX_WORKERS = 64
+
+
 class ServerSettings(_Section):
     listen: AddressField = Address("127.0.0.1", 8080)
-    workers: int = Field(1, ge=1)
+    workers: int = Field(1, ge=1, le=MAX_WORKERS)
     max_body: Size = 10 << 20
     shutdown_grace: Duration = 10.0
     access_log: bool = False  # one JSON line per request on stdout
-
-    @field_validator("workers")
-    @classmethod
-    def _one_worker(cls, value: int) -> int:
-        if value != 1:
-            raise ValueError(f"{value} workers: only 1 is implemented in this version yet")
-        return value
 
 
 class AdminSettings(_Section):
@@ -278,6 +274,22 @@ class Settings(_Section):
     routes: tuple[RouteSettings, ...] = ()
     coherence: CoherenceSettings = CoherenceSettings()
     write_behind: WriteBehindSettings = WriteBehindSettings()
+
+    @model_validator(mode="after")
+    def _workers_are_replicas(self) -> Settings:
+        if self.server.workers > 1:
+            url = self.l2.url
+            if url is None or url.startswith("memory://"):
+                raise ValueError(
+                    "server.workers: each worker has an L1 of its own; above 1 they need a shared "
+                    "Redis (l2.url) to keep them coherent"
+                )
+            if not self.coherence.enabled:
+                raise ValueError(
+                    "server.workers: above 1, coherence.enabled must be true (each worker's L1 "
+                    "must hear the others' writes)"
+                )
+        return self
 
     @model_validator(mode="after")
     def _redis_for_what_needs_it(self) -> Settings:

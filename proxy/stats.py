@@ -119,6 +119,57 @@ class Window:
             self.origin_errors += 1
             bucket.origin_errors += 1
 
+    # -- several processes' windows as one (server.workers) ----------------------------------
+
+    def dump(self) -> dict[str, Any]:
+        """Everything this window holds, as JSON, for ``merge`` in another process."""
+        return {
+            "started": self.started,
+            "requests": dict(self.requests),
+            "lookups": [[tier, hit, n] for (tier, hit), n in self.lookups.items()],
+            "origin_requests": self.origin_requests,
+            "origin_errors": self.origin_errors,
+            "seconds": [
+                {
+                    "second": s.second,
+                    "requests": {o: list(bins.items()) for o, bins in s.requests.items()},
+                    "lookups": [[tier, hit, n] for (tier, hit), n in s.lookups.items()],
+                    "origin": s.origin,
+                    "origin_errors": s.origin_errors,
+                    "origin_bins": list(s.origin_bins.items()),
+                }
+                for s in self._seconds
+            ],
+        }
+
+    def merge(self, dumped: Mapping[str, Any], *, seconds: bool = True) -> None:
+        """Add another window's counts (``dump``) to this one's; ``seconds=False``: its totals
+        since start only (a process that is gone: its last minute no longer counts)."""
+        self.started = min(self.started, float(dumped["started"]))
+        self.requests.update(dumped["requests"])
+        for tier, hit, n in dumped["lookups"]:
+            self.lookups[tier, hit] += n
+        self.origin_requests += dumped["origin_requests"]
+        self.origin_errors += dumped["origin_errors"]
+        if not seconds:
+            return
+        kept = {s.second: s for s in self._seconds}
+        for raw in dumped["seconds"]:
+            bucket = kept.get(raw["second"])
+            if bucket is None:
+                bucket = kept[raw["second"]] = _Second(raw["second"])
+            for outcome, bins in raw["requests"].items():
+                mine = bucket.requests.setdefault(outcome, {})
+                for index, n in bins:
+                    mine[index] = mine.get(index, 0) + n
+            for tier, hit, n in raw["lookups"]:
+                bucket.lookups[tier, hit] += n
+            bucket.origin += raw["origin"]
+            bucket.origin_errors += raw["origin_errors"]
+            bucket.origin_bins.update(dict(raw["origin_bins"]))
+        newest = sorted(kept.values(), key=lambda s: s.second)[-(WINDOW + 1) :]
+        self._seconds = deque(newest, maxlen=WINDOW + 1)
+
     def complete(self, now: float, span: int) -> list[_Second]:
         """The last ``span`` complete seconds before ``now`` (since the start), quiet ones too."""
         current = int(now)

@@ -183,10 +183,6 @@ def test_the_origin_url_must_be_http_with_a_host() -> None:
             "routes: [{path: /a, stale_if_error: 10m}]",
             "routes[0].stale_if_error: is in the documented contract but not implemented in this version yet",
         ),
-        (
-            "server: {workers: 4}",
-            "server.workers: 4 workers: only 1 is implemented in this version yet",
-        ),
     ],
 )
 def test_contract_keys_this_version_does_not_implement_are_refused_by_name(
@@ -362,3 +358,36 @@ def test_tags_keys_and_coherence_are_checked(text: str, expected: str) -> None:
 )
 def test_a_redis_url_is_logged_without_its_password(url: str, logged: str) -> None:
     assert redact(url) == logged
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "server: {workers: 2}",
+            "server.workers: each worker has an L1 of its own; above 1 they need a shared "
+            "Redis (l2.url) to keep them coherent",
+        ),
+        (
+            "server: {workers: 2}\nl2: {url: 'memory://'}",
+            "server.workers: each worker has an L1 of its own; above 1 they need a shared "
+            "Redis (l2.url) to keep them coherent",
+        ),
+        (
+            "server: {workers: 2}\nl2: {url: 'redis://h'}\ncoherence: {enabled: false}",
+            "server.workers: above 1, coherence.enabled must be true (each worker's L1 must "
+            "hear the others' writes)",
+        ),
+        (
+            "server: {workers: 65}",
+            "server.workers: Input should be less than or equal to 64 (got 65)",
+        ),
+    ],
+)
+def test_workers_need_a_shared_redis_with_coherence(text: str, expected: str) -> None:
+    assert problems(UPSTREAM + text) == [expected]
+
+
+def test_workers_with_a_shared_redis_are_accepted() -> None:
+    settings = parse_settings(UPSTREAM + "server: {workers: 4}\nl2: {url: 'redis://h'}", env={})
+    assert settings.server.workers == 4

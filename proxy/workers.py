@@ -1,0 +1,386 @@
+"""``server.workers: N``: N processes serving one port, one cachecar to the outside.
+
+    supervisor (cachecar serve)         admin listener: /metrics, /admin/stats, purge, replay ...
+      |  a runtime of its own for the admin calls that act through Redis (purge, write-behind)
+      |  spawns, watches, restarts
+      +-- worker 0 --+  each: the proxy port (SO_REUSEPORT: the kernel spreads connections),
+      +-- worker 1 --+        its own L1, a replica like any other (coherence over Redis), and
+      +-- ...       -+        its figures on a Unix socket of its own
+
+The figures of all workers are added up when asked for: counters and histograms summed (a worker
+that died keeps counting with the last figures read from it, so no counter goes backwards when
+it is restarted), gauges summed or, where a sum means nothing, the largest or smallest.
+``/admin/stats`` merges the workers' last-minute windows the same way.
+
+Workers are replicas of one another, so several need what several hosts need: a shared Redis
+(``l2.url``) with coherence on; the config refuses workers without them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy.admin import build_admin_app
+from proxy.app import RUNTIME, build_proxy_app
+from proxy.metrics import Metrics
+from proxy.server import WORKER_SOCKET, ListenError
+from proxy.settings import Settings
+from proxy.stats import Window
+
+logger = logging.getLogger("cachecar.workers")
+
+READY_WITHIN = 20.0  # seconds a new worker has to answer on its socket
+ASK_WITHIN = 2.0  # seconds a worker has to hand over its figures
+RESTART_FIRST, RESTART_MAX = 0.1, 5.0  # the wait before restarting a worker that died
+STEADY = 10.0  # a worker up this long restarts, if it dies, after RESTART_FIRST again
+
+# Gauges whose sum over workers means nothing.
+LARGEST = frozenset(
+    {
+        "cachecar_l2_breaker_open",  # one worker skipping Redis is worth knowing
+        "cachecar_build_info",
+        "cachecar_write_behind_queue_depth",  # the queue is shared: each reports all of it
+        "cachecar_write_behind_oldest_age_seconds",
+        "cachecar_write_behind_dead_letters",
+        "process_max_fds",
+    }
+)
+SMALLEST = frozenset(
+    {
+        "cachecar_coherence_subscribed",  # 1 only while every worker hears the others
+        "cachecar_write_behind_queue_readable",
+        "process_start_time_seconds",
+    }
+)
+SUMMED_TYPES = frozenset({"counter", "histogram", "summary"})
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+@dataclass
+class _Family:
+    name: str
+    kind: str
+    help: str
+    samples: Samples = field(default_factory=dict)
+
+
+@dataclass
+class _Slot:
+    index: int
+    socket: str
+    process: asyncio.subprocess.Process | None = None
+    restarts: int = 0
+    families: list[_Family] = field(default_factory=list)  # the last read
+    stats: dict[str, Any] | None = None  # the last read
+
+
+class Workers:
+    """Starts, watches and restarts the workers, and adds up their figures."""
+
+    def __init__(self, settings: Settings, config: Path, directory: Path, control: Metrics) -> None:
+        self._settings = settings
+        self._config = config
+        self._control = control
+        self._slots = [
+            _Slot(index, str(directory / f"worker-{index}.sock"))
+            for index in range(settings.server.workers)
+        ]
+        self._stopping = asyncio.Event()
+        self._watching: list[asyncio.Task[None]] = []
+        # What workers that died had counted, in their last figures read.
+        self._retired: dict[str, _Family] = {}
+        self._retired_window = Window(control.window.started)
+        self._retired_totals: Counter[str] = Counter()
+
+    # -- processes ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await asyncio.gather(*(self._spawn(slot) for slot in self._slots))
+        self._watching = [asyncio.create_task(self._watch(slot)) for slot in self._slots]
+
+    async def stop(self, within: float) -> None:
+        """SIGTERM every worker (each finishes its requests and flushes within the grace)."""
+        self._stopping.set()
+        for task in self._watching:
+            task.cancel()
+        await asyncio.gather(*self._watching, return_exceptions=True)
+        running = [s.process for s in self._slots if s.process and s.process.returncode is None]
+        for process in running:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
+        try:
+            async with asyncio.timeout(within):
+                await asyncio.gather(*(process.wait() for process in running))
+        except TimeoutError:
+            for process in running:
+                if process.returncode is None:
+                    logger.error("worker %d did not stop within %gs: killed", process.pid, within)
+                    with contextlib.suppress(ProcessLookupError):
+                        process.kill()
+                    await process.wait()
+
+    async def _spawn(self, slot: _Slot) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(slot.socket)
+        level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
+        slot.process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "proxy",
+            "--log-level",
+            level if level in {"debug", "info", "warning", "error"} else "info",
+            "serve",
+            "-c",
+            str(self._config),
+            env={**os.environ, WORKER_SOCKET: slot.socket},
+        )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + READY_WITHIN
+        while await self._ask(slot, "/worker/stats") is None:
+            if slot.process.returncode is not None or loop.time() > deadline:
+                logger.error("worker %d did not start (see its log above)", slot.process.pid)
+                return
+            await asyncio.sleep(0.05)
+
+    async def _watch(self, slot: _Slot) -> None:
+        loop = asyncio.get_running_loop()
+        wait = RESTART_FIRST
+        while not self._stopping.is_set():
+            assert slot.process is not None
+            started = loop.time()
+            code = await slot.process.wait()
+            if self._stopping.is_set():
+                return
+            self._retire(slot)
+            if loop.time() - started > STEADY:
+                wait = RESTART_FIRST
+            logger.error(
+                "worker %d exited (%s); starting another in %.1fs",
+                slot.process.pid,
+                _describe(code),
+                wait,
+            )
+            await asyncio.sleep(wait)
+            wait = min(wait * 2, RESTART_MAX)
+            slot.restarts += 1
+            await self._spawn(slot)
+
+    def _retire(self, slot: _Slot) -> None:
+        """Keep what a dead worker counted: its counters add to everyone's from now on."""
+        for family in slot.families:
+            if family.kind not in SUMMED_TYPES:
+                continue
+            kept = self._retired.setdefault(
+                family.name, _Family(family.name, family.kind, family.help)
+            )
+            for key, value in family.samples.items():
+                kept.samples[key] = kept.samples.get(key, 0.0) + value
+        if slot.stats is not None:
+            self._retired_window.merge(slot.stats["window"], seconds=False)
+            self._retired_totals.update(_totals(slot.stats["snapshot"]))
+        slot.families, slot.stats = [], None
+
+    # -- figures --------------------------------------------------------------------------------
+
+    async def _ask(self, slot: _Slot, path: str) -> str | None:
+        try:
+            async with (
+                aiohttp.ClientSession(
+                    connector=aiohttp.UnixConnector(path=slot.socket),
+                    timeout=aiohttp.ClientTimeout(total=ASK_WITHIN),
+                ) as session,
+                session.get(f"http://worker{path}") as response,
+            ):
+                if response.status != 200:
+                    return None
+                return await response.text()
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            return None
+
+    async def _read_all(self, path: str) -> list[tuple[_Slot, str | None]]:
+        answers = await asyncio.gather(*(self._ask(slot, path) for slot in self._slots))
+        return list(zip(self._slots, answers, strict=True))
+
+    async def registry(self) -> CollectorRegistry:
+        for slot, text in await self._read_all("/metrics"):
+            if text is not None:
+                slot.families = _parse(text)
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Merged(self._merged()))
+        return registry
+
+    def _merged(self) -> list[Metric]:
+        merged: dict[str, _Family] = {}
+        gauges: dict[str, list[Samples]] = {}
+        live = [slot.families for slot in self._slots if slot.families]
+        for family in [f for families in live for f in families] + list(self._retired.values()):
+            into = merged.setdefault(family.name, _Family(family.name, family.kind, family.help))
+            if family.kind in SUMMED_TYPES:
+                for key, value in family.samples.items():
+                    into.samples[key] = into.samples.get(key, 0.0) + value
+            else:
+                gauges.setdefault(family.name, []).append(family.samples)
+        for name, parts in gauges.items():
+            pick = max if name in LARGEST else min if name in SMALLEST else sum
+            keys = {key for part in parts for key in part}
+            merged[name].samples = {
+                key: float(pick(part[key] for part in parts if key in part)) for key in keys
+            }
+        metrics = []
+        for family in merged.values():
+            metric = Metric(family.name, family.help, family.kind)
+            for (sample, labels), value in sorted(family.samples.items()):
+                metric.add_sample(sample, dict(labels), value)
+            metrics.append(metric)
+        return metrics
+
+    async def stats(self) -> dict[str, Any]:
+        for slot, text in await self._read_all("/worker/stats"):
+            if text is not None:
+                slot.stats = json.loads(text)
+        now = self._control.now()
+        window = Window(self._retired_window.started)
+        window.merge(self._retired_window.dump(), seconds=False)
+        live = [slot.stats for slot in self._slots if slot.stats is not None]
+        for stats in live:
+            window.merge(stats["window"])
+        totals = self._retired_totals + sum((_totals(s["snapshot"]) for s in live), Counter())
+        snapshots = [s["snapshot"] for s in live]
+        control = self._control.snapshot()
+        return {
+            "version": 1,
+            "time": now,
+            **window.snapshot(now),
+            "coalesced_total": totals["coalesced"],
+            "l1": {
+                "entries": sum(s["l1"]["entries"] for s in snapshots),
+                "bytes": sum(s["l1"]["bytes"] for s in snapshots),
+                "max_entries": sum(s["l1"]["max_entries"] for s in snapshots),
+                "max_bytes": sum(s["l1"]["max_bytes"] for s in snapshots),
+                "evictions_total": {
+                    reason: totals[f"evicted:{reason}"]
+                    for reason in control["l1"]["evictions_total"]
+                },
+            },
+            "l2": {
+                "enabled": control["l2"]["enabled"],
+                "breaker": "open"
+                if any(s["l2"]["breaker"] == "open" for s in snapshots)
+                else "closed",
+                "errors_total": totals["l2_errors"],
+            },
+            "coherence": {
+                "enabled": control["coherence"]["enabled"],
+                "subscribed": bool(snapshots)
+                and all(s["coherence"]["subscribed"] for s in snapshots),
+            },
+            "write_behind": {
+                **control["write_behind"],
+                "flushed_total": {
+                    result: totals[f"flushed:{result}"]
+                    for result in control["write_behind"]["flushed_total"]
+                },
+                "coalesced_total": totals["wb_coalesced"],
+            },
+            "workers": [
+                {
+                    "index": slot.index,
+                    "pid": slot.process.pid if slot.process else None,
+                    "up": slot.process is not None and slot.process.returncode is None,
+                    "restarts": slot.restarts,
+                }
+                for slot in self._slots
+            ],
+        }
+
+
+class _Merged:
+    def __init__(self, metrics: list[Metric]) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        return self._metrics
+
+
+def _parse(text: str) -> list[_Family]:
+    families = []
+    for parsed in text_string_to_metric_families(text):
+        family = _Family(parsed.name, parsed.type, parsed.documentation)
+        for sample in parsed.samples:
+            key = (sample.name, tuple(sorted(sample.labels.items())))
+            family.samples[key] = sample.value
+        families.append(family)
+    return families
+
+
+def _totals(snapshot: dict[str, Any]) -> Counter[str]:
+    """A worker's since-start figures that add up across workers."""
+    totals: Counter[str] = Counter({"coalesced": snapshot["coalesced_total"]})
+    for reason, n in snapshot["l1"]["evictions_total"].items():
+        totals[f"evicted:{reason}"] = n
+    totals["l2_errors"] = snapshot["l2"]["errors_total"]
+    for result, n in snapshot["write_behind"]["flushed_total"].items():
+        totals[f"flushed:{result}"] = n
+    totals["wb_coalesced"] = snapshot["write_behind"]["coalesced_total"]
+    return totals
+
+
+def _describe(code: int) -> str:
+    if code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return f"exit code {code}"
+
+
+async def supervise(settings: Settings, config: Path | None, stop: asyncio.Event) -> None:
+    """Run ``settings.server.workers`` workers and the admin listener until ``stop``."""
+    if config is None:
+        raise ValueError("workers are started with the config file's path")
+    directory = Path(tempfile.mkdtemp(prefix="cachecar-workers-"))
+    control_app = build_proxy_app(settings)  # serves no traffic: purge and the queue's admin
+    control_runner = web.AppRunner(control_app, access_log=None)
+    await control_runner.setup()
+    workers = Workers(settings, config, directory, control_app[RUNTIME].metrics)
+    admin_runner = web.AppRunner(
+        build_admin_app(control_app, workers), access_log=None, shutdown_timeout=1
+    )
+    await admin_runner.setup()
+    try:
+        await workers.start()
+        address = settings.admin.listen
+        try:
+            await web.TCPSite(admin_runner, address.host, address.port).start()
+        except OSError as exc:
+            raise ListenError(f"cannot listen on {address}: {exc.strerror or exc}") from exc
+        logger.info(
+            "cachecar: %d workers serving http://%s; admin on http://%s",
+            settings.server.workers,
+            settings.server.listen,
+            address,
+        )
+        await stop.wait()
+        logger.info("stopping the workers (up to %gs)", settings.server.shutdown_grace)
+    finally:
+        await workers.stop(settings.server.shutdown_grace + 5.0)
+        await admin_runner.cleanup()
+        await control_runner.cleanup()
+        shutil.rmtree(directory, ignore_errors=True)
