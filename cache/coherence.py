@@ -45,6 +45,8 @@ logger = logging.getLogger("cachecar.coherence")
 # Waits between attempts to subscribe again: from RETRY_FIRST doubling to RETRY_MAX.
 RETRY_FIRST = 0.05
 RETRY_MAX = 2.0
+BATCH = 500  # keys per message
+MAX_UNSENT = 100_000  # keys remembered for announcing again; past it, "drop everything"
 
 
 class Local(Protocol):
@@ -96,6 +98,11 @@ class Coherence:
         self._subscribed = asyncio.Event()
         self._tried = asyncio.Event()  # the first subscription attempt succeeded or failed
         self._published_ok = True
+        # Changes that could not be announced, sent again until Redis takes them: a replica
+        # that stays subscribed would otherwise keep serving what they replaced.
+        self._unsent_keys: set[str] = set()
+        self._unsent_prefixes: set[str] = set()
+        self._resending: asyncio.Task[None] | None = None
 
     @property
     def subscribed(self) -> bool:
@@ -112,30 +119,68 @@ class Coherence:
     # -- announcing ---------------------------------------------------------------------------
 
     async def publish(self, keys: Sequence[str]) -> None:
-        """Tell the other replicas that ``keys`` changed (never raises)."""
-        if keys:
-            await self._send({"k": list(keys)})
+        """Tell the other replicas that ``keys`` changed (never raises; a change that cannot
+        be announced now is announced again until it is)."""
+        for start in range(0, len(keys), BATCH):
+            batch = list(keys[start : start + BATCH])
+            if not await self._send({"k": batch}):
+                self._keep(keys=list(keys[start:]))
+                return
 
     async def publish_prefix(self, prefix: str) -> None:
-        await self._send({"p": prefix})
+        if not await self._send({"p": prefix}):
+            self._keep(prefixes=[prefix])
 
-    async def _send(self, change: dict[str, Any]) -> None:
+    @property
+    def unsent(self) -> int:
+        """Changes waiting to be announced again."""
+        return len(self._unsent_keys) + len(self._unsent_prefixes)
+
+    def _keep(self, *, keys: Sequence[str] = (), prefixes: Sequence[str] = ()) -> None:
+        if len(self._unsent_keys) + len(keys) > MAX_UNSENT:
+            # Too many to remember: the others are told to drop everything instead.
+            self._unsent_keys.clear()
+            self._unsent_prefixes = {""}
+        else:
+            self._unsent_keys.update(keys)
+            self._unsent_prefixes.update(prefixes)
+        if self._resending is None or self._resending.done():
+            self._resending = asyncio.create_task(self._resend(), name="coherence-resend")
+
+    async def _resend(self) -> None:
+        wait = RETRY_FIRST
+        while self._unsent_keys or self._unsent_prefixes:
+            await asyncio.sleep(wait)
+            wait = min(wait * 2, RETRY_MAX)
+            prefixes, self._unsent_prefixes = self._unsent_prefixes, set()
+            keys, self._unsent_keys = list(self._unsent_keys), set()
+            for prefix in prefixes:
+                if not await self._send({"p": prefix}):
+                    self._unsent_prefixes.add(prefix)
+            for start in range(0, len(keys), BATCH):
+                if not await self._send({"k": keys[start : start + BATCH]}):
+                    self._unsent_keys.update(keys[start:])
+                    break
+
+    async def _send(self, change: dict[str, Any]) -> bool:
         message = json.dumps({"r": self.replica, "t": self._clock.time(), **change})
         try:
             async with bounded("publish", self._timeout):
                 await self._client.publish(self._channel, message)
         except TierUnavailable as exc:
-            # The others cannot hear anyone either while Redis is away from them too: they are
-            # unsubscribed and clear their L1 when they are back. Only a partition from this
-            # replica alone leaves their L1 as it was, until its TTL.
             self._observer.tier_error("l2", "publish")
             if self._published_ok:
-                logger.warning("cannot announce changes to other replicas: %s", exc.reason)
+                logger.warning(
+                    "cannot announce changes to other replicas (%s); announcing them again "
+                    "until Redis takes them",
+                    exc.reason,
+                )
             self._published_ok = False
-            return
+            return False
         if not self._published_ok:
             logger.info("announcing changes to other replicas again")
         self._published_ok = True
+        return True
 
     # -- listening ----------------------------------------------------------------------------
 
@@ -144,10 +189,11 @@ class Coherence:
             self._task = asyncio.create_task(self._listen(), name="coherence")
 
     async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        for task in (self._task, self._resending):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._task = self._resending = None
         await close_quietly(self._client)
 
     async def _listen(self) -> None:
@@ -172,11 +218,13 @@ class Coherence:
                         first = False
                     elif message["type"] == "message":
                         await self._apply(message["data"])
-            except (RedisError, OSError) as exc:
+            except Exception as exc:  # anything but a cancel: listen again, never give up
                 if self._subscribed.is_set() or first:
                     logger.warning(
-                        "not subscribed to %r (%s): L1 cleared and unused until subscribed again",
+                        "not subscribed to %r (%s: %s): L1 cleared and unused until subscribed "
+                        "again",
                         self._channel,
+                        type(exc).__name__,
                         exc,
                     )
                     first = False
@@ -196,7 +244,7 @@ class Coherence:
             if change.get("r") == self.replica:
                 return  # this replica's own change: its caches made it already
             keys, prefix, sent = change.get("k"), change.get("p"), float(change["t"])
-        except (ValueError, TypeError, KeyError, AttributeError):
+        except Exception:  # whatever anyone publishes on the channel, it is only ignored
             logger.warning("ignoring a message on %r that is not cachecar's", self._channel)
             return
         if isinstance(keys, list):

@@ -44,7 +44,6 @@ logger = logging.getLogger("cachecar.cache")
 # Keys whose L2 delete failed, remembered until L2 answers; past this many, further ones are only
 # logged (memory must stay bounded through a long outage).
 MAX_PENDING_DELETES = 100_000
-ANNOUNCE_BATCH = 500  # keys per coherence message of a purge
 
 
 class Source(enum.Enum):
@@ -231,8 +230,9 @@ class TieredCache:
 
     async def distrust_l1(self) -> None:
         """Stop using L1 (changes may go unheard from now on) and empty it."""
-        self._l1_trusted = False
-        await self._empty_l1()
+        if self._l1_trusted:
+            self._l1_trusted = False
+            await self._empty_l1()
 
     async def trust_l1(self) -> None:
         """Use L1 again, emptied: it may hold what an unheard change dropped."""
@@ -287,8 +287,7 @@ class TieredCache:
             self._observer.invalidated(Invalidation.ADMIN)
             held += await self._replace(key, None, announce=False)
         if self.announce is not None:
-            for start in range(0, len(keys), ANNOUNCE_BATCH):
-                await self.announce(keys[start : start + ANNOUNCE_BATCH])
+            await self.announce(keys)  # in messages of many keys each
         undone = sum(1 for key in keys if key in self._pending_deletes)
         if undone:
             raise TierUnavailable(
@@ -541,6 +540,7 @@ class TieredCache:
         if self._retrying_deletes:
             return
         self._retrying_deletes = True
+        dropped: list[str] = []
         try:
             while self._pending_deletes and self._l2 is not None and self._l2_allowed():
                 key = next(iter(self._pending_deletes))
@@ -550,10 +550,11 @@ class TieredCache:
                     self._l2_failed(exc)
                     return
                 self._pending_deletes.discard(key)
-                if self.announce is not None:
-                    await self.announce([key])
+                dropped.append(key)
         finally:
             self._retrying_deletes = False
+            if dropped and self.announce is not None:
+                await self.announce(dropped)  # many keys a message, not one each
 
     def _foreign(self, key: str, exc: CorruptEntry) -> None:
         """Redis answered, but what it holds under ``key`` is not ours to read: drop it."""

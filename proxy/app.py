@@ -143,14 +143,15 @@ class Runtime:
             self.write_behind.start()
 
     async def aclose(self) -> None:
-        if self.coherence is not None:
-            await self.coherence.aclose()
         if self.write_behind is not None:
             grace = self.settings.server.shutdown_grace
             if self.stopping_since is not None:
                 grace -= asyncio.get_running_loop().time() - self.stopping_since
             await self.write_behind.aclose(max(0.0, grace))
         await self.cache.aclose()
+        # Last: the drain and the cache's last L2 deletes still announce their changes.
+        if self.coherence is not None:
+            await self.coherence.aclose()
         await self.origin.aclose()
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import pytest
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from cache.clock import SystemClock
 from cache.coherence import Coherence, listener_client
@@ -227,3 +228,51 @@ async def test_on_a_cluster_a_change_published_on_any_node_reaches_every_replica
             f"{key_prefix}invalidate", json.dumps(change), target_nodes=node
         )
     await until(lambda: len(b.observer.lags) == len(primaries) == 3)
+
+
+async def test_no_message_anyone_publishes_stops_the_listening(
+    start: Start, deployed_client: RedisClient, key_prefix: str
+) -> None:
+    a, b = await start("a"), await start("b")
+    await subscribed(a, b)
+    channel = f"{key_prefix}invalidate"
+    hostile = (b"[" * 100_000, b'{"r": "x", "t": 1' + b"0" * 400 + b', "k": []}', b"\xff\xfe")
+    for message in hostile:
+        await deployed_client.publish(channel, message)
+    await b.read("users:1")
+    await a.write("users:1", b"new")  # still heard after all that
+    await until(lambda: b.observer.lags != [])
+    assert b.coherence.subscribed
+    assert await b.read("users:1") == (Source.L2, b"new")
+
+
+class FailingOnce:
+    """A publishing client whose first PUBLISH fails (a Redis stall past the timeout)."""
+
+    def __init__(self, client: RedisClient) -> None:
+        self.client = client
+        self.failed = False
+
+    async def publish(self, channel: str, message: str) -> int:
+        if not self.failed:
+            self.failed = True
+            raise RedisConnectionError("stalled")
+        return await self.client.publish(channel, message)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+async def test_a_change_that_could_not_be_announced_is_announced_again(
+    start: Start, deployment: Deployment
+) -> None:
+    a, b = await start("a"), await start("b")
+    await subscribed(a, b)
+    await b.read("users:1")
+    assert (await b.read("users:1"))[0] is Source.L1
+    a.coherence._client = FailingOnce(client_from_url(deployment.url, timeout=1.0))  # type: ignore[assignment]
+    await a.write("users:1", b"new")  # its announcement fails, then is sent again
+    await until(lambda: b.observer.lags != [])
+    assert await b.read("users:1") == (Source.L2, b"new")
+    assert a.coherence.unsent == 0
+    assert a.observer.errors["l2", "publish"] == 1
