@@ -4,8 +4,8 @@
     prefix  -> L2 walked with SCAN a batch at a time (never KEYS), each batch dropped and
                announced; then what only this replica's L1 holds; then the prefix announced,
                so the others drop what only their L1s hold
-    tag     -> the tag's set in L2 (filled when tagged entries are stored) read and dropped,
-               its keys dropped and announced
+    tag     -> the tag's set in L2 (filled when tagged entries are stored) read with SSCAN a
+               batch at a time, its keys dropped and announced, then the set dropped
 
 The figure returned is how many keys held something here (L2, or this replica's L1).
 """
@@ -31,15 +31,23 @@ class Purger:
 
     async def prefix(self, prefix: str) -> int:
         held = 0
-        if self._l2 is not None:
-            async for keys in self._l2.keys_with_prefix(prefix):
-                held += await self._cache.purge(keys)
-        held += await self._cache.forget_prefix(prefix, Invalidation.ADMIN)
-        if self._coherence is not None:
-            await self._coherence.publish_prefix(prefix)
+        try:
+            if self._l2 is not None:
+                async for keys in self._l2.keys_with_prefix(prefix):
+                    held += await self._cache.purge(keys)
+        finally:
+            # Also when L2 failed part way: this replica's L1, and the others', follow.
+            held += await self._cache.forget_prefix(prefix, Invalidation.ADMIN)
+            if self._coherence is not None:
+                await self._coherence.publish_prefix(prefix)
         return held
 
     async def tag(self, tag: str) -> int:
         if self._l2 is None:
             return 0  # tags are indexed in L2 only (the config asks for one with tags)
-        return await self._cache.purge(await self._l2.tagged(tag))
+        held = 0
+        async for keys in self._l2.tagged(tag):
+            held += await self._cache.purge(keys)
+        # Dropped only once its keys are: a purge cut short can be sent again and finds them.
+        await self._l2.drop_tag(tag)
+        return held

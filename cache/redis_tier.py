@@ -50,9 +50,12 @@ from cache.redis_url import client_from_url as client_from_url
 from cache.tier import Stored
 
 MARK = "!w"
-# Tag sets live beside the entries as ``{key_prefix}!tag:{tag}``; logical keys never start with
-# "!" (the config refuses such key templates), so the two cannot meet.
+# cachecar's own records beside the entries start with "!" (tag sets ``!tag:``, leases
+# ``!lease:``) or "{" (the write-behind queue, ``{wb}:``). A logical key starting with either
+# (a path parameter can be anything) is stored with one more "!" in front (``entry_name``), so
+# no request can read, drop or purge one of those records.
 TAG = "!tag:"
+OWN = ("!", "{")
 # Clocks of replicas differ a little: a fill that started this soon after a mark is not trusted.
 CLOCK_SLACK = 1.0
 
@@ -121,12 +124,6 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 """
 
-# KEYS: a tag's set   -> its members; the set is gone
-_TAKE = """
-local members = redis.call('SMEMBERS', KEYS[1])
-redis.call('DEL', KEYS[1])
-return members
-"""
 
 
 class RedisTier:
@@ -157,10 +154,9 @@ class RedisTier:
         self._drop = client.register_script(_DROP)
         self._replace = client.register_script(_REPLACE)
         self._store = client.register_script(_STORE)
-        self._take = client.register_script(_TAKE)
 
     async def get(self, key: str, variant: str = "") -> Stored | None:
-        name = self._prefix + key
+        name = self.entry_name(key)
         async with self._bounded("get"):
             pipe = self._client.pipeline(transaction=False)
             pipe.hget(name, variant)
@@ -185,7 +181,7 @@ class RedisTier:
     ) -> None:
         if ttl <= 0:
             return
-        name = self._prefix + key
+        name = self.entry_name(key)
         data = encode(entry)
         ttl_ms = max(1, round(ttl * 1000))
         async with self._bounded("set"):
@@ -199,7 +195,7 @@ class RedisTier:
         """Drop every variant of ``key`` and mark it written now (see the module docstring)."""
         async with self._bounded("delete"):
             removed: int = await self._drop(
-                keys=[self._prefix + key], args=[self._clock.time(), self._fence_ms]
+                keys=[self.entry_name(key)], args=[self._clock.time(), self._fence_ms]
             )
         return removed > 0
 
@@ -222,7 +218,7 @@ class RedisTier:
         async with self._bounded("replace"):
             await self._index(key, tags, max(1, round(ttl * 1000)))
             stored: int = await self._replace(
-                keys=[self._prefix + key],
+                keys=[self.entry_name(key)],
                 args=[
                     variant,
                     data,
@@ -252,21 +248,31 @@ class RedisTier:
             pipe.pexpire(name, ttl_ms, gt=True)
         await pipe.execute()
 
-    async def tagged(self, tag: str) -> list[str]:
-        """The keys indexed under ``tag``; the index of the tag is dropped (a purge by tag)."""
+    async def tagged(self, tag: str, batch: int = 500) -> AsyncIterator[list[str]]:
+        """The keys indexed under ``tag``, a batch at a time (SSCAN: a tag of any size is read
+        in bounded calls); the index is left as it is (``drop_tag`` once they are purged)."""
         name = self._prefix + TAG + tag
+        cursor = 0
+        while True:
+            async with self._bounded("purge"):
+                cursor, members = await self._client.sscan(name, cursor, count=batch)
+            if members:
+                yield sorted({_text(member) for member in members})
+            if cursor == 0:
+                return
+
+    async def drop_tag(self, tag: str) -> None:
         async with self._bounded("purge"):
-            members = await self._take(keys=[name])
-        return sorted(_text(member) for member in members)
+            await self._client.delete(self._prefix + TAG + tag)
 
     async def keys_with_prefix(self, prefix: str, batch: int = 500) -> AsyncIterator[list[str]]:
-        """The keys starting with ``prefix``, a batch at a time (SCAN, never KEYS).
+        """The keys starting with ``prefix``, a batch at a time (SCAN, never KEYS); cachecar's
+        own records are never among them.
 
         Keys dropped by a write are kept a while as marks (see the module docstring): they
         are listed too, and a drop of one removes nothing.
         """
-        pattern = _glob_escape(self._prefix + prefix) + "*"
-        skip = self._prefix + TAG
+        pattern = _glob_escape(self.entry_name(prefix)) + "*"
         async with self._bounded("purge"):
             nodes = await _primaries(self._client)
         for node in nodes:
@@ -274,12 +280,22 @@ class RedisTier:
             while True:
                 async with self._bounded("purge"):
                     cursor, found = await _scan(self._client, node, cursor, pattern, batch)
-                keys = [_text(name)[len(self._prefix) :] for name in found]
-                keys = [key for key in keys if not (self._prefix + key).startswith(skip)]
+                keys = [key for key in map(self._logical, found) if key is not None]
                 if keys:
                     yield keys
                 if cursor == 0:
                     break
+
+    def entry_name(self, key: str) -> str:
+        """The Redis name of ``key``'s entry."""
+        return self._prefix + ("!" + key if key.startswith(OWN) else key)
+
+    def _logical(self, name: bytes | str) -> str | None:
+        """The key whose entry ``name`` is; None for cachecar's own records."""
+        rest = _text(name)[len(self._prefix) :]
+        if rest.startswith("!") and rest[1:].startswith(OWN):
+            return rest[1:]
+        return None if rest.startswith(OWN) else rest
 
     async def ping(self) -> None:
         """Raises ``TierUnavailable`` unless Redis answers within the timeout."""

@@ -194,7 +194,7 @@ async def purge(request: web.Request) -> web.Response:
         else:
             purged = await purger.tag(value)
     except (TierUnavailable, CorruptEntry) as exc:
-        return _error(503, "purge incomplete", f"{exc}; this replica's L1 is purged, retry")
+        return _error(503, "purge incomplete", f"{exc}; what was dropped stays dropped: retry")
     return web.json_response({"purged": purged})
 
 

@@ -208,8 +208,6 @@ class RouteSettings(_Section):
         path = info.data.get("path")
         if value is None or path is None:
             return value
-        if value.startswith("!"):
-            raise ValueError(f"{value!r}: keys starting with '!' are cachecar's own in Redis")
         try:
             KeyTemplate.compile(value, PathTemplate.compile(path).params)
         except TemplateError as exc:

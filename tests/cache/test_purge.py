@@ -90,8 +90,44 @@ async def test_a_tag_purge_drops_the_tagged_keys_and_the_tag(
     assert await Purger(cache, l2, None).tag("team:a") == 1
     assert await l2.get("users:1") is None
     assert await l2.get("users:2") is not None
-    assert await l2.tagged("team:a") == []  # the tag's set went with the purge
-    assert await l2.tagged("all") == ["users:1", "users:2"]
+    assert await tagged(l2, "team:a") == []  # the tag's set went with the purge
+    assert await tagged(l2, "all") == ["users:1", "users:2"]
+
+
+async def tagged(l2: RedisTier, tag: str) -> list[str]:
+    return sorted([key async for batch in l2.tagged(tag) for key in batch])
+
+
+async def test_a_tag_purge_cut_short_loses_nothing_and_can_be_sent_again(
+    tiers: tuple[TieredCache, RedisTier],
+) -> None:
+    cache, l2 = tiers
+    for n in range(5):
+        await l2.set(f"users:{n}", "", entry(), 60, tags=["all"])
+    # A purge that stopped after its first batch (Redis went away).
+    first = await anext(l2.tagged("all", batch=2))
+    await cache.purge(first)
+    assert len(await tagged(l2, "all")) == 5  # the index is still whole
+    assert await Purger(cache, l2, None).tag("all") == 5 - len(first)
+    assert await tagged(l2, "all") == []
+
+
+async def test_keys_that_look_like_cachecars_own_records_stay_apart_from_them(
+    tiers: tuple[TieredCache, RedisTier], key_prefix: str
+) -> None:
+    cache, l2 = tiers
+    await l2.set("users:1", "", entry(), 60, tags=["user:1"])
+    # A path parameter can be anything, such as the names of the tag set or the queue.
+    for key in ("!tag:user:1", "{wb}:values", "!lease:0:users:1"):
+        assert await l2.get(key) is None
+        await l2.set(key, "", entry(), 60)
+        assert await l2.get(key) is not None
+    assert await tagged(l2, "user:1") == ["users:1"]  # the tag's set is untouched
+    purger = Purger(cache, l2, None)
+    assert await purger.prefix("{wb}") == 1  # the look-alike key, not the queue's records
+    assert await purger.prefix("!") == 2
+    assert await tagged(l2, "user:1") == ["users:1"]
+    assert await purger.tag("user:1") == 1
 
 
 async def test_on_a_cluster_the_listing_sees_the_keys_of_every_primary(

@@ -331,10 +331,6 @@ UPSTREAM = "upstream: {url: 'http://o'}\n"
             "routes: [{path: '/u/{id}', tags: ['user:{id}']}]",
             "routes[0].tags: tags are indexed in Redis; set l2.url",
         ),
-        (
-            "routes: [{path: '/u/{id}', key: '!tag:{id}'}]",
-            "routes[0].key: '!tag:{id}': keys starting with '!' are cachecar's own in Redis",
-        ),
         ("coherence: {channel: ''}", "coherence.channel: a channel name cannot be empty"),
     ],
 )
