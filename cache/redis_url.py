@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import itertools
+import socket
 from collections.abc import Callable
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -212,6 +213,17 @@ def _sentinel_master(parsed: RedisUrl, timeout: float, options: dict[str, Any]) 
     return client
 
 
+_KEEPALIVE = {
+    option: value
+    for option, value in (
+        (getattr(socket, "TCP_KEEPIDLE", None), 10),
+        (getattr(socket, "TCP_KEEPINTVL", None), 5),
+        (getattr(socket, "TCP_KEEPCNT", None), 3),
+    )
+    if option is not None
+}
+
+
 def subscriber_factory(url: str, *, name: str, timeout: float) -> Callable[[], Redis]:
     """Clients for a subscription: named (``CLIENT LIST`` shows whose it is), no retries,
     no read timeout (a subscription waits as long as nobody writes); see the module docstring
@@ -221,6 +233,10 @@ def subscriber_factory(url: str, *, name: str, timeout: float) -> Callable[[], R
         "client_name": name,
         "socket_connect_timeout": timeout,
         "socket_keepalive": True,
+        # A connection cut without a reset (a dead host, a partition) is noticed in about
+        # 10 + 3 x 5 seconds, not the kernel's default two hours: until then the replica
+        # trusts an L1 it may no longer be told about.
+        "socket_keepalive_options": _KEEPALIVE,
         "retry": _no_retries(),
     }
     if parsed.kind is Kind.SENTINEL:
