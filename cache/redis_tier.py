@@ -125,7 +125,6 @@ redis.call('PEXPIRE', KEYS[1], ARGV[3])
 """
 
 
-
 class RedisTier:
     """L2 over ``redis.asyncio``, one Redis or a Cluster; the client must return bytes
     (``decode_responses=False``)."""
