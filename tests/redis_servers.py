@@ -101,7 +101,7 @@ class Servers:
                 popen.wait()
 
 
-def _server_args(port: int, where: Path, *extra: str) -> list[str]:
+def server_args(port: int, where: Path, *extra: str) -> list[str]:
     return [
         binary("redis-server"),
         "--port",
@@ -129,7 +129,7 @@ def cluster(where: Path, masters: int = 3) -> Iterator[Deployment]:
             # The bus port is set too: port + 10000 (the default) may be past 65535.
             servers.start(
                 f"node-{port}",
-                _server_args(
+                server_args(
                     port,
                     where,
                     "--cluster-enabled",
@@ -193,7 +193,7 @@ def sentinel(where: Path, service: str = "mymaster") -> Iterator[Deployment]:
         f"sentinel monitor {service} 127.0.0.1 {master} 1\n"
     )
     try:
-        servers.start("master", _server_args(master, where))
+        servers.start("master", server_args(master, where))
         servers.start("sentinel", [binary("redis-server"), str(config), "--sentinel"])
         servers.wait_answer(f"redis://127.0.0.1:{master}", deadline)
         servers.wait_answer(f"redis://127.0.0.1:{watcher}", deadline)
@@ -250,7 +250,7 @@ def tls(where: Path) -> Iterator[Deployment]:
         servers.start(
             "tls",
             [
-                *_server_args(0, where),
+                *server_args(0, where),
                 "--tls-port",
                 str(port),
                 "--tls-cert-file",

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,8 +20,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.conftest import IN_CI
 from tests.ports import free_port
+from tests.redis_servers import server_args
 
 CACHECAR = str(Path(sys.executable).parent / "cachecar")
 
@@ -235,30 +234,5 @@ async def start_proxy(spawn: Spawn, config: Config, name: str = "proxy") -> Prox
     return Proxy(config.url, config.admin, process)
 
 
-def redis_server_binary() -> str:
-    found = shutil.which("redis-server")
-    if found is None:
-        message = "redis-server is not installed (scripts/test installs it)"
-        if IN_CI:
-            pytest.fail(f"{message}; CI needs it")
-        pytest.skip(f"{message}; not in CI, so skipped here and failed in CI")
-    return found
-
-
 def start_redis(spawn: Spawn, port: int, name: str = "redis") -> Process:
-    return spawn(
-        name,
-        [
-            redis_server_binary(),
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            os.environ.get("TMPDIR", "/tmp"),
-        ],
-    )
+    return spawn(name, server_args(port, Path(os.environ.get("TMPDIR", "/tmp"))))
