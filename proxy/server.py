@@ -62,9 +62,23 @@ async def serve(
         await supervise(settings, config, stop)
         logger.info("stopped")
         return
+    orphaned = asyncio.create_task(_stop_when_orphaned(stop)) if worker else None
     with _AccessLog() if settings.server.access_log else contextlib.nullcontext():
         await _run(settings, stop, worker)
+    if orphaned is not None:
+        orphaned.cancel()
     logger.info("stopped")
+
+
+async def _stop_when_orphaned(stop: asyncio.Event) -> None:
+    """A worker whose supervisor died (kill -9 leaves no time to stop it) stops by itself."""
+    parent = os.getppid()
+    while True:  # no event tells of a parent's death: look once a second
+        await asyncio.sleep(1.0)
+        if os.getppid() != parent:
+            break
+    logger.warning("the supervisor (pid %d) is gone: stopping", parent)
+    stop.set()
 
 
 async def _run(settings: Settings, stop: asyncio.Event, worker: str | None) -> None:

@@ -153,6 +153,8 @@ class Workers:
             "-c",
             str(self._config),
             env={**os.environ, WORKER_SOCKET: slot.socket},
+            # Signals from a terminal reach the supervisor only; it stops the workers itself.
+            start_new_session=True,
         )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + READY_WITHIN

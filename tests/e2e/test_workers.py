@@ -157,3 +157,23 @@ async def test_a_worker_killed_is_restarted_and_counters_never_go_backwards(
 
         await until(emptied, "every worker's L1 purged")
     assert "exited (killed by SIGKILL)" in proxy.process.output()
+
+
+async def test_workers_stop_by_themselves_when_the_supervisor_is_killed(
+    spawn: Spawn, tmp_path: Path, redis_url: str, key_prefix: str, redis_client: Redis
+) -> None:
+    config, proxy = await start_workers(spawn, tmp_path, redis_url, key_prefix)
+    async with aiohttp.ClientSession() as session:
+        pids = await worker_pids(session, config.admin)
+    proxy.process.popen.send_signal(signal.SIGKILL)  # no time to stop anyone
+
+    async def all_gone() -> bool:
+        for pid in pids:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                continue
+            return False
+        return True
+
+    await until(all_gone, "the orphaned workers stopped", within=15)
