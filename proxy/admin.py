@@ -43,6 +43,9 @@ class Aggregate(Protocol):
 
     async def stats(self) -> dict[str, Any]: ...
 
+    @property
+    def up(self) -> int: ...
+
 
 WORKERS = web.AppKey("workers", Aggregate)
 
@@ -119,6 +122,12 @@ async def readyz(request: web.Request) -> web.Response:
     results = dict(zip(checks, await asyncio.gather(*checks.values()), strict=True))
     problems = {name: problem for name, problem in results.items() if problem is not None}
     body = {name: problems.get(name, "up") for name in results}
+    workers = request.app.get(WORKERS)
+    if workers is not None:  # the supervisor's: ready while any worker serves the port
+        running, wanted = workers.up, runtime.settings.server.workers
+        body["workers"] = f"{running} of {wanted} up"
+        if running == 0:
+            problems["workers"] = f"none of {wanted} workers is running"
     if problems:
         reason = "; ".join(f"{name}: {problem}" for name, problem in problems.items())
         return web.json_response({"status": "unavailable", "reason": reason, **body}, status=503)

@@ -54,6 +54,9 @@ class Runtime:
     purger: Purger
     # When the stop began (loop time): the write-behind drain gets what is left of the grace.
     stopping_since: float | None = None
+    # False for a runtime that serves no traffic (the workers' supervisor): it reads and
+    # replays the write-behind queue but neither flushes nor drains it.
+    flushes: bool = True
 
     @classmethod
     def open(
@@ -139,11 +142,13 @@ class Runtime:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(SUBSCRIBE_WAIT):
                     await self.coherence.first_attempt()
-        if self.write_behind is not None:
+        if self.write_behind is not None and self.flushes:
             self.write_behind.start()
 
     async def aclose(self) -> None:
-        if self.write_behind is not None:
+        if self.write_behind is not None and not self.flushes:
+            await self.write_behind.queue.aclose()
+        elif self.write_behind is not None:
             grace = self.settings.server.shutdown_grace
             if self.stopping_since is not None:
                 grace -= asyncio.get_running_loop().time() - self.stopping_since
@@ -236,14 +241,17 @@ def build_proxy_app(
     clock: Clock | None = None,
     observer: CacheObserver | None = None,
     registry: CollectorRegistry | None = None,
+    flushes: bool = True,
 ) -> web.Application:
-    """The proxy app; its metrics go to ``registry`` (a new one when not given)."""
+    """The proxy app; its metrics go to ``registry`` (a new one when not given). ``flushes``:
+    whether it flushes the write-behind queue (False: a supervisor's, serving no traffic)."""
     app = web.Application(client_max_size=settings.server.max_body)
     clock = clock or SystemClock()
 
     async def runtime(app: web.Application) -> AsyncIterator[None]:
         metrics = Metrics(clock, registry)
         app[RUNTIME] = Runtime.open(settings, clock, metrics, observer)
+        app[RUNTIME].flushes = flushes
         await app[RUNTIME].start()
         yield
         await app[RUNTIME].aclose()

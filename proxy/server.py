@@ -73,8 +73,8 @@ async def serve(
 async def _stop_when_orphaned(stop: asyncio.Event) -> None:
     """A worker whose supervisor died (kill -9 leaves no time to stop it) stops by itself."""
     parent = os.getppid()
-    while True:  # no event tells of a parent's death: look once a second
-        await asyncio.sleep(1.0)
+    while parent != 1:  # 1: adopted by init already, the supervisor gone before we looked
+        await asyncio.sleep(1.0)  # no event tells of a parent's death: look once a second
         if os.getppid() != parent:
             break
     logger.warning("the supervisor (pid %d) is gone: stopping", parent)
@@ -112,7 +112,9 @@ async def _run(settings: Settings, stop: asyncio.Event, worker: str | None) -> N
             cached = sum(route.cached for route in proxy_app[RUNTIME].proxy.routes)
             _announce(settings, cached, proxy_app[RUNTIME].write_behind is not None)
         else:
-            await web.UnixSite(admin_runner, worker).start()
+            # "@name": the abstract socket "\0name" (the supervisor's way to say it).
+            path = "\0" + worker[1:] if worker.startswith("@") else worker
+            await web.UnixSite(admin_runner, path).start()
             logger.info("worker %d serving http://%s", os.getpid(), address)
         await stop.wait()
         proxy_app[RUNTIME].stopping_since = loop.time()

@@ -23,17 +23,15 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import signal
+import socket
 import sys
-import tempfile
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
@@ -43,7 +41,7 @@ from proxy.admin import build_admin_app
 from proxy.app import RUNTIME, build_proxy_app
 from proxy.metrics import Metrics
 from proxy.server import WORKER_SOCKET, ListenError
-from proxy.settings import Settings
+from proxy.settings import Address, Settings
 from proxy.stats import Window
 
 logger = logging.getLogger("cachecar.workers")
@@ -97,12 +95,14 @@ class _Slot:
 class Workers:
     """Starts, watches and restarts the workers, and adds up their figures."""
 
-    def __init__(self, settings: Settings, config: Path, directory: Path, control: Metrics) -> None:
+    def __init__(self, settings: Settings, config: Path, control: Metrics) -> None:
         self._settings = settings
         self._config = config
         self._control = control
+        # Abstract Unix sockets (a leading NUL): no file, so no writable directory and no path
+        # length to worry about; the supervisor's pid keeps two supervisors apart.
         self._slots = [
-            _Slot(index, str(directory / f"worker-{index}.sock"))
+            _Slot(index, f"\0cachecar-{os.getpid()}-{index}")
             for index in range(settings.server.workers)
         ]
         self._stopping = asyncio.Event()
@@ -140,8 +140,6 @@ class Workers:
                     await process.wait()
 
     async def _spawn(self, slot: _Slot) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(slot.socket)
         level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
         slot.process = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -152,7 +150,8 @@ class Workers:
             "serve",
             "-c",
             str(self._config),
-            env={**os.environ, WORKER_SOCKET: slot.socket},
+            # An environment value cannot hold the NUL: "@" stands for it (as in ss and lsof).
+            env={**os.environ, WORKER_SOCKET: "@" + slot.socket[1:]},
             # Signals from a terminal reach the supervisor only; it stops the workers itself.
             start_new_session=True,
         )
@@ -168,24 +167,35 @@ class Workers:
         loop = asyncio.get_running_loop()
         wait = RESTART_FIRST
         while not self._stopping.is_set():
-            assert slot.process is not None
-            started = loop.time()
-            code = await slot.process.wait()
-            if self._stopping.is_set():
-                return
-            self._retire(slot)
-            if loop.time() - started > STEADY:
-                wait = RESTART_FIRST
-            logger.error(
-                "worker %d exited (%s); starting another in %.1fs",
-                slot.process.pid,
-                _describe(code),
-                wait,
-            )
+            try:
+                assert slot.process is not None
+                started = loop.time()
+                code = await slot.process.wait()
+                if self._stopping.is_set():
+                    return
+                self._retire(slot)
+                if loop.time() - started > STEADY:
+                    wait = RESTART_FIRST
+                logger.error(
+                    "worker %d exited (%s); starting another in %.1fs",
+                    slot.process.pid,
+                    _describe(code),
+                    wait,
+                )
+            except Exception:  # never give a slot up: log, and start a worker again
+                logger.exception("watching worker slot %d failed", slot.index)
             await asyncio.sleep(wait)
             wait = min(wait * 2, RESTART_MAX)
             slot.restarts += 1
-            await self._spawn(slot)
+            try:
+                await self._spawn(slot)
+            except Exception:
+                logger.exception("starting a worker in slot %d failed; trying again", slot.index)
+
+    @property
+    def up(self) -> int:
+        """Workers running now."""
+        return sum(1 for s in self._slots if s.process and s.process.returncode is None)
 
     def _retire(self, slot: _Slot) -> None:
         """Keep what a dead worker counted: its counters add to everyone's from now on."""
@@ -205,28 +215,47 @@ class Workers:
     # -- figures --------------------------------------------------------------------------------
 
     async def _ask(self, slot: _Slot, path: str) -> str | None:
-        try:
-            async with (
-                aiohttp.ClientSession(
-                    connector=aiohttp.UnixConnector(path=slot.socket),
-                    timeout=aiohttp.ClientTimeout(total=ASK_WITHIN),
-                ) as session,
-                session.get(f"http://worker{path}") as response,
-            ):
-                if response.status != 200:
-                    return None
-                return await response.text()
-        except (aiohttp.ClientError, TimeoutError, OSError):
-            return None
+        """A worker's answer to ``GET path``; None when it gives none (starting, gone).
 
-    async def _read_all(self, path: str) -> list[tuple[_Slot, str | None]]:
+        Plain HTTP/1.0 over a socket connected here: uvloop cannot connect to an abstract
+        Unix socket by name, Python's socket module can.
+        """
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            async with asyncio.timeout(ASK_WITHIN):
+                await asyncio.get_running_loop().sock_connect(sock, slot.socket)
+                reader, writer = await asyncio.open_unix_connection(sock=sock)
+                try:
+                    writer.write(f"GET {path} HTTP/1.0\r\nHost: worker\r\n\r\n".encode())
+                    answer = await reader.read()
+                finally:
+                    writer.close()
+        except (OSError, TimeoutError):
+            sock.close()
+            return None
+        head, _, body = answer.partition(b"\r\n\r\n")
+        if not head.startswith((b"HTTP/1.0 200", b"HTTP/1.1 200")):
+            return None
+        return body.decode()
+
+    async def _read_all(self, path: str) -> list[tuple[_Slot, str]]:
+        """Each slot's answer, for the slots whose worker is still the one that answered (a
+        worker that died meanwhile has been retired: its answer would count it twice)."""
+        asked = [slot.process for slot in self._slots]
         answers = await asyncio.gather(*(self._ask(slot, path) for slot in self._slots))
-        return list(zip(self._slots, answers, strict=True))
+        return [
+            (slot, answer)
+            for slot, process, answer in zip(self._slots, asked, answers, strict=True)
+            if answer is not None
+            and slot.process is process
+            and process is not None
+            and process.returncode is None
+        ]
 
     async def registry(self) -> CollectorRegistry:
         for slot, text in await self._read_all("/metrics"):
-            if text is not None:
-                slot.families = _parse(text)
+            slot.families = _parse(text)
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_Merged(self._merged()))
         return registry
@@ -251,15 +280,15 @@ class Workers:
         metrics = []
         for family in merged.values():
             metric = Metric(family.name, family.help, family.kind)
-            for (sample, labels), value in sorted(family.samples.items()):
+            # In the workers' order: each label set's lines stay together, buckets by le.
+            for (sample, labels), value in family.samples.items():
                 metric.add_sample(sample, dict(labels), value)
             metrics.append(metric)
         return metrics
 
     async def stats(self) -> dict[str, Any]:
         for slot, text in await self._read_all("/worker/stats"):
-            if text is not None:
-                slot.stats = json.loads(text)
+            slot.stats = json.loads(text)
         now = self._control.now()
         window = Window(self._retired_window.started)
         window.merge(self._retired_window.dump(), seconds=False)
@@ -349,7 +378,10 @@ def _totals(snapshot: dict[str, Any]) -> Counter[str]:
 
 def _describe(code: int) -> str:
     if code < 0:
-        return f"killed by {signal.Signals(-code).name}"
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
     return f"exit code {code}"
 
 
@@ -357,17 +389,21 @@ async def supervise(settings: Settings, config: Path | None, stop: asyncio.Event
     """Run ``settings.server.workers`` workers and the admin listener until ``stop``."""
     if config is None:
         raise ValueError("workers are started with the config file's path")
-    directory = Path(tempfile.mkdtemp(prefix="cachecar-workers-"))
-    control_app = build_proxy_app(settings)  # serves no traffic: purge and the queue's admin
+    for address in (settings.server.listen, settings.admin.listen):
+        _free(address)
+    # Serves no traffic: purges and the queue's admin act through Redis from it. The workers
+    # flush the queue; this one does not.
+    control_app = build_proxy_app(settings, flushes=False)
     control_runner = web.AppRunner(control_app, access_log=None)
     await control_runner.setup()
-    workers = Workers(settings, config, directory, control_app[RUNTIME].metrics)
+    workers = Workers(settings, config, control_app[RUNTIME].metrics)
     admin_runner = web.AppRunner(
         build_admin_app(control_app, workers), access_log=None, shutdown_timeout=1
     )
     await admin_runner.setup()
     try:
         await workers.start()
+        # Once the workers serve: whoever waits for the admin listener finds the port ready.
         address = settings.admin.listen
         try:
             await web.TCPSite(admin_runner, address.host, address.port).start()
@@ -385,4 +421,15 @@ async def supervise(settings: Settings, config: Path | None, stop: asyncio.Event
         await workers.stop(settings.server.shutdown_grace + 5.0)
         await admin_runner.cleanup()
         await control_runner.cleanup()
-        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _free(address: Address) -> None:
+    """Refuse to start when something holds ``address``: workers bind the proxy port with
+    SO_REUSEPORT, which would let them share it with another cachecar's, silently."""
+    family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((address.host, address.port))
+        except OSError as exc:
+            raise ListenError(f"cannot listen on {address}: {exc.strerror or exc}") from exc

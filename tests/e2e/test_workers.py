@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
 from tests.e2e.conftest import (
+    CACHECAR,
     Config,
     Proxy,
     Spawn,
@@ -27,6 +28,7 @@ from tests.e2e.conftest import (
     until,
     write_config,
 )
+from tests.ports import free_port
 
 pytestmark = pytest.mark.redis
 
@@ -177,3 +179,20 @@ async def test_workers_stop_by_themselves_when_the_supervisor_is_killed(
         return True
 
     await until(all_gone, "the orphaned workers stopped", within=15)
+
+
+async def test_a_second_cachecar_cannot_share_the_port_and_readyz_counts_the_workers(
+    spawn: Spawn, tmp_path: Path, redis_url: str, key_prefix: str, redis_client: Redis
+) -> None:
+    config, _ = await start_workers(spawn, tmp_path, redis_url, key_prefix)
+    async with aiohttp.ClientSession() as session, session.get(config.admin + "/readyz") as r:
+        assert r.status == 200
+        assert (await r.json())["workers"] == f"{WORKERS} of {WORKERS} up"
+    # The same proxy port, another admin port: SO_REUSEPORT must not let it join in.
+    other = tmp_path / "other.yaml"
+    admin = config.admin.removeprefix("http://")
+    free = f"127.0.0.1:{free_port()}"
+    other.write_text(config.path.read_text().replace(f'"{admin}"', f'"{free}"'))
+    second = spawn("second", [CACHECAR, "serve", "-c", str(other)])
+    assert second.wait(within=20) == 1
+    assert "cannot listen on" in second.output()

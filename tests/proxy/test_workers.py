@@ -6,6 +6,8 @@ from pathlib import Path
 
 from prometheus_client import generate_latest
 from prometheus_client.core import Metric
+from prometheus_client.openmetrics import exposition as openmetrics
+from prometheus_client.openmetrics import parser as openmetrics_parser
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.config import parse_settings
@@ -33,7 +35,7 @@ def workers(tmp_path: Path) -> Workers:
     settings = parse_settings(
         "upstream: {url: 'http://o'}\nl2: {url: 'redis://h'}\nserver: {workers: 2}", env={}
     )
-    return Workers(settings, tmp_path / "c.yaml", tmp_path, Metrics(FakeClock()))
+    return Workers(settings, tmp_path / "c.yaml", Metrics(FakeClock()))
 
 
 def values(pool: Workers) -> dict[str, float]:
@@ -79,3 +81,33 @@ def test_a_dead_workers_counts_stay_and_its_gauges_go(tmp_path: Path) -> None:
     assert values(pool)["cachecar_l1_entries"] == 4  # its L1 died with it
     first.families = _parse(WORKER.format(requests=2, entries=1, breaker=0, subscribed=1))
     assert values(pool)["cachecar_requests_total"] == 17
+
+
+HISTOGRAM = """\
+# HELP cachecar_request_duration_seconds Time.
+# TYPE cachecar_request_duration_seconds histogram
+cachecar_request_duration_seconds_bucket{outcome="hit_l1",le="0.5"} 1.0
+cachecar_request_duration_seconds_bucket{outcome="hit_l1",le="10.0"} 2.0
+cachecar_request_duration_seconds_bucket{outcome="hit_l1",le="+Inf"} 2.0
+cachecar_request_duration_seconds_count{outcome="hit_l1"} 2.0
+cachecar_request_duration_seconds_sum{outcome="hit_l1"} 3.0
+cachecar_request_duration_seconds_bucket{outcome="miss",le="0.5"} 0.0
+cachecar_request_duration_seconds_bucket{outcome="miss",le="10.0"} 1.0
+cachecar_request_duration_seconds_bucket{outcome="miss",le="+Inf"} 1.0
+cachecar_request_duration_seconds_count{outcome="miss"} 1.0
+cachecar_request_duration_seconds_sum{outcome="miss"} 4.0
+"""
+
+
+def test_the_merged_exposition_is_valid_openmetrics(tmp_path: Path) -> None:
+    pool = workers(tmp_path)
+    for slot in pool._slots:
+        slot.families = _parse(HISTOGRAM)
+    text = openmetrics.generate_latest(_Registry(pool._merged())).decode()  # type: ignore[no-untyped-call]
+    [family] = openmetrics_parser.text_string_to_metric_families(text)  # type: ignore[no-untyped-call]
+    buckets = [s for s in family.samples if s.name.endswith("_bucket")]
+    assert [(s.labels["outcome"], s.labels["le"], s.value) for s in buckets][:3] == [
+        ("hit_l1", "0.5", 2.0),
+        ("hit_l1", "10.0", 4.0),
+        ("hit_l1", "+Inf", 4.0),
+    ]
