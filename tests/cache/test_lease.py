@@ -11,10 +11,9 @@ from cache.clock import SystemClock
 from cache.entry import Entry
 from cache.lease import Leases
 from cache.memory import MemoryTier
-from cache.redis_tier import RedisTier, client_from_url
+from cache.redis_tier import RedisClient, RedisTier, client_from_url
 from cache.tiered import Loaded, Lookup, Source, TieredCache
 from tests.conftest import deployment_of
-from tests.redis_keys import drop_prefix
 from tests.redis_servers import Deployment
 
 pytestmark = pytest.mark.redis
@@ -41,20 +40,27 @@ MakeReplica = Callable[[], TieredCache]
 
 
 @pytest.fixture(params=["redis", "cluster"])
-def l2(request: pytest.FixtureRequest) -> Deployment:
+def deployment(request: pytest.FixtureRequest) -> Deployment:
     """One Redis, then a real 3-master Redis Cluster."""
     return deployment_of(request, request.param)
 
 
 @pytest.fixture
-async def replicas(l2: Deployment, key_prefix: str) -> AsyncIterator[MakeReplica]:
+async def replicas(
+    deployment: Deployment, key_prefix: str, deployed_client: RedisClient
+) -> AsyncIterator[MakeReplica]:
     made: list[TieredCache] = []
 
     def make() -> TieredCache:
         l1 = MemoryTier(max_entries=100, max_bytes=1 << 20, clock=CLOCK)
-        tier = RedisTier(client_from_url(l2.url, timeout=1.0), key_prefix=key_prefix, timeout=1.0)
+        tier = RedisTier(
+            client_from_url(deployment.url, timeout=1.0), key_prefix=key_prefix, timeout=1.0
+        )
         leases = Leases(
-            client_from_url(l2.url, timeout=1.0), key_prefix=key_prefix, timeout=1.0, hold=HOLD
+            client_from_url(deployment.url, timeout=1.0),
+            key_prefix=key_prefix,
+            timeout=1.0,
+            hold=HOLD,
         )
         cache = TieredCache(l1, tier, clock=CLOCK, leases=leases)
         made.append(cache)
@@ -63,9 +69,6 @@ async def replicas(l2: Deployment, key_prefix: str) -> AsyncIterator[MakeReplica
     yield make
     for cache in made:
         await cache.aclose()
-    client = client_from_url(l2.url, timeout=2.0)
-    await drop_prefix(client, key_prefix)
-    await client.aclose()
 
 
 async def read_everywhere(caches: list[TieredCache], origin: Origin, each: int) -> list[Lookup]:
@@ -121,11 +124,11 @@ async def test_when_the_winner_fails_the_others_fetch_themselves_at_once(
 
 
 async def test_a_winner_that_dies_holding_the_lease_costs_the_others_one_hold(
-    replicas: MakeReplica, l2: Deployment, key_prefix: str
+    replicas: MakeReplica, deployment: Deployment, key_prefix: str
 ) -> None:
     cache = replicas()
     dead = Leases(
-        client_from_url(l2.url, timeout=1.0), key_prefix=key_prefix, timeout=1.0, hold=HOLD
+        client_from_url(deployment.url, timeout=1.0), key_prefix=key_prefix, timeout=1.0, hold=HOLD
     )
     assert await dead.acquire("users:1", "")  # and never releases it
     origin = Origin(latency=0.0)

@@ -12,14 +12,13 @@ import asyncio
 import json
 import statistics
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 from redis.asyncio import Redis
 
-from cache.redis_tier import RedisClient, client_from_url
+from cache.redis_tier import RedisClient
 from tests.conftest import deployment_of
 from tests.e2e.conftest import (
     Origin,
@@ -30,27 +29,15 @@ from tests.e2e.conftest import (
     until,
     write_config,
 )
-from tests.redis_keys import drop_prefix
 from tests.redis_servers import Deployment
 
 pytestmark = pytest.mark.redis
 
 
 @pytest.fixture(params=["redis", "cluster"])
-def l2(request: pytest.FixtureRequest) -> Deployment:
+def deployment(request: pytest.FixtureRequest) -> Deployment:
     """The shared L2 of the replicas: one Redis, then a real 3-master Redis Cluster."""
     return deployment_of(request, request.param)
-
-
-@pytest.fixture
-async def store(l2: Deployment, key_prefix: str) -> AsyncIterator[RedisClient]:
-    """A client of ``l2``; the test's keys are deleted afterwards."""
-    client = client_from_url(l2.url, timeout=2.0)
-    try:
-        yield client
-    finally:
-        await drop_prefix(client, key_prefix)
-        await client.aclose()
 
 
 BOUND = 0.100  # seconds from a write's answer on A to the new value on B and C
@@ -100,12 +87,12 @@ async def body_of(session: aiohttp.ClientSession, url: str) -> tuple[str, object
 async def test_a_write_through_one_replica_is_served_by_the_others_within_100ms(
     spawn: Spawn,
     tmp_path: Path,
-    l2: Deployment,
+    deployment: Deployment,
     key_prefix: str,
-    store: RedisClient,
+    deployed_client: RedisClient,
     mode: str,
 ) -> None:
-    (a, b, c), _ = await three_replicas(spawn, tmp_path, l2.url, key_prefix, mode)
+    (a, b, c), _ = await three_replicas(spawn, tmp_path, deployment.url, key_prefix, mode)
     lags: list[float] = []
     async with aiohttp.ClientSession() as session:
         for n in range(WRITES):
@@ -134,9 +121,13 @@ async def test_a_write_through_one_replica_is_served_by_the_others_within_100ms(
 
 
 async def test_a_replica_whose_subscription_is_killed_never_serves_what_was_overwritten(
-    spawn: Spawn, tmp_path: Path, l2: Deployment, key_prefix: str, store: RedisClient
+    spawn: Spawn,
+    tmp_path: Path,
+    deployment: Deployment,
+    key_prefix: str,
+    deployed_client: RedisClient,
 ) -> None:
-    (a, b, _), _ = await three_replicas(spawn, tmp_path, l2.url, key_prefix)
+    (a, b, _), _ = await three_replicas(spawn, tmp_path, deployment.url, key_prefix)
     path = "/users/1"
     async with aiohttp.ClientSession() as session:
         await body_of(session, b.url + path)
@@ -145,7 +136,7 @@ async def test_a_replica_whose_subscription_is_killed_never_serves_what_was_over
         # CLIENT KILL the subscription connection of B (its name carries B's pid), on the node
         # it subscribes on (a cluster's first seed).
         pid = b.process.popen.pid
-        node = Redis.from_url(l2.node_url)
+        node = Redis.from_url(deployment.node_url)
         clients = await node.client_list()
         mine = [c for c in clients if f":{pid}:" in c.get("name", "")]
         assert len(mine) == 1, [c.get("name") for c in clients]
@@ -180,10 +171,14 @@ async def purge(
 
 
 async def test_purge_by_key_prefix_and_tag_reaches_every_replica_and_needs_the_token(
-    spawn: Spawn, tmp_path: Path, l2: Deployment, key_prefix: str, store: RedisClient
+    spawn: Spawn,
+    tmp_path: Path,
+    deployment: Deployment,
+    key_prefix: str,
+    deployed_client: RedisClient,
 ) -> None:
     replicas, _ = await three_replicas(
-        spawn, tmp_path, l2.url, key_prefix, tags=("user:{id}", "users")
+        spawn, tmp_path, deployment.url, key_prefix, tags=("user:{id}", "users")
     )
     a = replicas[0]
     async with aiohttp.ClientSession() as session:
@@ -232,14 +227,18 @@ async def test_purge_by_key_prefix_and_tag_reaches_every_replica_and_needs_the_t
         assert await purge(session, a, {"tag": "users"}) == (200, {"purged": 3})
         await dropped_everywhere("/users/1", "the tag users purged everywhere")
         # Untagged entries are not indexed; the tag's set expires with its entries.
-        assert await store.pttl(f"{key_prefix}!tag:user:1") > 0
+        assert await deployed_client.pttl(f"{key_prefix}!tag:user:1") > 0
 
 
 async def test_500_concurrent_gets_over_3_replicas_on_a_cold_key_make_one_origin_request(
-    spawn: Spawn, tmp_path: Path, l2: Deployment, key_prefix: str, store: RedisClient
+    spawn: Spawn,
+    tmp_path: Path,
+    deployment: Deployment,
+    key_prefix: str,
+    deployed_client: RedisClient,
 ) -> None:
     replicas, origin = await three_replicas(
-        spawn, tmp_path, l2.url, key_prefix, coalesce="cluster", latency="50ms"
+        spawn, tmp_path, deployment.url, key_prefix, coalesce="cluster", latency="50ms"
     )
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:

@@ -5,14 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from prometheus_client import generate_latest
-from prometheus_client.core import Metric
 from prometheus_client.openmetrics import exposition as openmetrics
 from prometheus_client.openmetrics import parser as openmetrics_parser
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.config import parse_settings
 from proxy.metrics import Metrics
-from proxy.workers import Workers, _parse
+from proxy.workers import Workers, _Merged, _parse
 from tests.fakes import FakeClock
 
 WORKER = """\
@@ -40,20 +39,12 @@ def workers(tmp_path: Path) -> Workers:
 
 def values(pool: Workers) -> dict[str, float]:
     registry = pool._merged()
-    text = generate_latest(_Registry(registry)).decode()
+    text = generate_latest(_Merged(registry)).decode()
     return {
         sample.name: sample.value
         for family in text_string_to_metric_families(text)
         for sample in family.samples
     }
-
-
-class _Registry:
-    def __init__(self, metrics: list[Metric]) -> None:
-        self._metrics = metrics
-
-    def collect(self) -> list[Metric]:
-        return self._metrics
 
 
 def test_counters_and_sizes_add_up_and_states_take_the_telling_worker(tmp_path: Path) -> None:
@@ -103,7 +94,7 @@ def test_the_merged_exposition_is_valid_openmetrics(tmp_path: Path) -> None:
     pool = workers(tmp_path)
     for slot in pool._slots:
         slot.families = _parse(HISTOGRAM)
-    text = openmetrics.generate_latest(_Registry(pool._merged())).decode()  # type: ignore[no-untyped-call]
+    text = openmetrics.generate_latest(_Merged(pool._merged())).decode()  # type: ignore[no-untyped-call]
     [family] = openmetrics_parser.text_string_to_metric_families(text)  # type: ignore[no-untyped-call]
     buckets = [s for s in family.samples if s.name.endswith("_bucket")]
     assert [(s.labels["outcome"], s.labels["le"], s.value) for s in buckets][:3] == [
