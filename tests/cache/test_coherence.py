@@ -146,6 +146,12 @@ async def test_a_lost_subscription_clears_l1_and_a_value_overwritten_meanwhile_i
     await b.read("users:1")
     assert await b.read("users:1") == (Source.L1, b"origin")
 
+    # Held deaf until the read below: its new subscriptions go to a port nobody listens on (a
+    # quick resubscription would otherwise make the "deaf" read a subscribed one).
+    listener = b.coherence._listener
+    b.coherence._listener = listener_client(
+        f"redis://127.0.0.1:{free_port()}", name="cachecar-coherence-b-deaf", timeout=1.0
+    )
     # The subscriptions are on the node_url's node: the cluster's seed, Sentinel's master.
     async with Redis.from_url(deployment.node_url) as node:
         killed = await kill_subscription(node, "cachecar-coherence-b-")
@@ -155,6 +161,7 @@ async def test_a_lost_subscription_clears_l1_and_a_value_overwritten_meanwhile_i
     source, body = await b.read("users:1")
     assert (source, body) != (Source.L1, b"origin")
     assert body == b"new"
+    b.coherence._listener = listener
     await until(lambda: b.coherence.subscribed)  # it subscribes again by itself
     assert b.observer.subscribed == [True, False, True]
     assert await b.read("users:1") == (Source.L2, b"new")  # L1 was emptied on the way back
