@@ -55,6 +55,8 @@ def parse_settings(text: str, *, source: str = "<config>", env: Mapping[str, str
         data = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader: plain data, never objects
     except yaml.YAMLError as exc:
         raise ConfigError(source, [_describe_yaml_error(exc)]) from None
+    except RecursionError:
+        raise ConfigError(source, [_TOO_DEEP]) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -62,7 +64,10 @@ def parse_settings(text: str, *, source: str = "<config>", env: Mapping[str, str
             source, ["the file must be a mapping of sections (server:, routes:, ...)"]
         )
     problems: list[str] = []
-    data = _expand(data, env, (), problems)
+    try:
+        data = _expand(data, env, (), problems)
+    except RecursionError:  # an alias that contains itself
+        raise ConfigError(source, [_TOO_DEEP]) from None
     if problems:
         raise ConfigError(source, problems)
     try:
@@ -82,6 +87,7 @@ def effective_yaml(settings: Settings) -> str:
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 
+_TOO_DEEP = "the document nests too deeply, or an alias (*name) refers to itself"
 _VARIABLE = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -119,7 +125,18 @@ class _StrictLoader(yaml.SafeLoader):
 def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
     seen: set[Any] = set()
     for key_node, _value in node.value:
+        if key_node.tag == _MERGE:
+            continue  # ``<<: *base``: merged by construct_mapping, its keys may be overridden
         key = loader.construct_object(key_node)
+        try:
+            hash(key)
+        except TypeError:
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                "a key must be a plain value, not a list or mapping",
+                key_node.start_mark,
+            ) from None
         if key in seen:
             raise yaml.constructor.ConstructorError(
                 None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark
@@ -128,6 +145,7 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[An
     return loader.construct_mapping(node)
 
 
+_MERGE = "tag:yaml.org,2002:merge"
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 

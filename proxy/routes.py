@@ -89,10 +89,17 @@ class PathTemplate:
 
 @dataclass(frozen=True, slots=True)
 class KeyTemplate:
-    """``users:{id}``: a format string over the path's parameters."""
+    """``users:{id}``: a format string over the path's parameters.
+
+    A parameter's value never contains the template's own text: every character of the
+    template's literals, and ``%``, is percent-encoded in it (``/users/1:posts`` renders
+    ``users:1%3Aposts``). So rendering is one-to-one: no request can make its key look like the
+    key of another resource (``users:{id}:posts`` of ``/users/1/posts``).
+    """
 
     template: str
     fields: frozenset[str]
+    escapes: dict[int, str]  # str.translate table for parameter values
 
     @classmethod
     def compile(cls, template: str, params: Sequence[str]) -> KeyTemplate:
@@ -102,9 +109,16 @@ class KeyTemplate:
             fields = list(string.Formatter().parse(template))
         except ValueError as exc:
             raise TemplateError(f"{template!r}: {exc}") from None
-        for _literal, name, spec, conversion in fields:
+        previous_was_field = False
+        for literal, name, spec, conversion in fields:
             if name is None:
                 continue
+            if previous_was_field and not literal:
+                raise TemplateError(
+                    f"{template!r}: {{{name}}} follows another parameter directly; separate "
+                    "them (users:{a}:{b}) so that two requests cannot render one key"
+                )
+            previous_was_field = True
             if name not in params:
                 known = ", ".join(f"{{{p}}}" for p in params) or "none"
                 raise TemplateError(
@@ -112,10 +126,19 @@ class KeyTemplate:
                 )
             if spec or conversion:
                 raise TemplateError(f"{{{name}}} takes no format spec or conversion")
-        return cls(template, frozenset(name for _, name, _, _ in fields if name is not None))
+        literals = {char for literal, _, _, _ in fields for char in literal} | {"%"}
+        escapes = {ord(char): _percent(char) for char in literals}
+        names = frozenset(name for _, name, _, _ in fields if name is not None)
+        return cls(template, names, escapes)
 
     def render(self, params: Mapping[str, str]) -> str:
-        return self.template.format_map(params)
+        return self.template.format_map(
+            {name: value.translate(self.escapes) for name, value in params.items()}
+        )
+
+
+def _percent(char: str) -> str:
+    return "".join(f"%{byte:02X}" for byte in char.encode("utf-8", "surrogatepass"))
 
 
 @dataclass(frozen=True, slots=True)

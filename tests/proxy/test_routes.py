@@ -102,10 +102,26 @@ def test_literal_text_in_a_template_is_not_a_pattern() -> None:
     assert template.match("/v1x0/3") is None
 
 
-@pytest.mark.parametrize("template", ["u:{other}", "u:{id!r}", "u:{id:>5}", "", "u:{"])
+@pytest.mark.parametrize(
+    "template", ["u:{other}", "u:{id!r}", "u:{id:>5}", "", "u:{", "u:{id}{order}"]
+)
 def test_bad_key_templates_are_refused(template: str) -> None:
     with pytest.raises(TemplateError):
-        KeyTemplate.compile(template, ["id"])
+        KeyTemplate.compile(template, ["id", "order"])
+
+
+def test_a_parameter_cannot_render_another_resource_s_key() -> None:
+    # /users/1/orders/2:3 and /users/1:2/orders/3 would both be orders:1:2:3 if rendered raw.
+    router = Router.from_settings(SETTINGS)
+    keys = set()
+    for path in ("/users/1/orders/2:3", "/users/1:2/orders/3", "/users/1/orders/2%3A3"):
+        found = router.match(path)
+        assert found is not None
+        route, params = found
+        keys.add(route.key_for(params, path, ""))
+    assert keys == {"orders:1:2%3A3", "orders:1%3A2:3", "orders:1:2%253A3"}
+    plain = KeyTemplate.compile("users:{id}", ["id"])
+    assert plain.render({"id": "42"}) == "users:42"  # the common case is unchanged
 
 
 def test_path_parameters_a_key_template_leaves_out_select_variants() -> None:

@@ -263,6 +263,18 @@ def test_a_key_given_twice_is_an_error_with_its_line() -> None:
     assert problem == "line 3, column 1: key 'l1' appears twice in one mapping (not valid YAML)"
 
 
+def test_yaml_merge_keys_work_and_hostile_yaml_is_named() -> None:
+    text = MINIMAL + "routes:\n  - &r {path: /a, negative_ttl: 5s}\n  - {<<: *r, path: /b}\n"
+    routes = parse_settings(text, env={}).routes
+    assert [(r.path, r.negative_ttl) for r in routes] == [("/a", 5.0), ("/b", 5.0)]
+    assert problems(MINIMAL + "? [a]\n: 1\n") == [
+        "line 2, column 3: a key must be a plain value, not a list or mapping (not valid YAML)"
+    ]
+    assert problems(MINIMAL + "routes: &r [*r]\n") == [
+        "the document nests too deeply, or an alias (*name) refers to itself"
+    ]
+
+
 def test_yaml_that_does_not_parse_names_the_line() -> None:
     [problem] = problems(MINIMAL + "routes: [\n")
     assert problem.startswith("line 3")
