@@ -7,16 +7,20 @@ versions or services cannot make a replica run code, and bytes that are not ours
     offset  size  field
     0       2     magic  b"CC"
     2       1     version (1)
-    3       1     flags (0; reserved)
+    3       1     flags (bit 0: a fetch time follows the head; bit 1: must revalidate;
+                         other bits reserved)
     4       2     status
     6       8     stored_at  (float64, wall-clock seconds)
     14      8     ttl        (float64, seconds fresh after stored_at)
     22      2     header count
     24      4     body length
-    28      ...   per header: name length (u16), value length (u16), name, value (UTF-8)
+    28      8     fetch_seconds (float64), only when flags bit 0 is set
+    ...     ...   per header: name length (u16), value length (u16), name, value (UTF-8)
     ...     ...   body
 
-All integers are big-endian.
+All integers are big-endian. ``fetch_seconds`` is how long the origin took to produce the entry:
+what probabilistic early refresh (``cache.stale``) weighs the time left against. Readers that
+predate the flag see an unknown flag and treat the entry as a miss, never as something else.
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ VERSION = 1
 
 _HEAD = struct.Struct(">2sBBHddHI")
 _FIELD = struct.Struct(">HH")
+_FETCH = struct.Struct(">d")
+_HAS_FETCH = 0x01
+_MUST_REVALIDATE = 0x02
 _MAX_FIELD = 0xFFFF
 # What a stored entry costs beyond its bytes (object headers, the tier's bookkeeping); an estimate
 # that keeps many tiny entries from looking free against l1.max_bytes.
@@ -49,6 +56,8 @@ class Entry:
     body: bytes
     stored_at: float
     ttl: float
+    fetch_seconds: float = 0.0  # how long the origin took to produce it (0: not measured)
+    must_revalidate: bool = False  # never served once stale (the origin said so)
 
     def expires_at(self) -> float:
         """Wall-clock second after which the entry is no longer fresh."""
@@ -76,16 +85,18 @@ def encode(entry: Entry) -> bytes:
         parts.append(_FIELD.pack(len(raw_name), len(raw_value)))
         parts.append(raw_name)
         parts.append(raw_value)
-    parts[0] = _HEAD.pack(
+    head = _HEAD.pack(
         MAGIC,
         VERSION,
-        0,
+        (_HAS_FETCH if entry.fetch_seconds else 0)
+        | (_MUST_REVALIDATE if entry.must_revalidate else 0),
         entry.status,
         entry.stored_at,
         entry.ttl,
         len(entry.headers),
         len(entry.body),
     )
+    parts[0] = head + _FETCH.pack(entry.fetch_seconds) if entry.fetch_seconds else head
     parts.append(entry.body)
     return b"".join(parts)
 
@@ -99,14 +110,22 @@ def decode(data: bytes) -> Entry:
         raise CorruptEntry(f"not an entry envelope (magic {magic!r})")
     if version != VERSION:
         raise CorruptEntry(f"envelope version {version} is not supported (this build reads 1)")
-    if flags:
+    if flags & ~(_HAS_FETCH | _MUST_REVALIDATE):
         raise CorruptEntry(f"unknown envelope flags {flags:#x}")
     if not 100 <= status <= 599:
         raise CorruptEntry(f"status {status} is not an HTTP status")
     if not (math.isfinite(stored_at) and math.isfinite(ttl)) or ttl < 0:
         raise CorruptEntry(f"stored_at {stored_at} / ttl {ttl} are not times")
-    view = memoryview(data)
     offset = _HEAD.size
+    fetch_seconds = 0.0
+    if flags & _HAS_FETCH:
+        if len(data) < offset + _FETCH.size:
+            raise CorruptEntry("the fetch time is truncated")
+        (fetch_seconds,) = _FETCH.unpack_from(data, offset)
+        offset += _FETCH.size
+        if not (math.isfinite(fetch_seconds) and fetch_seconds > 0):
+            raise CorruptEntry(f"fetch time {fetch_seconds} is not a duration")
+    view = memoryview(data)
     headers: list[tuple[str, str]] = []
     try:
         for _ in range(count):
@@ -135,4 +154,6 @@ def decode(data: bytes) -> Entry:
         body=data[offset:],
         stored_at=stored_at,
         ttl=ttl,
+        fetch_seconds=fetch_seconds,
+        must_revalidate=bool(flags & _MUST_REVALIDATE),
     )

@@ -1,11 +1,15 @@
 """The tiered read: L1, then L2, then the loader, with one lookup per key at a time.
 
     get(key, variant)
-      -> in L1? --yes--> HIT-L1
+      -> fresh in L1? --yes--> HIT-L1 (now and then refreshed early in the background: XFetch)
       -> no: a lookup of this key and variant already running? --yes--> wait for it (coalesced)
       -> no: start one (a task of its own, so a caller that goes away does not cancel it)
            -> in L2, fresh, breaker closed? --yes--> fill L1 with the time L2 has left --> HIT-L2
            -> no, or L2 failed (a counted miss) --> loader() --> L1 now, L2 in the background
+
+    Past its freshness an entry the tiers still keep (``cache.stale``) answers instead of a miss:
+    within stale-while-revalidate at once (STALE) while the lookup goes on as a refresh; within
+    stale-if-error when the loader fails or reports a failed answer (STALE).
 
     invalidate(key), put(key, variant, entry)
       -> running lookups of the key are detached: they answer whoever already waits, store nothing
@@ -26,6 +30,7 @@ import asyncio
 import dataclasses
 import enum
 import logging
+import random
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from functools import partial
@@ -37,6 +42,7 @@ from cache.entry import Entry
 from cache.errors import CorruptEntry, TierUnavailable
 from cache.lease import Leases
 from cache.observer import CacheObserver, Invalidation, NullObserver
+from cache.stale import NEVER, Staleness, refresh_early
 from cache.tier import LocalTier, Stored, Tier
 
 logger = logging.getLogger("cachecar.cache")
@@ -50,6 +56,12 @@ class Source(enum.Enum):
     L1 = "l1"  # the in-process tier had it
     L2 = "l2"  # Redis had it (and L1 has it now)
     LOADER = "loader"  # nobody had it; the loader (the origin) produced it
+    STALE = "stale"  # past its freshness, served while it is refreshed or the loader failed
+
+
+# Lookup.detail of a STALE answer: why a stale entry answered.
+REVALIDATING = "stale-while-revalidate"
+ORIGIN_FAILED = "stale-if-error"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -62,6 +74,8 @@ class Loaded:
     shared: bool = True  # may be handed to callers waiting for the same key and variant
     detail: str = ""  # why it is not stored, for the caller to report
     tags: tuple[str, ...] = ()  # what L2 indexes the key under, for purge by tag
+    failed: bool = False  # a failed answer (a 5xx): a stale entry may answer instead
+    stale_for: float = 0.0  # how long past its freshness the tiers keep it, to serve it stale
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -91,14 +105,36 @@ class _Written(NamedTuple):
 
 
 class _Flight:
-    """One running lookup of a key and variant."""
+    """One running lookup of a key and variant.
 
-    __slots__ = ("shared", "stale", "task")
+    It may answer before it ends (``early``): with a stale entry while it refreshes it, or with
+    a hit it goes on to refresh early. Callers take whichever comes first.
+    """
+
+    __slots__ = ("early", "shared", "stale", "task")
 
     def __init__(self) -> None:
         self.task: asyncio.Task[Lookup] | None = None
+        self.early: asyncio.Future[Lookup] = asyncio.get_running_loop().create_future()
         self.stale = False  # invalidated while running: answer, but store nothing
         self.shared = True
+
+    def answer_early(self, lookup: Lookup) -> None:
+        if not self.early.done():
+            self.early.set_result(lookup)
+
+    @property
+    def answered(self) -> bool:
+        return self.early.done()
+
+    async def answer(self) -> Lookup:
+        """The early answer, else the lookup's; the caller leaving cancels neither."""
+        assert self.task is not None
+        if not self.early.done():
+            await asyncio.wait((self.task, self.early), return_when=asyncio.FIRST_COMPLETED)
+        if self.early.done():
+            return self.early.result()
+        return self.task.result()
 
 
 class TieredCache:
@@ -112,9 +148,12 @@ class TieredCache:
         breaker: Breaker | None = None,
         trust_l1: bool = True,
         leases: Leases | None = None,
+        rand: Callable[[], float] = random.random,
     ) -> None:
-        """``trust_l1=False``: L1 unused until ``trust_l1()`` (coherence not subscribed yet)."""
+        """``trust_l1=False``: L1 unused until ``trust_l1()`` (coherence not subscribed yet).
+        ``rand`` draws early refreshes (XFetch), uniform in [0, 1)."""
         self._l1 = l1
+        self._rand = rand
         self._l2 = l2
         self._clock = clock
         self._observer: CacheObserver = observer or NullObserver()
@@ -153,23 +192,44 @@ class TieredCache:
         return len(self._pending_deletes)
 
     async def get(
-        self, key: str, variant: str, *, l1_ttl: float, loader: Loader, lease: bool = False
+        self,
+        key: str,
+        variant: str,
+        *,
+        l1_ttl: float,
+        loader: Loader,
+        lease: bool = False,
+        stale: Staleness = NEVER,
     ) -> Lookup:
         """The entry for ``key``/``variant`` from the first tier that has it, else ``loader``.
 
-        ``l1_ttl`` caps how long an entry found in L2 is kept in L1. Errors raised by the loader
-        reach every caller waiting for that lookup; tier errors never do.
+        ``l1_ttl`` caps how long an entry found in L2 is kept in L1; ``stale`` says how entries
+        past their freshness may answer. Errors raised by the loader reach every caller waiting
+        for that lookup (unless a stale entry answers instead); tier errors never do.
         """
+        candidate: Entry | None = None  # past its freshness, still kept: may answer instead
         if self._l1_trusted:
             stored = await self._l1.get(key, variant)
-            self._observer.lookup("l1", stored is not None)
             if stored is not None:
-                return Lookup(stored.entry, Source.L1)
+                entry = stored.entry
+                time_left = entry.expires_at() - self._clock.time()
+                if time_left > 0:
+                    self._observer.lookup("l1", True)
+                    hit = Lookup(entry, Source.L1)
+                    if stale.early_refresh and refresh_early(
+                        time_left, entry.fetch_seconds, stale.early_refresh, self._rand
+                    ):
+                        self._start(key, variant, l1_ttl, loader, lease, stale, hit, None)
+                    return hit
+                candidate = entry
+            self._observer.lookup("l1", False)
 
         flights = self._flights.get(key)
         flight = flights.get(variant) if flights is not None else None
         if flight is not None and flight.task is not None:
-            result = await asyncio.shield(flight.task)
+            if candidate is not None and stale.revalidates(candidate, self._clock.time()):
+                return Lookup(candidate, Source.STALE, detail=REVALIDATING)  # being refreshed
+            result = await flight.answer()
             if not flight.shared:
                 # The answer was for the caller that asked first alone (private, Set-Cookie):
                 # this caller gets its own.
@@ -177,14 +237,37 @@ class TieredCache:
                 return Lookup(loaded.entry, Source.LOADER, detail=loaded.detail)
             return dataclasses.replace(result, coalesced=True)
 
-        flight = _Flight()
+        flight = self._start(key, variant, l1_ttl, loader, lease, stale, None, candidate)
+        return await flight.answer()
+
+    def _start(
+        self,
+        key: str,
+        variant: str,
+        l1_ttl: float,
+        loader: Loader,
+        lease: bool,
+        stale: Staleness,
+        early: Lookup | None,
+        candidate: Entry | None,
+    ) -> _Flight:
+        """A lookup of its own (none runs for ``key``/``variant``); ``early``: what it has
+        already answered, a hit it is to refresh (no-op when a lookup runs already)."""
+        flights = self._flights.get(key)
         if flights is None:
             flights = self._flights[key] = {}
+        elif variant in flights:
+            return flights[variant]
+        flight = _Flight()
         flights[variant] = flight
-        task = asyncio.create_task(self._resolve(key, variant, l1_ttl, loader, flight, lease))
+        if early is not None:
+            flight.answer_early(early)
+        task = asyncio.create_task(
+            self._resolve(key, variant, l1_ttl, loader, flight, lease, stale, candidate)
+        )
         flight.task = task
         task.add_done_callback(partial(self._landed, key, variant, flight))
-        return await asyncio.shield(task)
+        return flight
 
     async def invalidate(self, key: str, source: Invalidation = Invalidation.WRITE) -> None:
         """Drop ``key`` (every variant) from both tiers; see the module docstring for the order."""
@@ -308,13 +391,37 @@ class TieredCache:
     # -- the lookup ----------------------------------------------------------------------------
 
     async def _resolve(
-        self, key: str, variant: str, l1_ttl: float, loader: Loader, flight: _Flight, lease: bool
+        self,
+        key: str,
+        variant: str,
+        l1_ttl: float,
+        loader: Loader,
+        flight: _Flight,
+        lease: bool,
+        stale: Staleness,
+        candidate: Entry | None,
     ) -> Lookup:
-        stored = await self._l2_get(key, variant)
-        if stored is not None:
+        """Find or load the entry. A flight that answered early (a hit to refresh) goes on to
+        the loader unless L2 holds something fresher; a stale candidate answers at once within
+        stale-while-revalidate, and when the loader fails within stale-if-error."""
+        if candidate is not None and stale.revalidates(candidate, self._clock.time()):
+            flight.answer_early(Lookup(candidate, Source.STALE, detail=REVALIDATING))
+        refreshing = flight.early.result().entry if flight.answered else None
+        stored, old = await self._l2_get(key, variant, stale.keep)
+        if stored is not None and (
+            refreshing is None or stored.entry.expires_at() > refreshing.expires_at()
+        ):
             if not flight.stale and self._l1_trusted:
                 await self._l1.set(key, variant, stored.entry, min(l1_ttl, stored.ttl_left))
-            return Lookup(stored.entry, Source.L2)
+            hit = Lookup(stored.entry, Source.L2)
+            if flight.answered or not self._refreshes_early(stored.entry, stale):
+                return hit
+            flight.answer_early(hit)  # and go on to refresh it
+            refreshing = stored.entry
+        if old is not None and (candidate is None or old.expires_at() > candidate.expires_at()):
+            candidate = old
+        if candidate is not None and stale.revalidates(candidate, self._clock.time()):
+            flight.answer_early(Lookup(candidate, Source.STALE, detail=REVALIDATING))
 
         token = ""  # the lease this lookup holds, if any ("": none)
         if lease:
@@ -326,12 +433,31 @@ class TieredCache:
             token = found
         try:
             fetched_at = self._clock.time()
-            loaded = await loader()
+            started = self._clock.monotonic()
+            try:
+                loaded = await loader()
+            except Exception as exc:
+                fallback = self._instead_of_failure(flight, stale, candidate)
+                if fallback is None:
+                    raise
+                logger.debug("loading %r failed (%s); a stale entry answers", key, exc)
+                return fallback
+            if loaded.failed:
+                fallback = self._instead_of_failure(flight, stale, candidate)
+                if fallback is not None:
+                    return fallback
             flight.shared = loaded.shared
             if flight.stale:
                 return Lookup(loaded.entry, Source.LOADER, detail=loaded.detail or "invalidated")
-            if loaded.l1_ttl > 0 and self._l1_trusted:
-                await self._l1.set(key, variant, loaded.entry, loaded.l1_ttl)
+            took = self._clock.monotonic() - started
+            if took > 0 and (loaded.l1_ttl > 0 or loaded.l2_ttl > 0):
+                loaded = dataclasses.replace(
+                    loaded, entry=dataclasses.replace(loaded.entry, fetch_seconds=took)
+                )
+            now = self._clock.time()
+            l1_keep = _keep(loaded.l1_ttl, loaded, now)
+            if l1_keep > 0 and self._l1_trusted:
+                await self._l1.set(key, variant, loaded.entry, l1_keep)
             stored_l2 = loaded.l2_ttl > 0 and self._l2 is not None
             if stored_l2:
                 # The lease is released once the fill is in L2, where the waiters look.
@@ -346,6 +472,23 @@ class TieredCache:
         finally:
             if token and self._leases is not None:
                 self._spawn(self._leases.release(key, variant, token))
+
+    def _refreshes_early(self, entry: Entry, stale: Staleness) -> bool:
+        if not stale.early_refresh:
+            return False
+        time_left = entry.expires_at() - self._clock.time()
+        return refresh_early(time_left, entry.fetch_seconds, stale.early_refresh, self._rand)
+
+    def _instead_of_failure(
+        self, flight: _Flight, stale: Staleness, candidate: Entry | None
+    ) -> Lookup | None:
+        """What answers when the loader failed: the early answer (a refresh failed; its callers
+        have their answer), a stale entry within stale-if-error, or nothing."""
+        if flight.answered:
+            return flight.early.result()
+        if candidate is not None and stale.covers_error(candidate, self._clock.time()):
+            return Lookup(candidate, Source.STALE, detail=ORIGIN_FAILED)
+        return None
 
     async def _lease_or_fill(self, key: str, variant: str) -> Stored | str:
         """Another replica's fetch of the key, waited for (its entry, from L2); or the lease
@@ -374,28 +517,36 @@ class TieredCache:
 
     # -- L2, bounded and breaker-guarded --------------------------------------------------------
 
-    async def _l2_get(self, key: str, variant: str) -> Stored | None:
+    async def _l2_get(
+        self, key: str, variant: str, keep_stale: float = 0.0
+    ) -> tuple[Stored | None, Entry | None]:
+        """(the fresh entry with how long L1 may keep it, None) or (None, a stale one or None).
+        ``keep_stale``: how long past its freshness L1 may keep it."""
         l2 = self._l2
         if l2 is None or self._untrusted(key) or not self._l2_allowed():
-            return None
+            return None, None
         try:
             stored = await l2.get(key, variant)
         except TierUnavailable as exc:
             self._l2_failed(exc)
             self._observer.lookup("l2", False)
-            return None
+            return None, None
         except CorruptEntry as exc:
             self._foreign(key, exc)
             self._observer.lookup("l2", False)
-            return None
+            return None, None
         self._l2_answered()
-        if stored is not None:
-            ttl_left = min(stored.ttl_left, stored.entry.expires_at() - self._clock.time())
-            if ttl_left > 0:
-                self._observer.lookup("l2", True)
-                return Stored(stored.entry, ttl_left)
-        self._observer.lookup("l2", False)
-        return None
+        if stored is None:
+            self._observer.lookup("l2", False)
+            return None, None
+        fresh_left = stored.entry.expires_at() - self._clock.time()
+        if fresh_left <= 0:
+            self._observer.lookup("l2", False)
+            return None, stored.entry
+        self._observer.lookup("l2", True)
+        # L1 may keep it while it is fresh, and stale as long as the route serves it stale;
+        # never longer than L2 does.
+        return Stored(stored.entry, min(stored.ttl_left, fresh_left + keep_stale)), None
 
     def _fill_l2(
         self,
@@ -443,7 +594,7 @@ class TieredCache:
                 key,
                 variant,
                 loaded.entry,
-                loaded.l2_ttl,
+                _keep(loaded.l2_ttl, loaded, self._clock.time()),
                 fetched_at=fetched_at,
                 tags=loaded.tags,
             )
@@ -590,3 +741,15 @@ class TieredCache:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         return task
+
+
+def _keep(ttl: float, loaded: Loaded, now: float) -> float:
+    """How long a tier whose TTL is ``ttl`` keeps a loaded entry: past its freshness by
+    ``stale_for`` when the tier keeps it to its end, else ``ttl``."""
+    if ttl <= 0 or not loaded.stale_for:
+        return ttl
+    fresh_left = loaded.entry.expires_at() - now
+    return ttl + loaded.stale_for if ttl >= fresh_left - _SLACK else ttl
+
+
+_SLACK = 0.001  # seconds: the tier TTL and the freshness are computed apart

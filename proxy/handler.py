@@ -30,7 +30,7 @@ from cache.entry import Entry
 from cache.errors import CacheError, CorruptEntry, TierUnavailable
 from cache.locks import KeyLocks
 from cache.queue import QueuedWrite
-from cache.tiered import Loaded, Loader, Lookup, Source, TieredCache
+from cache.tiered import REVALIDATING, Loaded, Loader, Lookup, Source, TieredCache
 from cache.write_behind import WriteBehind
 from proxy import headers as forwarding
 from proxy.answers import CLIENT_GONE, error_response
@@ -38,7 +38,7 @@ from proxy.metrics import Metrics
 from proxy.origin import OriginClient, OriginError
 from proxy.passthrough import ClientGone, PassThrough
 from proxy.paths import BadPath, normalize_path
-from proxy.policy import bypass_reason, decide, delta_seconds, not_modified
+from proxy.policy import bypass_reason, decide, delta_seconds, not_modified, stale_allowed
 from proxy.routes import UNMATCHED, Coalesce, Mode, Route, Router
 from proxy.writes import tombstone, validators_of, written_entry
 
@@ -55,7 +55,12 @@ BYPASS_ROUTE = "cachecar; fwd=bypass"
 BYPASS_METHOD = "cachecar; fwd=method"
 WRITTEN = "cachecar; fwd=method; stored"
 
-_X_CACHE = {Source.L1: "HIT-L1", Source.L2: "HIT-L2", Source.LOADER: "MISS"}
+_X_CACHE = {
+    Source.L1: "HIT-L1",
+    Source.L2: "HIT-L2",
+    Source.LOADER: "MISS",
+    Source.STALE: "STALE",
+}
 _OUTCOMES = {"HIT-L1": "hit_l1", "HIT-L2": "hit_l2", "MISS": "miss", "STALE": "stale"}
 _KEEP_ON_304 = forwarding.NOT_MODIFIED_HEADERS | {"x-cache", "cache-status", "age"}
 
@@ -189,6 +194,7 @@ class Proxy:
                 l1_ttl=route.l1_ttl,
                 loader=loader,
                 lease=route.coalesce is Coalesce.CLUSTER,
+                stale=route.stale,
             )
         except OriginError as exc:
             return error_response(exc.status, exc.title, str(exc), "cachecar; fwd=miss", "MISS")
@@ -199,7 +205,11 @@ class Proxy:
     async def _load(
         self, request: web.Request, route: Route, path: str, query: str, tags: tuple[str, ...]
     ) -> Loaded:
-        """Fetch the entry for a cacheable miss (conditional headers are not forwarded)."""
+        """Fetch the entry for a cacheable miss (conditional headers are not forwarded).
+
+        It may run after the answer was sent (a refresh): it reads only what the request
+        object keeps (headers, peer, scheme), never its connection.
+        """
         sent = forwarding.forward_fill(
             request.headers, route.vary + route.forward_headers, request.remote, request.scheme
         )
@@ -218,15 +228,24 @@ class Proxy:
         )
         # stored_at is when the origin (or a cache before it) produced the answer, so Age keeps
         # counting from there; the entry is fresh until now + fresh_for.
+        revalidate = not stale_allowed(response.headers)
         entry = Entry(
             status=response.status,
             headers=forwarding.to_store(response.headers),
             body=response.body,
             stored_at=now - age,
             ttl=decision.fresh_for + age,
+            must_revalidate=revalidate,
         )
         return Loaded(
-            entry, decision.l1_ttl, decision.l2_ttl, decision.shared, decision.detail, tags
+            entry,
+            decision.l1_ttl,
+            decision.l2_ttl,
+            decision.shared,
+            decision.detail,
+            tags,
+            failed=response.status >= 500,
+            stale_for=0.0 if revalidate else route.stale.keep,
         )
 
     def _answer(self, request: web.Request, lookup: Lookup) -> web.Response:
@@ -236,8 +255,12 @@ class Proxy:
         if lookup.source is Source.LOADER:
             headers["Cache-Status"] = _miss_status(lookup)
         else:
-            headers["Cache-Status"] = HIT_L1 if lookup.source is Source.L1 else HIT_L2
-            headers["Age"] = str(int(entry.age(self._clock.time())))
+            now = self._clock.time()
+            if lookup.source is Source.STALE:
+                headers["Cache-Status"] = _stale_status(lookup, now)
+            else:
+                headers["Cache-Status"] = HIT_L1 if lookup.source is Source.L1 else HIT_L2
+            headers["Age"] = str(int(entry.age(now)))
         if not_modified(request.headers, entry):
             kept = CIMultiDict((k, v) for k, v in headers.items() if k.lower() in _KEEP_ON_304)
             return web.Response(status=304, headers=kept)
@@ -415,6 +438,15 @@ def _cancelled() -> bool:
 
 def _utc(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds")
+
+
+def _stale_status(lookup: Lookup, now: float) -> str:
+    """RFC 9211 for a stale answer: a hit while it is refreshed; else forwarded, and the
+    origin failed. ``ttl`` is negative: how long ago it stopped being fresh."""
+    ttl = int(lookup.entry.expires_at() - now)
+    if lookup.detail == REVALIDATING:
+        return f"cachecar; hit; ttl={ttl}; detail={lookup.detail}"
+    return f"cachecar; fwd=stale; ttl={ttl}; detail={lookup.detail}"
 
 
 def _miss_status(lookup: Lookup) -> str:

@@ -44,6 +44,13 @@ def bypass_reason(headers: CIMultiDictProxy[str], route: Route) -> str | None:
     return None
 
 
+def stale_allowed(headers: CIMultiDictProxy[str]) -> bool:
+    """May a response be served once stale? Not when the origin says it must be revalidated
+    (``must-revalidate``, ``proxy-revalidate``; RFC 9111 §5.2.2.2, §5.2.2.8)."""
+    directives = parse_cache_control(headers.getall("Cache-Control", []))
+    return "must-revalidate" not in directives and "proxy-revalidate" not in directives
+
+
 def parse_cache_control(values: list[str]) -> dict[str, str | None]:
     """``max-age=60, private`` -> {"max-age": "60", "private": None}; names lower-cased."""
     directives: dict[str, str | None] = {}

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from multidict import CIMultiDictProxy
 
+from cache.stale import NEVER, Staleness
 from proxy.paths import sorted_query
 
 if TYPE_CHECKING:
@@ -157,6 +158,7 @@ class Route:
     unkeyed: tuple[str, ...]  # path parameters the key template leaves out
     tags: tuple[KeyTemplate, ...] = ()
     coalesce: Coalesce = Coalesce.LOCAL
+    stale: Staleness = NEVER
 
     @classmethod
     def from_settings(cls, route: RouteSettings, settings: Settings) -> Route:
@@ -176,6 +178,9 @@ class Route:
             unkeyed=tuple(p for p in path.params if key is not None and p not in key.fields),
             tags=tuple(KeyTemplate.compile(tag, path.params) for tag in route.tags),
             coalesce=route.coalesce,
+            stale=Staleness(
+                route.stale_while_revalidate, route.stale_if_error, route.early_refresh
+            ),
         )
 
     @property

@@ -3,16 +3,13 @@
 Durations and sizes are numbers here (seconds, bytes), parsed once at load time; templates are
 checked here and compiled by ``proxy.routes``. Reading the file (YAML, ``${VAR}``, error
 wording) is ``proxy.config``'s.
-
-Keys of the documented contract that this version does not implement yet are refused by name
-rather than accepted and ignored: a config must never look as if it did something it does not.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Annotated, Any
+from typing import Annotated
 
 from pydantic import (
     AfterValidator,
@@ -63,16 +60,11 @@ def _check_header_name(value: str) -> str:
     return value
 
 
-def _not_yet(value: object) -> object:
-    raise ValueError("is in the documented contract but not implemented in this version yet")
-
-
 Duration = Annotated[float, BeforeValidator(parse_duration), PlainSerializer(format_duration)]
 PositiveDuration = Annotated[Duration, Field(gt=0)]
 Size = Annotated[int, BeforeValidator(parse_size), PlainSerializer(format_size)]
 AddressField = Annotated[Address, BeforeValidator(_parse_address), PlainSerializer(str)]
 HeaderName = Annotated[str, AfterValidator(_check_header_name)]
-NotYet = Annotated[Any, AfterValidator(_not_yet), Field(default=None, exclude=True)]
 
 
 # -- the models ----------------------------------------------------------------------------------
@@ -188,8 +180,9 @@ class RouteSettings(_Section):
     negative_ttl: Duration = 0.0
     vary: tuple[HeaderName, ...] = ()
     forward_headers: tuple[HeaderName, ...] = ()
-    stale_while_revalidate: NotYet
-    stale_if_error: NotYet
+    stale_while_revalidate: Duration = 0.0
+    stale_if_error: Duration = 0.0
+    early_refresh: float = Field(1.0, ge=0, le=100)  # XFetch's beta; 0: no early refresh
     tags: tuple[str, ...] = ()
     coalesce: Coalesce = Coalesce.LOCAL
 

@@ -19,6 +19,8 @@ entries = st.builds(
     body=st.binary(max_size=2048),
     stored_at=st.floats(0, 4e9, allow_nan=False),
     ttl=st.floats(0, 1e7, allow_nan=False),
+    fetch_seconds=st.one_of(st.just(0.0), st.floats(1e-6, 1e4)),
+    must_revalidate=st.booleans(),
 )
 
 
@@ -94,11 +96,36 @@ def test_size_counts_body_headers_and_overhead() -> None:
         Entry(200, (), b"", float("nan"), 1.0),
         Entry(200, (), b"", 1.0, float("inf")),
         Entry(200, (), b"", 1.0, -1.0),
+        Entry(200, (), b"", 1.0, 1.0, fetch_seconds=float("inf")),
+        Entry(200, (), b"", 1.0, 1.0, fetch_seconds=-1.0),
     ],
-    ids=["status-0", "status-600", "nan-stored-at", "infinite-ttl", "negative-ttl"],
+    ids=[
+        "status-0",
+        "status-600",
+        "nan-stored-at",
+        "infinite-ttl",
+        "negative-ttl",
+        "infinite-fetch",
+        "negative-fetch",
+    ],
 )
 def test_well_formed_envelopes_with_impossible_values_are_refused(entry: Entry) -> None:
     # Written by something else (or a bug): read as a miss, never served with a NaN freshness
     # or a status aiohttp cannot send.
     with pytest.raises(CorruptEntry):
         decode(encode(entry))
+
+
+def test_the_fetch_time_travels_only_when_measured() -> None:
+    # An entry without one is byte for byte what earlier versions wrote and read.
+    plain = Entry(200, (), b"x", 1.0, 1.0)
+    timed = Entry(200, (), b"x", 1.0, 1.0, fetch_seconds=0.25)
+    assert len(encode(timed)) == len(encode(plain)) + 8
+    assert encode(plain)[3] == 0
+    assert decode(encode(timed)).fetch_seconds == 0.25
+
+
+def test_a_fetch_time_cut_short_is_refused() -> None:
+    data = encode(Entry(200, (), b"", 1.0, 1.0, fetch_seconds=0.25))
+    with pytest.raises(CorruptEntry, match="fetch time"):
+        decode(data[:30])

@@ -176,18 +176,37 @@ def test_the_origin_url_must_be_http_with_a_host() -> None:
     assert problems("upstream: {timeout: 1s}") == ["upstream.url: required"]
 
 
+def test_stale_windows_and_early_refresh_are_route_settings() -> None:
+    settings = parse_settings(
+        MINIMAL
+        + "routes: [{path: /a, stale_while_revalidate: 30s, stale_if_error: 10m, early_refresh: 2}]\n",
+        env={},
+    )
+    route = settings.routes[0]
+    assert (route.stale_while_revalidate, route.stale_if_error, route.early_refresh) == (
+        30.0,
+        600.0,
+        2.0,
+    )
+    defaults = parse_settings(MINIMAL + "routes: [{path: /a}]\n", env={}).routes[0]
+    assert (defaults.stale_while_revalidate, defaults.stale_if_error) == (0.0, 0.0)
+    assert defaults.early_refresh == 1.0  # XFetch's recommended beta
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
         (
-            "routes: [{path: /a, stale_if_error: 10m}]",
-            "routes[0].stale_if_error: is in the documented contract but not implemented in this version yet",
+            "routes: [{path: /a, stale_if_error: soon}]",
+            "routes[0].stale_if_error: 'soon' is not a duration (use 250ms, 30s, 10m, 1h)",
+        ),
+        (
+            "routes: [{path: /a, early_refresh: -1}]",
+            "routes[0].early_refresh: -1 must be at least 0.0",
         ),
     ],
 )
-def test_contract_keys_this_version_does_not_implement_are_refused_by_name(
-    text: str, expected: str
-) -> None:
+def test_bad_stale_settings_are_named(text: str, expected: str) -> None:
     assert problems(MINIMAL + text + "\n") == [expected]
 
 

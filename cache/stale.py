@@ -1,0 +1,65 @@
+"""Serving past freshness: stale-while-revalidate, stale-if-error, and early refresh.
+
+    fresh ----------------------------- expires_at ---------------+------------------+
+      |  hit; refreshed early now and    |  stale-while-revalidate | stale-if-error   |
+      |  then (XFetch), never all at once|  served at once, one    | served only when |
+      |                                  |  refresh in background  | the origin fails |
+
+An entry a tier keeps past its freshness (``Staleness.keep`` longer) is a *stale candidate*: it is
+never a hit, but it may answer instead of a miss. Early refresh is XFetch (Vattani, Chierichetti
+and Lowenstein, "Optimal Probabilistic Cache Stampede Prevention", VLDB 2015): a hit refreshes
+the entry in the background when ``-β·δ·ln(rand) ≥ time left``, δ being how long the origin took
+to produce it. The closer to expiry and the slower the origin, the likelier; with many readers of
+a hot key one of them refreshes it shortly before it expires, and the rest never see it expire.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+from cache.entry import Entry
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Staleness:
+    """How a route's entries may be served past their freshness (seconds; 0: not at all)."""
+
+    while_revalidate: float = 0.0
+    if_error: float = 0.0
+    early_refresh: float = 0.0  # XFetch's β; 0 turns early refresh off
+
+    def __post_init__(self) -> None:
+        for name in ("while_revalidate", "if_error", "early_refresh"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, not {value!r}")
+
+    @property
+    def keep(self) -> float:
+        """How long past its freshness a tier keeps an entry, to be served stale."""
+        return max(self.while_revalidate, self.if_error)
+
+    def revalidates(self, entry: Entry, now: float) -> bool:
+        """May ``entry`` (stale) be served at once while it is refreshed?"""
+        return not entry.must_revalidate and now - entry.expires_at() <= self.while_revalidate
+
+    def covers_error(self, entry: Entry, now: float) -> bool:
+        """May ``entry`` (stale) be served because the origin failed?"""
+        return not entry.must_revalidate and now - entry.expires_at() <= self.if_error
+
+
+NEVER = Staleness()
+
+
+def refresh_early(
+    time_left: float, fetch_seconds: float, beta: float, random: Callable[[], float]
+) -> bool:
+    """XFetch: should a hit with ``time_left`` of freshness refresh its entry now?"""
+    if beta <= 0 or fetch_seconds <= 0:
+        return False
+    draw = random()
+    if draw <= 0.0:
+        return True  # -ln(0) is infinite
+    return -beta * fetch_seconds * math.log(draw) >= time_left
