@@ -3,6 +3,7 @@
     CacheError          root: everything the engine raises on purpose
     ├── TierUnavailable a tier did not answer (L2 down, slow or refusing); ``op`` names the call
     └── CorruptEntry    bytes that are not a valid envelope (foreign, truncated, a newer version)
+    LoadDeclined        raised by a loader: an answer not for the cache (too large to keep)
 
 Foreign errors (redis-py's, OSError, timeouts) are translated into these once, where a tier calls
 its client, and chained with ``raise ... from exc``. The tiered cache turns both into a miss.
@@ -26,3 +27,8 @@ class TierUnavailable(CacheError):
 
 class CorruptEntry(CacheError):
     """Bytes read from a tier are not an entry this version can decode."""
+
+
+class LoadDeclined(Exception):
+    """A loader's answer is not for the cache (too large to keep, say): it reaches every caller
+    of the lookup as it is, and is never replaced by a stale entry as a failure would be."""

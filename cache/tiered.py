@@ -39,7 +39,7 @@ from typing import Any, NamedTuple
 from cache.breaker import Breaker
 from cache.clock import Clock
 from cache.entry import Entry
-from cache.errors import CorruptEntry, TierUnavailable
+from cache.errors import CorruptEntry, LoadDeclined, TierUnavailable
 from cache.lease import Leases
 from cache.observer import CacheObserver, Invalidation, NullObserver
 from cache.stale import NEVER, Staleness, refresh_early
@@ -436,6 +436,8 @@ class TieredCache:
             started = self._clock.monotonic()
             try:
                 loaded = await loader()
+            except LoadDeclined:
+                raise
             except Exception as exc:
                 fallback = self._instead_of_failure(flight, stale, candidate)
                 if fallback is None:

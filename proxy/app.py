@@ -120,6 +120,8 @@ class Runtime:
             cache,
             origin,
             max_body=settings.server.max_body,
+            max_cacheable=settings.server.max_cacheable,
+            max_key_length=settings.server.max_key_length,
             clock=clock,
             metrics=metrics,
             access_log=settings.server.access_log,

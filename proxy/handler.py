@@ -35,8 +35,8 @@ from cache.write_behind import WriteBehind
 from proxy import headers as forwarding
 from proxy.answers import CLIENT_GONE, error_response
 from proxy.metrics import Metrics
-from proxy.origin import OriginClient, OriginError
-from proxy.passthrough import ClientGone, PassThrough
+from proxy.origin import OriginClient, OriginError, Oversized
+from proxy.passthrough import ClientGone, PassThrough, relay
 from proxy.paths import BadPath, normalize_path
 from proxy.policy import bypass_reason, decide, delta_seconds, not_modified, stale_allowed
 from proxy.routes import UNMATCHED, Coalesce, Mode, Route, Router
@@ -77,8 +77,14 @@ class Proxy:
         metrics: Metrics,
         access_log: bool = False,
         write_behind: WriteBehind | None = None,
+        max_cacheable: int | None = None,
+        max_key_length: int = 1024,
     ) -> None:
+        """``max_cacheable``: larger answers are relayed uncached; ``max_key_length``: requests
+        whose key or a tag is longer are not cached (a write-behind write is refused)."""
         self._router = router
+        self._max_cacheable = max_cacheable
+        self._max_key_length = max_key_length
         self._metrics = metrics
         self._access_log = access_log
         self._cache = cache
@@ -180,8 +186,11 @@ class Proxy:
         self, request: web.Request, route: Route, params: dict[str, str], path: str, query: str
     ) -> web.StreamResponse:
         key = route.key_for(params, path, query)
-        variant = route.variant_for(request.headers, query, params)
         tags = route.tags_for(params)
+        if self._too_long(key, tags):
+            detail = f"{BYPASS_ROUTE}; detail=key-too-long"
+            return await self._passthrough(request, route.name, path, query, detail)
+        variant = route.variant_for(request.headers, query, params)
         loader: Loader = functools.partial(self._load, request, route, path, query, tags)
         if route.mode is Mode.WRITE_BEHIND and self._write_behind is not None:
             loader = self._write_behind.loader(
@@ -198,9 +207,38 @@ class Proxy:
             )
         except OriginError as exc:
             return error_response(exc.status, exc.title, str(exc), "cachecar; fwd=miss", "MISS")
+        except Oversized as exc:
+            return await self._relay_oversized(request, route, path, query, exc)
         if lookup.coalesced and lookup.source is Source.LOADER:
             self._metrics.coalesced(route.name)  # waited for another request's origin fetch
         return self._answer(request, lookup)
+
+    def _too_long(self, key: str, tags: tuple[str, ...]) -> bool:
+        limit = self._max_key_length
+        return len(key) > limit or any(len(tag) > limit for tag in tags)
+
+    async def _relay_oversized(
+        self, request: web.Request, route: Route, path: str, query: str, exc: Oversized
+    ) -> web.StreamResponse:
+        """An answer too large to keep: relayed as it comes by the request that fetched it; any
+        other request that waited for that fetch (or a HEAD) gets its own, passed through."""
+        detail = "too-large"
+        taken = exc.take() if request.method == "GET" else None
+        if taken is None:
+            exc.close()
+            status = f"{BYPASS_ROUTE}; detail={detail}"
+            return await self._passthrough(request, route.name, path, query, status)
+        upstream, prefix = taken
+        try:
+            return await relay(
+                request,
+                upstream,
+                f"cachecar; fwd=miss; detail={detail}",
+                x_cache="MISS",
+                prefix=prefix,
+            )
+        finally:
+            exc.close()
 
     async def _load(
         self, request: web.Request, route: Route, path: str, query: str, tags: tuple[str, ...]
@@ -214,7 +252,7 @@ class Proxy:
             request.headers, route.vary + route.forward_headers, request.remote, request.scheme
         )
         response = await self._origin.fetch(
-            "GET", self._origin.url(path, query), sent, route=route.name
+            "GET", self._origin.url(path, query), sent, route=route.name, limit=self._max_cacheable
         )
         now = self._clock.time()
         age = delta_seconds(response.headers.get("Age")) or 0.0
@@ -273,6 +311,18 @@ class Proxy:
     ) -> web.StreamResponse:
         key = route.key_for(params, path, query)
         method = request.method
+        if self._too_long(key, route.tags_for(params)):
+            if route.mode is Mode.WRITE_BEHIND and method in {"PUT", "DELETE"}:
+                return error_response(
+                    414,
+                    "key too long",
+                    f"the key of this write has {len(key)} characters (or one of its tags has "
+                    f"more than server.max_key_length, {self._max_key_length}); a write-behind "
+                    "write cannot be queued under it",
+                    BYPASS_METHOD,
+                )
+            # Never cached (reads of it are passed through too): nothing to drop or store.
+            return await self._passthrough(request, route.name, path, query, BYPASS_METHOD)
         if route.mode is Mode.WRITE_BEHIND and self._write_behind is not None:
             if method in {"PUT", "DELETE"}:
                 return await self._queue(request, route, params, key, path, query)

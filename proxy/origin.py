@@ -3,7 +3,11 @@
 Two ways to call it: ``fetch`` reads a whole response (a cacheable miss: it is going to be stored),
 bounded by ``upstream.timeout`` end to end; ``stream`` hands the response over as it arrives
 (everything proxied uncached), bounded by ``upstream.timeout`` to connect and between reads, so a
-large download is not cut but a stalled origin is.
+large download is not cut but a stalled origin is. A ``fetch`` with a ``limit`` stops reading past
+it and hands the rest over as a stream (``Oversized``): too large to keep, relayed as it comes.
+
+At most ``upstream.max_connections`` calls are in flight; a call that waits longer than
+``upstream.timeout`` for one of them is ``OriginBusy`` (503), without reaching the origin.
 
     aiohttp errors -> OriginTimeout (504) | OriginUnreachable (502)
 """
@@ -15,11 +19,15 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
+
+from cache.errors import LoadDeclined
+from proxy.units import format_duration, format_size
 
 
 class OriginError(Exception):
@@ -42,6 +50,48 @@ class OriginTimeout(OriginError):
 
     status = 504
     title = "origin timeout"
+
+
+class OriginBusy(OriginError):
+    """Every one of ``upstream.max_connections`` stayed in use for ``upstream.timeout``."""
+
+    status = 503
+    title = "origin connections busy"
+
+
+class Oversized(LoadDeclined):
+    """An answer larger than the ``limit`` a fetch was given, still open: the first caller to
+    ``take`` it relays it and then ``close``s it. One nobody takes is closed after ``grace``."""
+
+    def __init__(
+        self,
+        response: aiohttp.ClientResponse,
+        prefix: bytes,
+        limit: int,
+        release: Callable[[], None],
+        grace: float,
+    ) -> None:
+        super().__init__(f"the answer is larger than server.max_cacheable ({format_size(limit)})")
+        self._response: aiohttp.ClientResponse | None = response
+        self._prefix = prefix
+        self._release = release
+        self._closed = False
+        asyncio.get_running_loop().call_later(grace, self._abandoned)
+
+    def take(self) -> tuple[aiohttp.ClientResponse, bytes] | None:
+        """The open response and the bytes already read from it; None once taken."""
+        response, self._response = self._response, None
+        return None if response is None else (response, self._prefix)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._release()
+
+    def _abandoned(self) -> None:
+        if self._response is not None:  # every caller left before taking it
+            self._response = None
+            self.close()
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,11 +119,14 @@ class OriginClient:
         base_url: str,
         timeout: float,
         on_origin: OnOrigin = _ignore,
+        max_connections: int | None = None,
     ) -> None:
         self._session = session
         self._base = base_url.rstrip("/")
         self._timeout = timeout
         self._on_origin = on_origin
+        self._max_connections = max_connections
+        self._slots = asyncio.Semaphore(max_connections) if max_connections else None
         self._stream_timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=timeout, sock_read=timeout
         )
@@ -97,7 +150,7 @@ class OriginClient:
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
             timeout=aiohttp.ClientTimeout(total=None),
         )
-        return cls(session, base_url, timeout, on_origin)
+        return cls(session, base_url, timeout, on_origin, max_connections)
 
     def url(self, path: str, query: str) -> URL:
         """The origin URL for a normalized path and its raw query string."""
@@ -111,16 +164,65 @@ class OriginClient:
         data: bytes | None = None,
         *,
         route: str | None = None,
+        limit: int | None = None,
     ) -> OriginResponse:
-        """The whole response, within ``upstream.timeout``."""
-        with self._call(method, route) as call:
+        """The whole response, within ``upstream.timeout``; ``Oversized`` past ``limit`` bytes."""
+        await self._acquire()
+        handed_over = False
+        try:
+            with self._call(method, route) as call:
+                async with asyncio.timeout(self._timeout):
+                    response = await self._session.request(
+                        method,
+                        url,
+                        headers=headers,
+                        data=data,
+                        allow_redirects=False,
+                        timeout=self._stream_timeout,  # a relayed rest may not stall either
+                    )
+                    try:
+                        call.status = str(response.status)
+                        if limit is None:
+                            body = await response.read()
+                        else:
+                            read = await _read_up_to(response, limit)
+                            if read is None or len(read) > limit:
+                                handed_over = True
+                                raise Oversized(
+                                    response,
+                                    read or b"",
+                                    limit,
+                                    partial(self._hand_back, response),
+                                    self._timeout,
+                                )
+                            body = read
+                        return OriginResponse(response.status, response.headers, body)
+                    finally:
+                        if not handed_over:
+                            response.release()
+        finally:
+            if not handed_over:
+                self._free()
+
+    def _hand_back(self, response: aiohttp.ClientResponse) -> None:
+        response.release()
+        self._free()
+
+    async def _acquire(self) -> None:
+        if self._slots is None:
+            return
+        try:
             async with asyncio.timeout(self._timeout):
-                async with self._session.request(
-                    method, url, headers=headers, data=data, allow_redirects=False
-                ) as response:
-                    call.status = str(response.status)
-                    body = await response.read()
-                    return OriginResponse(response.status, response.headers, body)
+                await self._slots.acquire()
+        except TimeoutError:
+            raise OriginBusy(
+                f"all {self._max_connections} connections to the origin "
+                f"(upstream.max_connections) stayed busy for {format_duration(self._timeout)}"
+            ) from None
+
+    def _free(self) -> None:
+        if self._slots is not None:
+            self._slots.release()
 
     @contextlib.asynccontextmanager
     async def stream(
@@ -133,20 +235,24 @@ class OriginClient:
         route: str | None = None,
     ) -> AsyncIterator[aiohttp.ClientResponse]:
         """The response as it arrives; errors before its head are ``OriginError``."""
-        with self._call(method, route) as call:
-            response = await self._session.request(
-                method,
-                url,
-                headers=headers,
-                data=data,
-                allow_redirects=False,
-                timeout=self._stream_timeout,
-            )
-            call.status = str(response.status)
+        await self._acquire()
         try:
-            yield response
+            with self._call(method, route) as call:
+                response = await self._session.request(
+                    method,
+                    url,
+                    headers=headers,
+                    data=data,
+                    allow_redirects=False,
+                    timeout=self._stream_timeout,
+                )
+                call.status = str(response.status)
+            try:
+                yield response
+            finally:
+                response.release()
         finally:
-            response.release()
+            self._free()
 
     @contextlib.contextmanager
     def _call(self, method: str, route: str | None) -> Iterator[_Call]:
@@ -182,6 +288,22 @@ class OriginClient:
 
     async def aclose(self) -> None:
         await self._session.close()
+
+
+async def _read_up_to(response: aiohttp.ClientResponse, limit: int) -> bytes | None:
+    """The whole body when it is at most ``limit`` bytes; else what was read past it (more
+    than ``limit`` bytes), or None when its Content-Length says so before any is read."""
+    length = response.content_length
+    if length is not None and length > limit:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.content.iter_any():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            break
+    return b"".join(chunks)
 
 
 @dataclass(slots=True)

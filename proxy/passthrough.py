@@ -70,7 +70,7 @@ class PassThrough:
             ) as upstream:
                 if on_answer is not None:
                     await on_answer(upstream.status)
-                return await _relay(request, upstream, cache_status)
+                return await relay(request, upstream, cache_status)
         except OriginError as exc:
             if on_answer is not None:
                 await on_answer(None)
@@ -89,14 +89,25 @@ class PassThrough:
         )
 
 
-async def _relay(
-    request: web.Request, upstream: aiohttp.ClientResponse, cache_status: str
+async def relay(
+    request: web.Request,
+    upstream: aiohttp.ClientResponse,
+    cache_status: str,
+    *,
+    x_cache: str = "BYPASS",
+    prefix: bytes = b"",
 ) -> web.StreamResponse:
+    """``upstream`` streamed to the client as it comes, after ``prefix`` (already read)."""
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
     response.headers.extend(forwarding.to_pass(upstream.headers))
-    response.headers["X-Cache"] = "BYPASS"
+    response.headers["X-Cache"] = x_cache
     response.headers["Cache-Status"] = cache_status
     await response.prepare(request)
+    try:
+        if prefix:
+            await response.write(prefix)
+    except ConnectionResetError:
+        return response
     try:
         async for chunk in upstream.content.iter_any():
             try:

@@ -87,7 +87,16 @@ async def _run(settings: Settings, stop: asyncio.Event, worker: str | None) -> N
     loop = asyncio.get_running_loop()
     grace = settings.server.shutdown_grace
     proxy_app = build_proxy_app(settings)
-    proxy_runner = web.AppRunner(proxy_app, access_log=None, shutdown_timeout=grace)
+    limits = settings.server
+    proxy_runner = web.AppRunner(
+        proxy_app,
+        access_log=None,
+        shutdown_timeout=grace,
+        # aiohttp answers 400 naming the limit ("Got more than N bytes when reading ...").
+        max_line_size=limits.max_header_size,
+        max_field_size=limits.max_header_size,
+        max_headers=limits.max_headers,
+    )
     await proxy_runner.setup()
     admin_app = build_admin_app(proxy_app) if worker is None else build_worker_app(proxy_app)
     admin_runner = web.AppRunner(admin_app, access_log=None, shutdown_timeout=1)

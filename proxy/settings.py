@@ -81,6 +81,10 @@ class ServerSettings(_Section):
     listen: AddressField = Address("127.0.0.1", 8080)
     workers: int = Field(1, ge=1, le=MAX_WORKERS)
     max_body: Size = 10 << 20
+    max_header_size: Size = Field(8 << 10, ge=256, le=1 << 20)  # the request line, each header
+    max_headers: int = Field(100, ge=8, le=10_000)
+    max_cacheable: Size = Field(8 << 20, ge=1)  # larger answers are streamed through uncached
+    max_key_length: int = Field(1024, ge=16, le=64 << 10)  # keys and tags, in characters
     shutdown_grace: Duration = 10.0
     access_log: bool = False  # one JSON line per request on stdout
 

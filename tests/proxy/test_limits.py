@@ -1,0 +1,124 @@
+"""Limits: each has a default, a config key and a clear answer when it is reached."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from aiohttp import web
+from multidict import CIMultiDict
+
+from proxy.origin import OriginBusy, OriginClient
+from tests.proxy.conftest import MakeProxy, Origin
+
+BIG = b"x" * (64 << 10)
+LIMITS = "server: {max_cacheable: 16KiB, max_key_length: 32}\n"
+ROUTES = """
+routes:
+  - path: /files/{id}
+    key: "files:{id}"
+  - path: /carts/{id}
+    key: "carts:{id}"
+    mode: write-behind
+"""
+
+
+def chunked(body: bytes) -> web.StreamResponse:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        for start in range(0, len(body), 4096):
+            await response.write(body[start : start + 4096])
+        await response.write_eof()
+        return response
+
+    return handler  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+async def test_an_answer_larger_than_max_cacheable_is_relayed_whole_and_not_kept(
+    make_proxy: MakeProxy, origin: Origin, framing: str
+) -> None:
+    if framing == "chunked":
+        origin.handlers["/files/big"] = chunked(BIG)  # type: ignore[assignment]
+    else:
+        origin.reply("/files/big", BIG)
+    proxy = await make_proxy(LIMITS, routes=ROUTES)
+
+    for _ in range(2):
+        response = await proxy.get("/files/big")
+        assert response.status == 200
+        assert await response.read() == BIG
+        assert response.headers["X-Cache"] == "MISS"
+        assert response.headers["Cache-Status"] == "cachecar; fwd=miss; detail=too-large"
+    assert origin.count("/files/big") == 2  # never stored
+
+    origin.reply("/files/small", b"y" * 1000)
+    await proxy.get("/files/small")
+    again = await proxy.get("/files/small")
+    assert again.headers["X-Cache"] == "HIT-L1"  # below the limit: cached as ever
+
+
+async def test_requests_that_waited_for_an_oversized_fetch_each_get_the_whole_answer(
+    make_proxy: MakeProxy, origin: Origin
+) -> None:
+    origin.reply("/files/big", BIG)
+    origin.gate = asyncio.Event()
+    proxy = await make_proxy(LIMITS, routes=ROUTES)
+    pending = [asyncio.create_task(proxy.get("/files/big")) for _ in range(5)]
+    await asyncio.sleep(0.2)
+    origin.gate.set()
+    responses = await asyncio.gather(*pending)
+    assert [r.status for r in responses] == [200] * 5
+    assert [await r.read() for r in responses] == [BIG] * 5
+    assert {r.headers["X-Cache"] for r in responses} == {"MISS", "BYPASS"}
+
+
+async def test_a_head_of_an_oversized_answer_is_passed_through(
+    make_proxy: MakeProxy, origin: Origin
+) -> None:
+    origin.reply("/files/big", BIG)
+    proxy = await make_proxy(LIMITS, routes=ROUTES)
+    response = await proxy.head("/files/big")
+    assert response.status == 200
+    assert response.headers["Cache-Status"] == "cachecar; fwd=bypass; detail=too-large"
+
+
+async def test_a_key_longer_than_max_key_length_is_not_cached(
+    make_proxy: MakeProxy, origin: Origin
+) -> None:
+    proxy = await make_proxy(LIMITS, routes=ROUTES)
+    long_id = "a" * 40
+    first = await proxy.get(f"/files/{long_id}")
+    second = await proxy.get(f"/files/{long_id}")
+    assert (first.status, second.status) == (200, 200)
+    assert second.headers["X-Cache"] == "BYPASS"
+    assert second.headers["Cache-Status"] == "cachecar; fwd=bypass; detail=key-too-long"
+    assert origin.count(f"/files/{long_id}") == 2
+
+    refused = await proxy.put(f"/carts/{long_id}", data=b"{}")
+    assert refused.status == 414
+    body = await refused.json()
+    assert body["error"] == "key too long"
+    assert "server.max_key_length, 32" in body["detail"]
+    assert origin.count(f"/carts/{long_id}", "PUT") == 0  # not queued, not forwarded
+
+
+async def test_an_origin_call_that_waits_too_long_for_a_connection_is_503(
+    origin: Origin,
+) -> None:
+    client = OriginClient.create(origin.url, timeout=0.3, max_connections=1)
+    try:
+        async with client.stream("GET", client.url("/held", ""), CIMultiDict()):
+            with pytest.raises(OriginBusy) as busy:
+                await client.fetch("GET", client.url("/other", ""), CIMultiDict())
+        assert busy.value.status == 503
+        assert str(busy.value) == (
+            "all 1 connections to the origin (upstream.max_connections) stayed busy for 300ms"
+        )
+        assert origin.count("/other") == 0  # it never reached the origin
+        answer = await client.fetch("GET", client.url("/other", ""), CIMultiDict())
+        assert answer.status == 200  # the connection is free again
+    finally:
+        await client.aclose()
