@@ -78,3 +78,35 @@ async def test_readyz_without_l2_checks_the_origin_only(
 ) -> None:
     admin = await admin_for(aiohttp_client, origin, l2="")
     assert await (await admin.get("/readyz")).json() == {"status": "ready", "origin": "up"}
+
+
+async def test_read_only_calls_need_no_token_and_mutating_ones_need_exactly_it(
+    aiohttp_client: AiohttpClient, origin: Origin
+) -> None:
+    admin = await admin_for(aiohttp_client, origin, extra="admin: {token: s3cret}")
+    for path in ("/healthz", "/readyz", "/metrics", "/admin/stats", "/admin/write-behind"):
+        assert (await admin.get(path)).status in (200, 404), path  # 404: no write-behind route
+    assert (await admin.get("/healthz")).status == 200
+    assert (await admin.get("/metrics")).status == 200
+
+    for path in ("/admin/purge", "/admin/write-behind/replay"):
+        for authorization, status in (
+            (None, 401),
+            ("s3cret", 401),  # no scheme
+            ("Basic s3cret", 401),
+            ("Bearer ", 401),
+            ("Bearer s3cre", 403),  # a prefix of the token
+            ("Bearer s3cret2", 403),
+            ("Bearer S3CRET", 403),
+            ("Bearer s3cr\udcff", 403),  # not UTF-8 on the wire: refused, not a crash
+        ):
+            headers = {} if authorization is None else {"Authorization": authorization}
+            response = await admin.post(path, json={"key": "users:1"}, headers=headers)
+            assert response.status == status, (path, authorization)
+            assert set(await response.json()) == {"error", "detail"}
+
+
+def test_the_admin_listener_binds_loopback_by_default(origin: Origin) -> None:
+    settings = settings_for(origin)
+    assert (settings.admin.listen.host, settings.admin.listen.port) == ("127.0.0.1", 8081)
+    assert settings.admin.token == ""
