@@ -122,6 +122,7 @@ class Runtime:
             max_body=settings.server.max_body,
             max_cacheable=settings.server.max_cacheable,
             max_key_length=settings.server.max_key_length,
+            body_timeout=settings.server.body_timeout,
             clock=clock,
             metrics=metrics,
             access_log=settings.server.access_log,

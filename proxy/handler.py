@@ -79,6 +79,7 @@ class Proxy:
         write_behind: WriteBehind | None = None,
         max_cacheable: int | None = None,
         max_key_length: int = 1024,
+        body_timeout: float = 30.0,
     ) -> None:
         """``max_cacheable``: larger answers are relayed uncached; ``max_key_length``: requests
         whose key or a tag is longer are not cached (a write-behind write is refused)."""
@@ -89,7 +90,7 @@ class Proxy:
         self._access_log = access_log
         self._cache = cache
         self._origin = origin
-        self._passthrough = PassThrough(origin, max_body)
+        self._passthrough = PassThrough(origin, max_body, body_timeout)
         self._clock = clock
         self._write_behind = write_behind
         self._write_through_locks = KeyLocks()
@@ -351,9 +352,9 @@ class Proxy:
         path: str,
         query: str,
     ) -> web.StreamResponse:
-        body = await self._body(request)
-        if body is None:
-            return self._passthrough.too_large(BYPASS_METHOD)
+        body = await self._passthrough.read_body(request, BYPASS_METHOD)
+        if isinstance(body, web.Response):
+            return body
         sent = forwarding.forward_uncached(request.headers, request.remote, request.scheme)
         # One PUT of a key at a time from here: the cache ends with what the origin got last.
         async with self._write_through_locks.hold(key):
@@ -415,9 +416,9 @@ class Proxy:
         now = self._clock.time()
         ttl = max(route.l1_ttl, route.l2_ttl)
         if request.method == "PUT":
-            body = await self._body(request)
-            if body is None:
-                return self._passthrough.too_large(BYPASS_METHOD)
+            body = await self._passthrough.read_body(request, BYPASS_METHOD)
+            if isinstance(body, web.Response):
+                return body
             entry = written_entry(body, request.headers.get("Content-Type"), now, ttl)
         else:
             entry = tombstone(key, now, ttl)
@@ -465,15 +466,6 @@ class Proxy:
             "flushed, or PUT the whole value",
             BYPASS_METHOD,
         )
-
-    async def _body(self, request: web.Request) -> bytes | None:
-        """The whole request body; None when it is larger than ``server.max_body``."""
-        try:
-            return await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            return None
-        except Exception as exc:  # the connection's reader failing: the client's doing
-            raise ClientGone(f"the request body broke off: {type(exc).__name__}") from exc
 
 
 def _name(route: Route | None) -> str:

@@ -1,12 +1,14 @@
 """Requests cachecar does not answer itself, streamed to the origin and back.
 
 Neither body is held whole: the request's is passed on as it arrives, cut off past
-``server.max_body`` (413), and the answer is relayed as it comes. Who failed is kept apart: a
+``server.max_body`` (413) or after a pause longer than ``server.body_timeout`` (408), and the
+answer is relayed as it comes. Who failed is kept apart: a
 client whose body broke off is ``ClientGone`` (counted 499), never the origin's failure.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -16,7 +18,7 @@ from aiohttp import web
 from proxy import headers as forwarding
 from proxy.answers import error_response
 from proxy.origin import OriginClient, OriginError, RequestBodyError
-from proxy.units import format_size
+from proxy.units import format_duration, format_size
 
 logger = logging.getLogger("cachecar.proxy")
 
@@ -27,14 +29,19 @@ class BodyTooLarge(RequestBodyError):
     """A request body past ``server.max_body``, found while streaming it."""
 
 
+class BodyStalled(RequestBodyError):
+    """A request body that stopped arriving for ``server.body_timeout``."""
+
+
 class ClientGone(Exception):
     """The client went away before its request was whole; nothing reached the origin whole."""
 
 
 class PassThrough:
-    def __init__(self, origin: OriginClient, max_body: int) -> None:
+    def __init__(self, origin: OriginClient, max_body: int, body_timeout: float = 30.0) -> None:
         self._origin = origin
         self._max_body = max_body
+        self._body_timeout = body_timeout
 
     async def __call__(
         self,
@@ -57,7 +64,7 @@ class PassThrough:
         sent = forwarding.forward_uncached(request.headers, request.remote, request.scheme)
         body: _ClientBody | None = None
         if request.body_exists:
-            body = _ClientBody(request.content, self._max_body)
+            body = _ClientBody(request.content, self._max_body, self._body_timeout)
             if length is not None:
                 sent["Content-Length"] = str(length)
         try:
@@ -76,9 +83,41 @@ class PassThrough:
                 await on_answer(None)
             if body is not None and body.exceeded:
                 return self.too_large(cache_status)
+            if body is not None and body.stalled:
+                return self.stalled(cache_status)
             if body is not None and body.broken:
                 raise ClientGone("the request body broke off while it was being forwarded") from exc
             return error_response(exc.status, exc.title, str(exc), cache_status)
+
+    async def read_body(self, request: web.Request, cache_status: str) -> bytes | web.Response:
+        """The whole request body, or the answer to give instead (413, 408); raises
+        ``ClientGone`` when it broke off."""
+        length = request.content_length
+        if length is not None and length > self._max_body:
+            return self.too_large(cache_status)
+        body = _ClientBody(request.content, self._max_body, self._body_timeout)
+        chunks: list[bytes] = []
+        try:
+            async for chunk in body:
+                chunks.append(chunk)
+        except RequestBodyError as exc:
+            if body.exceeded:
+                return self.too_large(cache_status)
+            if body.stalled:
+                return self.stalled(cache_status)
+            raise ClientGone(f"the request body broke off: {exc}") from exc
+        return b"".join(chunks)
+
+    def stalled(self, cache_status: str) -> web.Response:
+        response = error_response(
+            408,
+            "request body stalled",
+            "no byte of the request body arrived for server.body_timeout "
+            f"({format_duration(self._body_timeout)})",
+            cache_status,
+        )
+        response.force_close()
+        return response
 
     def too_large(self, cache_status: str) -> web.Response:
         return error_response(
@@ -126,17 +165,21 @@ async def relay(
 
 
 class _ClientBody:
-    """A request body streamed to the origin, cut off once it passes ``limit``.
+    """A request body streamed to the origin, cut off once it passes ``limit`` or pauses for
+    longer than ``idle`` seconds.
 
     aiohttp reports any failure of the body as its own client error; ``exceeded`` says it was
-    this limit, ``broken`` that the client's side failed (gone, or a body shorter than its
-    Content-Length). Either way the origin is not to blame: ``RequestBodyError`` says so.
+    this limit, ``stalled`` the pause, ``broken`` that the client's side failed (gone, or a body
+    shorter than its Content-Length). Either way the origin is not to blame:
+    ``RequestBodyError`` says so.
     """
 
-    def __init__(self, content: aiohttp.StreamReader, limit: int) -> None:
+    def __init__(self, content: aiohttp.StreamReader, limit: int, idle: float) -> None:
         self._content = content
         self._limit = limit
+        self._idle = idle
         self.exceeded = False
+        self.stalled = False
         self.broken = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
@@ -144,9 +187,13 @@ class _ClientBody:
         chunks = self._content.iter_any().__aiter__()
         while True:
             try:
-                chunk = await chunks.__anext__()
+                async with asyncio.timeout(self._idle):
+                    chunk = await chunks.__anext__()
             except StopAsyncIteration:
                 return
+            except TimeoutError as exc:
+                self.stalled = True
+                raise BodyStalled(f"nothing for {self._idle:g}s") from exc
             except Exception as exc:
                 self.broken = True
                 raise RequestBodyError(f"{type(exc).__name__}: {exc}") from exc

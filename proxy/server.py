@@ -21,6 +21,7 @@ from pathlib import Path
 from queue import Full, Queue
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import disable_created_metrics
 
 from cache.redis_tier import MEMORY_URL
@@ -55,6 +56,7 @@ async def serve(
 
     # One series per metric: the *_created timestamps only double what a scrape transfers.
     disable_created_metrics()  # type: ignore[no-untyped-call]
+    _quiet_malformed_requests()
     worker = os.environ.get(WORKER_SOCKET)
     if settings.server.workers > 1 and worker is None:
         from proxy.workers import supervise
@@ -96,6 +98,9 @@ async def _run(settings: Settings, stop: asyncio.Event, worker: str | None) -> N
         max_line_size=limits.max_header_size,
         max_field_size=limits.max_header_size,
         max_headers=limits.max_headers,
+        # Closes a connection that has not sent a whole request head for this long: idle
+        # keep-alive connections, and heads sent a byte at a time (slowloris).
+        keepalive_timeout=limits.idle_timeout,
     )
     await proxy_runner.setup()
     admin_app = build_admin_app(proxy_app) if worker is None else build_worker_app(proxy_app)
@@ -162,6 +167,28 @@ def _announce(settings: Settings, routes: int, write_behind: bool) -> None:
         logger.info(
             "write-behind queue in Redis: acknowledged writes survive a crash of this process"
         )
+
+
+class _MalformedRequest(logging.Filter):
+    """aiohttp logs each request its parser refuses (already answered 400) as an ERROR with a
+    traceback: any client could flood the log. Such a record becomes one DEBUG line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError) or not 400 <= exc.code < 500:
+            return True
+        if not logging.getLogger(record.name).isEnabledFor(logging.DEBUG):
+            return False
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        record.msg, record.args = "refused a malformed request (%d): %s", (exc.code, exc.message)
+        record.exc_info = record.exc_text = None
+        return True
+
+
+def _quiet_malformed_requests() -> None:
+    server = logging.getLogger("aiohttp.server")
+    if not any(isinstance(existing, _MalformedRequest) for existing in server.filters):
+        server.addFilter(_MalformedRequest())
 
 
 class _AccessLog(logging.Handler):

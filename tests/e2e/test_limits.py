@@ -31,7 +31,8 @@ async def test_header_limits_come_from_the_config_and_are_answered_400(
     port, admin = free_port(), free_port()
     path = tmp_path / "limits.yaml"
     path.write_text(
-        f"server: {{listen: '127.0.0.1:{port}', max_header_size: 1KiB, max_headers: 10}}\n"
+        f"server: {{listen: '127.0.0.1:{port}', max_header_size: 1KiB, max_headers: 10, "
+        "idle_timeout: 1s}\n"
         f"admin: {{listen: '127.0.0.1:{admin}'}}\n"
         f"upstream: {{url: '{origin.url}'}}\n"
         "routes: [{path: '/users/{id}', key: 'users:{id}'}]\n"
@@ -53,3 +54,28 @@ async def test_header_limits_come_from_the_config_and_are_answered_400(
     assert b"Got more than 1024 bytes when reading" in too_long
     assert b"Too many headers" in too_many
     assert b"Got more than 1024 bytes when reading" in long_line
+    # Each refusal is one DEBUG line at most: garbage from a client cannot flood the log.
+    assert "Error handling request" not in proxy.process.output()
+
+    # A head that never ends (slowloris) is cut off after server.idle_timeout.
+    host, port_text = proxy.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port_text))
+    try:
+        writer.write(b"GET /users/1 HTTP/1.1\r\nHost: x\r\n")
+        async with asyncio.timeout(10):
+            for _ in range(100):  # a header line every 100 ms, never the blank line
+                writer.write(b"X-Slow: 1\r\n")
+                await writer.drain()
+                if await _closed(reader, 0.1):
+                    break
+        assert reader.at_eof()
+    finally:
+        writer.close()
+
+
+async def _closed(reader: asyncio.StreamReader, within: float) -> bool:
+    try:
+        async with asyncio.timeout(within):
+            return await reader.read(1) == b""
+    except TimeoutError:
+        return False

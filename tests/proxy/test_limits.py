@@ -122,3 +122,28 @@ async def test_an_origin_call_that_waits_too_long_for_a_connection_is_503(
         assert answer.status == 200  # the connection is free again
     finally:
         await client.aclose()
+
+
+@pytest.mark.parametrize(
+    ("path", "mode"), [("/raw/1", "passed through"), ("/files/1", "read whole (write-through)")]
+)
+async def test_a_request_body_that_stalls_is_answered_408_and_not_sent_on(
+    make_proxy: MakeProxy, origin: Origin, path: str, mode: str
+) -> None:
+    routes = ROUTES + "  - path: /raw/{id}\n    mode: bypass\n"
+    routes = routes.replace('key: "files:{id}"', 'key: "files:{id}"\n    mode: write-through')
+    proxy = await make_proxy("server: {body_timeout: 300ms}\n", routes=routes)
+    assert proxy.server.host is not None
+    assert proxy.server.port is not None
+    reader, writer = await asyncio.open_connection(proxy.server.host, proxy.server.port)
+    try:
+        writer.write(f"PUT {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc".encode())
+        async with asyncio.timeout(5):
+            answer = await reader.read(4096)
+    finally:
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 "), head
+    assert b'"error": "request body stalled"' in body
+    assert b"server.body_timeout (300ms)" in body
+    assert origin.count(path, "PUT") == 0 or mode == "passed through"
