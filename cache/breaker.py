@@ -8,17 +8,38 @@
 While open, callers skip the tier entirely, so an L2 outage costs requests nothing. In half-open
 exactly one call goes through as a probe; a probe that never reports back (its caller was
 cancelled) is given up after another ``reset_after`` and a new probe is allowed.
+
+One breaker stands for one tier in one process, and every caller of that tier shares it: the
+tiered cache (which asks and reports itself) and, through a ``Guard``, the write-behind queue,
+leases, coherence's announcements, purges and the readiness probe. So an outage seen by any of
+them spares all the others its timeout, and the probe is whichever call comes first.
+
+    guard.call(op) -> breaker.allow()? --no--> CircuitOpen (the call is not made)
+                   -> yes: the call (bounded by its own timeout)
+                        TierUnavailable -> failure() (and counted), raised
+                        CorruptEntry    -> success() (the tier answered), raised
+                        returned        -> success()
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 from cache.clock import Clock
-from cache.observer import CacheObserver
+from cache.errors import CorruptEntry, TierUnavailable
+from cache.observer import CacheObserver, NullObserver
 
 logger = logging.getLogger("cachecar.cache")
+
+
+class CircuitOpen(TierUnavailable):
+    """The call was not made: the breaker in front of the tier is open (or another call is
+    its probe)."""
+
+    def __init__(self, op: str) -> None:
+        super().__init__(op, "circuit breaker open")
 
 
 class Breaker:
@@ -77,6 +98,50 @@ class Breaker:
         if self._failures >= self._threshold:
             self._opened_at = self._clock.monotonic()
             self._on_change(True)
+
+
+class Guard:
+    """The calls to a tier made beside the tiered cache, behind the tier's shared ``breaker``.
+
+    ``async with guard.call(op):`` around one call (already bounded and translated, see
+    ``redis_tier.bounded``): refused at once with ``CircuitOpen`` while the breaker is open,
+    and its outcome told to the breaker; a failure is also counted (``tier_error``). Without a
+    breaker a guard only counts. A call that never ends (cancelled) reports nothing: the
+    breaker gives up on such a probe after ``reset_after``.
+    """
+
+    def __init__(
+        self,
+        breaker: Breaker | None = None,
+        *,
+        tier: str = "l2",
+        observer: CacheObserver | None = None,
+    ) -> None:
+        self.breaker = breaker
+        self._tier = tier
+        self._observer: CacheObserver = observer or NullObserver()
+
+    @contextlib.asynccontextmanager
+    async def call(self, op: str) -> AsyncIterator[None]:
+        breaker = self.breaker
+        if breaker is not None and not breaker.allow():
+            raise CircuitOpen(op)
+        try:
+            yield
+        except CircuitOpen:
+            raise  # a guard inside this one refused: nothing was asked, nothing to report
+        except TierUnavailable as exc:
+            self._observer.tier_error(self._tier, exc.op)
+            if breaker is not None:
+                breaker.failure()
+            raise
+        except CorruptEntry:
+            # The tier answered; what it holds is not ours to read. It is healthy.
+            if breaker is not None:
+                breaker.success()
+            raise
+        if breaker is not None:
+            breaker.success()
 
 
 def breaker_logger(

@@ -18,6 +18,14 @@ replica trusts its L1 only while it is subscribed:
 
 The subscription's connection has no retries of its own: a reconnect that redis-py made quietly
 would hide the gap in which messages were lost.
+
+Announcements are calls like any other: they go through the process's L2 ``guard``, so while
+the breaker is open they are kept (and sent again once Redis takes them) without asking Redis.
+The subscription is not a call: a connection that waits as long as nobody writes, with its own
+reconnect loop and backoff. It neither asks the breaker nor reports to it. Asking would keep L1
+unused until some other call happened to probe; reporting would let a SUBSCRIBE that works
+close a breaker that slow calls opened (a connection that works says nothing of whether calls
+are answered within ``l2.timeout``), and count the loss of an idle connection as a failed call.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from typing import Any, Protocol
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from cache.breaker import Guard
 from cache.clock import Clock
 from cache.errors import TierUnavailable
 from cache.observer import CacheObserver, NullObserver
@@ -84,8 +93,10 @@ class Coherence:
         timeout: float,
         replica: str | None = None,
         observer: CacheObserver | None = None,
+        guard: Guard | None = None,
     ) -> None:
-        """``client`` publishes; ``listener()`` makes the subscription's client (one per try)."""
+        """``client`` publishes; ``listener()`` makes the subscription's client (one per try).
+        ``guard``: the process's L2 breaker, for the announcements (counts their failures)."""
         self._client = client
         self._listener = listener
         self._channel = channel
@@ -94,6 +105,7 @@ class Coherence:
         self._timeout = timeout
         self.replica = replica or replica_name()
         self._observer: CacheObserver = observer or NullObserver()
+        self._guard = guard or Guard(observer=self._observer)
         self._task: asyncio.Task[None] | None = None
         self._subscribed = asyncio.Event()
         self._tried = asyncio.Event()  # the first subscription attempt succeeded or failed
@@ -165,10 +177,9 @@ class Coherence:
     async def _send(self, change: dict[str, Any]) -> bool:
         message = json.dumps({"r": self.replica, "t": self._clock.time(), **change})
         try:
-            async with bounded("publish", self._timeout):
+            async with bounded("publish", self._timeout, self._guard):
                 await self._client.publish(self._channel, message)
-        except TierUnavailable as exc:
-            self._observer.tier_error("l2", "publish")
+        except TierUnavailable as exc:  # counted by the guard; CircuitOpen: not even tried
             if self._published_ok:
                 logger.warning(
                     "cannot announce changes to other replicas (%s); announcing them again "

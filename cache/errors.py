@@ -2,6 +2,7 @@
 
     CacheError          root: everything the engine raises on purpose
     ├── TierUnavailable a tier did not answer (L2 down, slow or refusing); ``op`` names the call
+    │   └── CircuitOpen (cache.breaker) not even asked: the tier's circuit breaker is open
     └── CorruptEntry    bytes that are not a valid envelope (foreign, truncated, a newer version)
     LoadDeclined        raised by a loader: an answer not for the cache (too large to keep)
 

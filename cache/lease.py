@@ -12,7 +12,9 @@ process; a lease makes it one per key across replicas:
 
 The wait is bounded by ``hold`` (the lease's TTL, longer than an origin fetch may take), so a
 winner that dies costs the others one ``hold`` at most, never an error. Redis failing is no
-lease at all: every replica fetches for itself, as without leases.
+lease at all: every replica fetches for itself, as without leases. Every lease call (and each
+look for the fill) goes through the process's L2 ``guard``: while the breaker is open there is
+no lease, at once, and the failures of lease calls count towards opening it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import asyncio
 import secrets
 from collections.abc import Awaitable, Callable
 
+from cache.breaker import Guard
 from cache.errors import CorruptEntry, TierUnavailable
 from cache.redis_tier import RedisClient, bounded, close_quietly
 from cache.tier import Stored
@@ -39,9 +42,17 @@ return 0
 
 class Leases:
     def __init__(
-        self, client: RedisClient, *, key_prefix: str, timeout: float, hold: float
+        self,
+        client: RedisClient,
+        *,
+        key_prefix: str,
+        timeout: float,
+        hold: float,
+        guard: Guard | None = None,
     ) -> None:
+        """``guard``: the process's L2 breaker (one shared by every L2 caller)."""
         self._client = client
+        self._guard = guard or Guard()
         self._prefix = key_prefix
         self._timeout = timeout
         self._hold_ms = max(1, round(hold * 1000))
@@ -57,7 +68,7 @@ class Leases:
         another replica holds the lease."""
         token = secrets.token_hex(8)
         try:
-            async with bounded("lease", self._timeout):
+            async with bounded("lease", self._timeout, self._guard):
                 won = await self._client.set(
                     self._name(key, variant), token, nx=True, px=self._hold_ms
                 )
@@ -69,7 +80,7 @@ class Leases:
         if not token:
             return
         try:
-            async with bounded("lease", self._timeout):
+            async with bounded("lease", self._timeout, self._guard):
                 await self._release(keys=[self._name(key, variant)], args=[token])
         except (TierUnavailable, CorruptEntry):
             pass  # it expires after ``hold``; the waiters fetch themselves by then
@@ -88,9 +99,11 @@ class Leases:
             try:
                 # The lease first: a winner releases it only after its fill, so once it is seen
                 # gone, the look that follows finds the fill if there is one.
-                async with bounded("lease", self._timeout):
+                async with bounded("lease", self._timeout, self._guard):
                     held = await self._client.exists(self._name(key, variant))
-                stored = await look()
+                # ``look`` is a bare read of the tier (bounded, but reported to no breaker).
+                async with self._guard.call("lease"):
+                    stored = await look()
             except (TierUnavailable, CorruptEntry):
                 return None
             if stored is not None or not held:

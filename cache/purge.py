@@ -8,10 +8,17 @@
                batch at a time, its keys dropped and announced, then the set dropped
 
 The figure returned is how many keys held something here (L2, or this replica's L1).
+
+Each step of a walk (a SCAN, an SSCAN) and the tag's drop is a call behind the process's L2
+``guard``: while the breaker is open a prefix or tag purge fails at once with ``CircuitOpen``
+(a prefix purge still empties the L1s), and its failures count towards opening the breaker.
 """
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
+from cache.breaker import Guard
 from cache.coherence import Coherence
 from cache.observer import Invalidation
 from cache.redis_tier import RedisTier
@@ -20,11 +27,17 @@ from cache.tiered import TieredCache
 
 class Purger:
     def __init__(
-        self, cache: TieredCache, l2: RedisTier | None, coherence: Coherence | None
+        self,
+        cache: TieredCache,
+        l2: RedisTier | None,
+        coherence: Coherence | None,
+        guard: Guard | None = None,
     ) -> None:
+        """``guard``: the process's L2 breaker (the tiered cache asks it for its own calls)."""
         self._cache = cache
         self._l2 = l2
         self._coherence = coherence
+        self._guard = guard or Guard()
 
     async def key(self, key: str) -> int:
         return await self._cache.purge([key])
@@ -33,7 +46,8 @@ class Purger:
         held = 0
         try:
             if self._l2 is not None:
-                async for keys in self._l2.keys_with_prefix(prefix):
+                walk = self._l2.keys_with_prefix(prefix)
+                while (keys := await self._next(walk)) is not None:
                     held += await self._cache.purge(keys)
         finally:
             # Also when L2 failed part way: this replica's L1, and the others', follow.
@@ -46,8 +60,15 @@ class Purger:
         if self._l2 is None:
             return 0  # tags are indexed in L2 only (the config asks for one with tags)
         held = 0
-        async for keys in self._l2.tagged(tag):
+        walk = self._l2.tagged(tag)
+        while (keys := await self._next(walk)) is not None:
             held += await self._cache.purge(keys)
         # Dropped only once its keys are: a purge cut short can be sent again and finds them.
-        await self._l2.drop_tag(tag)
+        async with self._guard.call("purge"):
+            await self._l2.drop_tag(tag)
         return held
+
+    async def _next(self, walk: AsyncIterator[list[str]]) -> list[str] | None:
+        """The walk's next batch (None after the last): one SCAN or SSCAN, guarded."""
+        async with self._guard.call("purge"):
+            return await anext(walk, None)

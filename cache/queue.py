@@ -29,6 +29,10 @@ Layout (every key shares the hash tag ``{wb}``, so each script touches one Clust
 Every step is one Lua script, so a crash between two steps leaves the queue consistent: a
 claimed key whose holder died becomes ready again when its lease runs out. Times come from the
 caller's clock (injected); replicas' clocks only need to agree to well within a lease.
+
+Every call goes through the process's L2 ``guard``: while the L2 breaker is open each one is
+refused at once with ``CircuitOpen`` (Redis not asked), so a write is refused without waiting
+out the queue's timeout and never acknowledged; a queue call may be the half-open probe.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import logging
 import struct
 from typing import Any, NamedTuple, cast
 
+from cache.breaker import Guard
 from cache.clock import Clock
 from cache.entry import Entry, decode, encode
 from cache.errors import CacheError, CorruptEntry
@@ -125,8 +130,11 @@ def _load(key: str, data: bytes) -> QueuedWrite:
     if magic != _MAGIC or version != _VERSION:
         raise CorruptEntry(f"not a queued write (magic {magic!r}, version {version})")
     start = _RECORD.size
-    method = data[start : start + method_len].decode()
-    target = data[start + method_len : start + method_len + target_len].decode()
+    try:
+        method = data[start : start + method_len].decode()
+        target = data[start + method_len : start + method_len + target_len].decode()
+    except UnicodeDecodeError as exc:
+        raise CorruptEntry(f"a queued write's method or target is not UTF-8: {exc}") from exc
     entry = decode(data[start + method_len + target_len :])
     return QueuedWrite(key, method, target, entry)
 
@@ -143,7 +151,9 @@ class WriteQueue:
         clock: Clock,
         max_pending: int = 0,
         coalesce_for: float = 0.0,
+        guard: Guard | None = None,
     ) -> None:
+        """``guard``: the process's L2 breaker (one shared by every L2 caller)."""
         if client.get_encoder().decode_responses:
             raise ValueError("the queue's client must be built with decode_responses=False")
         if timeout <= 0:
@@ -153,6 +163,7 @@ class WriteQueue:
         self._clock = clock
         self._max_pending = max_pending
         self._window_ms = round(coalesce_for * 1000)
+        self._guard = guard or Guard()
         names = ("seq", "values", "seqs", "ready", "since", "tries", "dead", "corpses")
         self._keys = {name: f"{key_prefix}{{wb}}:{name}" for name in names}
         self._enqueue = client.register_script(ENQUEUE)
@@ -174,7 +185,8 @@ class WriteQueue:
         to it meanwhile is coalesced into one origin write.
 
         Raises ``TierUnavailable`` when Redis does not take it (the write is then not
-        acknowledged) and ``QueueFull`` past ``max_pending`` keys.
+        acknowledged; ``CircuitOpen``: Redis was not even asked, the breaker is open) and
+        ``QueueFull`` past ``max_pending`` keys.
         """
         now = self._now_ms()
         async with self._bounded("enqueue"):
@@ -322,7 +334,7 @@ class WriteQueue:
         await close_quietly(self._client)
 
     def _bounded(self, op: str) -> contextlib.AbstractAsyncContextManager[None]:
-        return bounded(f"queue {op}", self._timeout)
+        return bounded(f"queue {op}", self._timeout, self._guard)
 
 
 def describe(stats: QueueStats, letters: list[DeadLetter]) -> dict[str, Any]:

@@ -25,6 +25,8 @@ node's SCAN sees that node's keys only.
 
 Every call is bounded by ``timeout`` and any failure (refused, reset, slow, an error reply) is
 raised as ``TierUnavailable``: the tiered cache counts it and carries on as if it had missed.
+The tier itself knows no breaker: the tiered cache asks the process's L2 breaker before each
+call and tells it the outcome (a guard here as well would count every call twice).
 A key that holds something else (another Redis type, bytes that are not an envelope) is a
 ``CorruptEntry``: Redis is healthy, the key is dropped.
 """
@@ -39,6 +41,7 @@ from typing import Any
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
+from cache.breaker import Guard
 from cache.clock import Clock, SystemClock
 from cache.entry import Entry, decode, encode
 from cache.errors import CorruptEntry, TierUnavailable
@@ -309,12 +312,24 @@ class RedisTier:
 
 
 @contextlib.asynccontextmanager
-async def bounded(op: str, within: float) -> AsyncIterator[None]:
+async def bounded(op: str, within: float, guard: Guard | None = None) -> AsyncIterator[None]:
     """One Redis call (or pipeline, or script) within ``within`` seconds, failures translated.
 
     Slow, refused, reset or an error reply: ``TierUnavailable``. A key of another Redis type
-    (Redis is fine; the key holds something that is not ours): ``CorruptEntry``.
+    (Redis is fine; the key holds something that is not ours): ``CorruptEntry``. With a
+    ``guard``, the call is first allowed by the process's L2 breaker (else ``CircuitOpen``,
+    and Redis is not asked) and its outcome reported to it.
     """
+    if guard is None:
+        async with _translated(op, within):
+            yield
+        return
+    async with guard.call(op), _translated(op, within):
+        yield
+
+
+@contextlib.asynccontextmanager
+async def _translated(op: str, within: float) -> AsyncIterator[None]:
     try:
         async with asyncio.timeout(within):
             yield

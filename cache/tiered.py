@@ -274,6 +274,12 @@ class TieredCache:
         self._observer.invalidated(source)
         await self._replace(key, None)
 
+    async def drop(self, key: str) -> None:
+        """Drop ``key`` as ``invalidate`` does, without counting an invalidation: the caller is
+        about to write it (a write-behind write clears the old value before the queue takes
+        the new one, so a crash in between cannot leave the old value cached)."""
+        await self._replace(key, None)
+
     async def put(
         self,
         key: str,
@@ -496,7 +502,9 @@ class TieredCache:
         """Another replica's fetch of the key, waited for (its entry, from L2); or the lease
         token this one fetches under ("" when there is no lease to be had)."""
         l2, leases = self._l2, self._leases
-        if l2 is None or leases is None or self._untrusted(key) or not self._l2_allowed():
+        # The leases ask the shared breaker themselves; asking it here too would take the
+        # half-open probe from them.
+        if l2 is None or leases is None or self._untrusted(key) or not self.l2_healthy:
             return ""
         token = await leases.acquire(key, variant)
         if token is not None:

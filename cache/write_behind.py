@@ -1,8 +1,11 @@
 """Write-behind: a write is acknowledged once it is durable, and reads see it from then on.
 
-write(w)  -> the queue takes it (Redis), one write of a key at a time in this process
+write(w)  -> the key's cached value is dropped (L1, L2, every replica's L1): were the process to
+             die between the queue and the tiers, the old value must not outlive the write
+          -> the queue takes it (Redis), one write of a key at a time in this process
              refused -> the caller answers 503 (and the key is dropped from L1 and L2 when Redis
-             timed out: it may have taken the write all the same)
+             timed out: it may have taken the write all the same; not when the L2 breaker is
+             open: Redis was not asked, so the write is surely nowhere)
           -> L1 and L2 hold it as the key's value (a DELETE: a 404 tombstone), L2 ordered by
              the queue's sequence number across replicas
 read miss -> L1, L2 as usual; then, before the origin, the key's unflushed write if there is
@@ -19,6 +22,7 @@ import contextlib
 import logging
 from collections.abc import Sequence
 
+from cache.breaker import CircuitOpen
 from cache.errors import CacheError, CorruptEntry, TierUnavailable
 from cache.flusher import Flusher
 from cache.locks import KeyLocks
@@ -59,8 +63,12 @@ class WriteBehind:
         queue holds last; across replicas, the queue's sequence number orders L2.
         """
         async with self._locks.hold(write.key):
+            if self._cache.l2_healthy:  # an open breaker refuses the write below at once
+                await self._cache.drop(write.key)
             try:
                 queued = await self.queue.enqueue(write)
+            except CircuitOpen:
+                raise  # refused before Redis was asked: nothing to undo
             except (TierUnavailable, CorruptEntry):
                 # Redis may have run the script and lost only its answer: the write may be
                 # queued after all, so nothing may keep serving the value it would replace.
@@ -98,11 +106,12 @@ class WriteBehind:
         """``origin``, preceded by a look at the key's unflushed write."""
 
         async def load() -> Loaded:
-            if not self._cache.l2_healthy:
-                # Redis is failing (the breaker is open): asking it would only add its timeout.
-                return await origin()
             try:
                 pending = await self.queue.pending(key)
+            except CircuitOpen:
+                # Redis is failing (the L2 breaker is open): the queue was not asked, and the
+                # origin's value is the best left, as below.
+                return await origin()
             except (TierUnavailable, CorruptEntry) as exc:
                 # Without the queue there is no knowing; the origin's value is the best left.
                 logger.warning(

@@ -2,6 +2,7 @@
 
     GET  /healthz                       200 while the process lives
     GET  /readyz                        200 when the origin and L2 answer; 503 naming what does not
+                                        (L2's ping may be the L2 breaker's probe)
     GET  /metrics                       Prometheus exposition (``proxy.metrics``)
     GET  /admin/stats                   the same figures as JSON: last minute and since start
     GET  /dashboard                     a live page over /admin/stats (``proxy/static``)
@@ -26,6 +27,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
+from cache.breaker import CircuitOpen, Guard
 from cache.errors import CacheError, CorruptEntry, TierUnavailable
 from cache.queue import describe
 from cache.redis_tier import RedisTier
@@ -118,7 +120,7 @@ async def readyz(request: web.Request) -> web.Response:
     runtime = request.app[PROXY_APP][RUNTIME]
     checks = {"origin": runtime.origin.probe(runtime.settings.upstream.health_path)}
     if runtime.l2 is not None:
-        checks["l2"] = _l2_problem(runtime.l2)
+        checks["l2"] = _l2_problem(runtime.l2, runtime.guard)
     results = dict(zip(checks, await asyncio.gather(*checks.values()), strict=True))
     problems = {name: problem for name, problem in results.items() if problem is not None}
     body = {name: problems.get(name, "up") for name in results}
@@ -164,9 +166,24 @@ def _page() -> bytes:
     return resources.files("proxy").joinpath("static/dashboard.html").read_bytes()
 
 
-async def _l2_problem(l2: RedisTier) -> str | None:
+async def _l2_problem(l2: RedisTier, guard: Guard) -> str | None:
+    """Why L2 is not ready, or None: a ping within ``l2.timeout``.
+
+    The ping is one of the process's L2 calls while the breaker lets calls through: it counts
+    towards opening it, and in half-open it may be the probe, so a proxy that gets no traffic
+    (a load balancer holds it back until it is ready) still closes its breaker. While the
+    breaker refuses calls, a plain ping still says whether Redis answers now, and tells the
+    breaker nothing: readiness is not traffic, and a PING answered is weaker evidence than
+    the calls that opened it (a Redis too slow for scripts may still answer PING).
+    """
     try:
-        await l2.ping()
+        async with guard.call("ping"):
+            await l2.ping()
+    except CircuitOpen:
+        try:
+            await l2.ping()
+        except TierUnavailable as exc:
+            return f"{exc} (circuit breaker open)"
     except TierUnavailable as exc:
         return str(exc)
     return None

@@ -7,6 +7,10 @@ The proxy app owns the runtime: its ``cleanup_ctx`` opens the origin client, the
 the cache and the write-behind flusher, and closes them after the last in-flight request (the
 flusher first drains the queue within what is left of the grace). The admin app reaches the
 runtime through the proxy app, so both listeners see one cache.
+
+One L2 circuit breaker per process: the tiered cache asks it itself; the write-behind queue,
+leases, coherence's announcements, purges and /readyz reach it through one ``Guard``. Startup
+needs no Redis: the clients connect when first used, and the breaker decides when to try again.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from cache.breaker import Breaker, breaker_logger
+from cache.breaker import Breaker, Guard, breaker_logger
 from cache.clock import Clock, SystemClock
 from cache.coherence import Coherence, listener_client, replica_name
 from cache.flusher import Backoff, Flusher
@@ -52,6 +56,8 @@ class Runtime:
     metrics: Metrics
     coherence: Coherence | None
     purger: Purger
+    # Every L2 call made beside the tiered cache's goes through it (the one L2 breaker).
+    guard: Guard
     # When the stop began (loop time): the write-behind drain gets what is left of the grace.
     stopping_since: float | None = None
     # False for a runtime that serves no traffic (the workers' supervisor): it reads and
@@ -87,6 +93,7 @@ class Runtime:
             clock=clock,
             on_change=breaker_logger("l2", settings.l2.breaker.reset_after, observer),
         )
+        guard = Guard(breaker, observer=observer)
         coherent = (
             settings.coherence.enabled
             and settings.l2.url is not None
@@ -100,9 +107,9 @@ class Runtime:
             breaker=breaker,
             # Until subscribed, another replica's change could go unheard.
             trust_l1=not coherent,
-            leases=_leases(settings),
+            leases=_leases(settings, guard),
         )
-        coherence = _coherence(settings, cache, clock, observer) if coherent else None
+        coherence = _coherence(settings, cache, clock, observer, guard) if coherent else None
         origin = OriginClient.create(
             settings.upstream.url,
             timeout=settings.upstream.timeout,
@@ -114,7 +121,7 @@ class Runtime:
         if settings.l2.url is not None and any(
             route.mode is Mode.WRITE_BEHIND for route in router.routes
         ):
-            write_behind = _write_behind(settings, cache, origin, router, clock, observer)
+            write_behind = _write_behind(settings, cache, origin, router, clock, observer, guard)
         proxy = Proxy(
             router,
             cache,
@@ -135,8 +142,10 @@ class Runtime:
             coherence=coherence is not None,
             queue=write_behind.queue if write_behind is not None else None,
         )
-        purger = Purger(cache, l2, coherence)
-        return cls(settings, cache, l2, origin, proxy, write_behind, metrics, coherence, purger)
+        purger = Purger(cache, l2, coherence, guard)
+        return cls(
+            settings, cache, l2, origin, proxy, write_behind, metrics, coherence, purger, guard
+        )
 
     async def start(self) -> None:
         if self.coherence is not None:
@@ -163,7 +172,7 @@ class Runtime:
         await self.origin.aclose()
 
 
-def _leases(settings: Settings) -> Leases | None:
+def _leases(settings: Settings, guard: Guard) -> Leases | None:
     """Leases for the routes with ``coalesce: cluster``; None without any."""
     url = settings.l2.url
     if url is None or all(route.coalesce is Coalesce.LOCAL for route in settings.routes):
@@ -174,11 +183,12 @@ def _leases(settings: Settings) -> Leases | None:
         timeout=settings.l2.timeout,
         # Longer than the winner's fetch may take: past it, the others fetch themselves.
         hold=settings.upstream.timeout + 1.0,
+        guard=guard,
     )
 
 
 def _coherence(
-    settings: Settings, cache: TieredCache, clock: Clock, observer: CacheObserver
+    settings: Settings, cache: TieredCache, clock: Clock, observer: CacheObserver, guard: Guard
 ) -> Coherence:
     assert settings.l2.url is not None
     replica = replica_name()
@@ -193,6 +203,7 @@ def _coherence(
         timeout=settings.l2.timeout,
         replica=replica,
         observer=observer,
+        guard=guard,
     )
     cache.announce = coherence.publish
     return coherence
@@ -205,6 +216,7 @@ def _write_behind(
     router: Router,
     clock: Clock,
     observer: CacheObserver,
+    guard: Guard,
 ) -> WriteBehind:
     assert settings.l2.url is not None
     config = settings.write_behind
@@ -217,6 +229,7 @@ def _write_behind(
         max_pending=config.max_pending,
         # Writes of a key within one interval become one origin write.
         coalesce_for=config.flush_interval,
+        guard=guard,
     )
     flusher = Flusher(
         queue,

@@ -451,12 +451,14 @@ class Proxy:
         try:
             pending = await self._write_behind.queue.pending(key)
         except (TierUnavailable, CorruptEntry) as exc:
-            return error_response(
+            response = error_response(
                 503,
                 "write-behind queue unavailable",
                 f"cannot tell whether a write of {key} is still queued: {exc}",
                 BYPASS_METHOD,
             )
+            response.headers["Retry-After"] = "1"
+            return response
         if pending is None:
             return None
         return error_response(

@@ -1,7 +1,12 @@
 from __future__ import annotations
 
-from cache.breaker import Breaker
-from tests.fakes import FakeClock
+import asyncio
+
+import pytest
+
+from cache.breaker import Breaker, CircuitOpen, Guard
+from cache.errors import CorruptEntry, TierUnavailable
+from tests.fakes import FakeClock, RecordingObserver
 
 
 def breaker(clock: FakeClock, changes: list[bool]) -> Breaker:
@@ -69,3 +74,115 @@ def test_failures_while_open_do_not_report_again(clock: FakeClock) -> None:
     for _ in range(10):
         b.failure()
     assert changes == [True]
+
+
+# -- the guard: every L2 caller beside the tiered cache, behind the one breaker ------------------
+
+
+def opened(clock: FakeClock, changes: list[bool] | None = None) -> Breaker:
+    b = breaker(clock, changes if changes is not None else [])
+    for _ in range(3):
+        b.failure()
+    return b
+
+
+async def test_a_guard_refuses_at_once_while_open_and_the_call_is_not_made(
+    clock: FakeClock, observer: RecordingObserver
+) -> None:
+    guard = Guard(opened(clock), observer=observer)
+    made = []
+    with pytest.raises(CircuitOpen) as refused:
+        async with guard.call("queue enqueue"):
+            made.append(1)
+    assert made == []
+    assert isinstance(refused.value, TierUnavailable)  # every caller's handling applies
+    assert str(refused.value) == "queue enqueue: circuit breaker open"
+    assert observer.errors == {}  # a call not made is no L2 error
+
+
+async def test_guarded_failures_of_any_op_open_the_shared_breaker_and_are_counted(
+    clock: FakeClock, observer: RecordingObserver
+) -> None:
+    changes: list[bool] = []
+    b = breaker(clock, changes)
+    guard = Guard(b, observer=observer)
+    for op in ("lease", "publish", "queue claim"):
+        with pytest.raises(TierUnavailable):
+            async with guard.call(op):
+                raise TierUnavailable(op, "refused")
+    assert changes == [True]
+    assert observer.errors == {("l2", "lease"): 1, ("l2", "publish"): 1, ("l2", "queue claim"): 1}
+
+
+async def test_a_guarded_success_breaks_the_run_of_failures(clock: FakeClock) -> None:
+    b = breaker(clock, [])
+    guard = Guard(b)
+    b.failure()
+    b.failure()
+    async with guard.call("ping"):
+        pass
+    b.failure()
+    b.failure()
+    assert not b.is_open
+
+
+async def test_a_corrupt_answer_is_redis_answering_a_success_for_the_breaker(
+    clock: FakeClock,
+) -> None:
+    changes: list[bool] = []
+    b = opened(clock, changes)
+    clock.advance(10)
+    with pytest.raises(CorruptEntry):
+        async with Guard(b).call("queue pending"):  # the probe
+            raise CorruptEntry("not ours")
+    assert not b.is_open
+    assert changes == [True, False]
+
+
+async def test_in_half_open_one_guarded_call_is_the_probe_and_the_tiered_cache_shares_it(
+    clock: FakeClock,
+) -> None:
+    b = opened(clock)
+    guard = Guard(b)
+    clock.advance(10)
+    probe_started, probe_may_end = asyncio.Event(), asyncio.Event()
+
+    async def probe() -> None:
+        async with guard.call("queue enqueue"):
+            probe_started.set()
+            await probe_may_end.wait()
+
+    task = asyncio.create_task(probe())
+    await probe_started.wait()
+    with pytest.raises(CircuitOpen):
+        async with guard.call("lease"):
+            pass
+    assert not b.allow()  # what the tiered cache asks before each of its calls
+    probe_may_end.set()
+    await task
+    assert not b.is_open
+    async with guard.call("lease"):
+        pass
+
+
+async def test_a_refusal_from_a_guard_inside_another_is_not_reported_twice(
+    clock: FakeClock, observer: RecordingObserver
+) -> None:
+    b = breaker(clock, [])
+    outer, inner = Guard(b, observer=observer), Guard(opened(clock), observer=observer)
+    b.failure()
+    with pytest.raises(CircuitOpen):
+        async with outer.call("purge"), inner.call("purge"):
+            pass
+    assert observer.errors == {}
+    b.failure()
+    assert not b.is_open  # the refusal was no third failure
+
+
+async def test_a_guard_without_a_breaker_only_counts(observer: RecordingObserver) -> None:
+    guard = Guard(observer=observer)
+    for _ in range(10):
+        with pytest.raises(TierUnavailable):
+            async with guard.call("publish"):
+                raise TierUnavailable("publish", "refused")
+    assert observer.errors == {("l2", "publish"): 10}

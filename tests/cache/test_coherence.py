@@ -18,13 +18,14 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from cache.breaker import Breaker, Guard
 from cache.clock import SystemClock
 from cache.coherence import Coherence, listener_client
 from cache.entry import Entry
 from cache.memory import MemoryTier
 from cache.redis_tier import RedisClient, RedisTier, client_from_url
 from cache.tiered import Loaded, Source, TieredCache
-from tests.fakes import RecordingObserver, until
+from tests.fakes import FakeClock, RecordingObserver, until
 from tests.ports import free_port
 from tests.redis_servers import Deployment
 
@@ -283,3 +284,76 @@ async def test_a_change_that_could_not_be_announced_is_announced_again(
     assert await b.read("users:1") == (Source.L2, b"new")
     assert a.coherence.unsent == 0
     assert a.observer.errors["l2", "publish"] == 1
+
+
+# -- behind the process's L2 breaker -------------------------------------------------------------
+
+
+async def test_announcements_wait_while_the_breaker_is_open_and_the_subscription_does_not(
+    redis_url: str, key_prefix: str, redis_client: Redis, clock: FakeClock
+) -> None:
+    channel = f"{key_prefix}invalidate"
+    changes: list[bool] = []
+    breaker = Breaker(failures=1, reset_after=10, clock=clock, on_change=changes.append)
+    breaker.failure()  # open from the start: Redis failed for some other caller of the process
+    observer = RecordingObserver()
+    published: list[str] = []
+
+    class Counting:
+        """The publishing client, counting what reaches it."""
+
+        def __init__(self, client: RedisClient) -> None:
+            self.client = client
+
+        async def publish(self, channel: str, message: str) -> int:
+            published.append(message)
+            return await self.client.publish(channel, message)
+
+        async def aclose(self) -> None:
+            await self.client.aclose()
+
+    def coherence(name: str, cache: TieredCache, guard: Guard | None) -> Coherence:
+        made = Coherence(
+            client_from_url(redis_url, timeout=1.0),
+            listener_client(redis_url, name=f"cachecar-coherence-{name}", timeout=1.0),
+            channel,
+            local=cache,
+            clock=CLOCK,
+            timeout=1.0,
+            replica=name,
+            observer=observer,
+            guard=guard,
+        )
+        made.start()
+        return made
+
+    def replica_cache() -> TieredCache:
+        l1 = MemoryTier(max_entries=100, max_bytes=1 << 20, clock=CLOCK)
+        return TieredCache(l1, None, clock=CLOCK, trust_l1=False)
+
+    a_cache, b_cache = replica_cache(), replica_cache()
+    a = coherence("a", a_cache, Guard(breaker, observer=observer))
+    a._client = Counting(a._client)  # type: ignore[assignment]
+    b = coherence("b", b_cache, None)
+    try:
+        async with asyncio.timeout(5):
+            await a.wait_subscribed()  # the subscription does not wait for the breaker
+            await b.wait_subscribed()
+        entry = Entry(200, (), b"old", CLOCK.time(), 60)
+        await b_cache.l1.set("users:1", "", entry, 60)
+
+        await a.publish(["users:1"])
+        await asyncio.sleep(0.3)  # several resends, each refused by the breaker
+        assert published == []
+        assert a.unsent == 1
+        assert observer.errors == {}  # refusals are no L2 errors
+        assert await b_cache.l1.get("users:1", "") is not None
+
+        clock.advance(10)  # half-open: the next resend is the probe
+        await until(lambda: changes == [True, False], what="the resend probing and closing it")
+        assert (a.unsent, len(published)) == (0, 1)
+        await until(lambda: observer.lags != [], what="b hearing the announcement")
+        assert await b_cache.l1.get("users:1", "") is None
+    finally:
+        for made in (a, b):
+            await made.aclose()

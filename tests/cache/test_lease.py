@@ -6,7 +6,9 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 
 import pytest
+from redis.asyncio import Redis
 
+from cache.breaker import Breaker, Guard
 from cache.clock import SystemClock
 from cache.entry import Entry
 from cache.lease import Leases
@@ -14,6 +16,8 @@ from cache.memory import MemoryTier
 from cache.redis_tier import RedisClient, RedisTier, client_from_url
 from cache.tiered import Loaded, Lookup, Source, TieredCache
 from tests.conftest import deployment_of
+from tests.fakes import FakeClock, RecordingObserver
+from tests.ports import free_port
 from tests.redis_servers import Deployment
 
 pytestmark = pytest.mark.redis
@@ -139,3 +143,56 @@ async def test_a_winner_that_dies_holding_the_lease_costs_the_others_one_hold(
     assert lookup.source is Source.LOADER
     assert origin.calls == 1
     assert HOLD * 0.9 <= waited < HOLD * 2
+
+
+# -- behind the process's L2 breaker -------------------------------------------------------------
+
+
+async def test_failing_lease_calls_open_the_breaker_and_then_no_lease_is_asked_for(
+    clock: FakeClock, observer: RecordingObserver
+) -> None:
+    changes: list[bool] = []
+    breaker = Breaker(failures=3, reset_after=10, clock=clock, on_change=changes.append)
+    leases = Leases(
+        client_from_url(f"redis://127.0.0.1:{free_port()}", timeout=0.2),
+        key_prefix="x:",
+        timeout=0.2,
+        hold=HOLD,
+        guard=Guard(breaker, observer=observer),
+    )
+    for _ in range(5):
+        assert await leases.acquire("users:1", "") == ""  # no lease: fetch, as without leases
+    assert changes == [True]
+    assert observer.errors == {("l2", "lease"): 3}  # the last two were never sent
+    await leases.aclose()
+
+
+async def test_a_waiter_stops_waiting_for_the_fill_once_the_breaker_opens(
+    redis_url: str, key_prefix: str, redis_client: Redis, clock: FakeClock
+) -> None:
+    winner = Leases(
+        client_from_url(redis_url, timeout=1.0), key_prefix=key_prefix, timeout=1.0, hold=HOLD
+    )
+    breaker = Breaker(failures=1, reset_after=10, clock=clock)
+    waiter = Leases(
+        client_from_url(redis_url, timeout=1.0),
+        key_prefix=key_prefix,
+        timeout=1.0,
+        hold=HOLD,
+        guard=Guard(breaker),
+    )
+    assert await winner.acquire("users:1", "")  # held, never released
+    assert await waiter.acquire("users:1", "") is None
+    looks = 0
+
+    async def look() -> None:
+        nonlocal looks
+        looks += 1
+        if looks == 2:  # another L2 caller of this process fails meanwhile
+            asyncio.get_running_loop().call_soon(breaker.failure)
+
+    assert await waiter.wait_for_fill("users:1", "", look) is None
+    assert looks == 2  # the next look was refused: no waiting out the hold, Redis not asked
+    assert breaker.is_open
+    for leases in (winner, waiter):
+        await leases.aclose()

@@ -3,12 +3,13 @@ Cluster (every script's keys in one slot, or the cluster refuses it) and behind 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import fakeredis
 import pytest
 from redis.asyncio import Redis
 
+from cache.breaker import Breaker, CircuitOpen, Guard
 from cache.entry import Entry
 from cache.errors import CorruptEntry, TierUnavailable
 from cache.queue import QueuedWrite, QueueFull, WriteQueue
@@ -319,3 +320,58 @@ async def test_an_unreadable_queued_write_is_dead_lettered_and_the_others_are_cl
     assert (letter.key, letter.method) == ("users:1", "?")
     assert letter.last_error.startswith("unreadable:")
     assert (await queue.stats()).depth == 1
+
+
+# -- behind the process's L2 breaker -------------------------------------------------------------
+
+
+def guarded(client: RedisClient, clock: FakeClock, breaker: Breaker) -> WriteQueue:
+    return WriteQueue(
+        client, key_prefix="x:", timeout=0.2, clock=clock, guard=Guard(breaker), coalesce_for=0
+    )
+
+
+async def test_failing_queue_calls_open_the_breaker_then_every_call_is_refused_unasked(
+    clock: FakeClock,
+) -> None:
+    changes: list[bool] = []
+    breaker = Breaker(failures=3, reset_after=10, clock=clock, on_change=changes.append)
+    queue = guarded(
+        client_from_url(f"redis://127.0.0.1:{free_port()}", timeout=0.2), clock, breaker
+    )
+    for _ in range(3):  # Redis asked: refused connections
+        with pytest.raises(TierUnavailable) as failed:
+            await queue.claim(10, LEASE)
+        assert not isinstance(failed.value, CircuitOpen)
+    assert changes == [True]
+    calls: list[Callable[[], Awaitable[object]]] = [
+        lambda: queue.enqueue(put("users:1", b"1")),
+        lambda: queue.pending("users:1"),
+        lambda: queue.claim(10, LEASE),
+        queue.stats,
+        queue.dead_letters,
+        queue.replay,
+    ]
+    for call in calls:  # refused before Redis is asked
+        with pytest.raises(CircuitOpen, match="circuit breaker open"):
+            await call()
+    await queue.aclose()
+
+
+async def test_in_half_open_a_queue_call_may_be_the_probe_that_closes_the_breaker(
+    clock: FakeClock,
+) -> None:
+    changes: list[bool] = []
+    breaker = Breaker(failures=1, reset_after=10, clock=clock, on_change=changes.append)
+    client = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+    queue = guarded(client, clock, breaker)
+    breaker.failure()
+    with pytest.raises(CircuitOpen):
+        await queue.enqueue(put("users:1", b"1"))
+    assert await client.keys("*") == []  # the refused write is nowhere
+    clock.advance(10)
+    assert (await queue.enqueue(put("users:1", b"2"))).seq == 1  # the probe
+    assert changes == [True, False]
+    [claim] = await queue.claim(10, LEASE)
+    assert claim.write.entry.body == b"2"
+    await queue.aclose()
