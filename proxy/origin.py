@@ -172,14 +172,8 @@ class OriginClient:
         try:
             with self._call(method, route) as call:
                 async with asyncio.timeout(self._timeout):
-                    response = await self._session.request(
-                        method,
-                        url,
-                        headers=headers,
-                        data=data,
-                        allow_redirects=False,
-                        timeout=self._stream_timeout,  # a relayed rest may not stall either
-                    )
+                    # Read timeouts too: the rest of an Oversized answer may not stall either.
+                    response = await self._request(method, url, headers, data)
                     try:
                         call.status = str(response.status)
                         if limit is None:
@@ -203,6 +197,19 @@ class OriginClient:
         finally:
             if not handed_over:
                 self._free()
+
+    async def _request(
+        self, method: str, url: URL, headers: CIMultiDict[str], data: Any
+    ) -> aiohttp.ClientResponse:
+        """The origin's response head; connect and every read bounded by ``upstream.timeout``."""
+        return await self._session.request(
+            method,
+            url,
+            headers=headers,
+            data=data,
+            allow_redirects=False,
+            timeout=self._stream_timeout,
+        )
 
     def _hand_back(self, response: aiohttp.ClientResponse) -> None:
         response.release()
@@ -238,14 +245,7 @@ class OriginClient:
         await self._acquire()
         try:
             with self._call(method, route) as call:
-                response = await self._session.request(
-                    method,
-                    url,
-                    headers=headers,
-                    data=data,
-                    allow_redirects=False,
-                    timeout=self._stream_timeout,
-                )
+                response = await self._request(method, url, headers, data)
                 call.status = str(response.status)
             try:
                 yield response

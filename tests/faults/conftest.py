@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.machine import machine as host
 from tests.e2e.conftest import spawn as spawn  # the e2e suite's process starter, re-exported
 
 REPORT = Path(__file__).resolve().parents[2] / "docs" / "reliability.md"
@@ -160,14 +161,6 @@ def _cell(text: str) -> str:
 def machine(short: bool = False) -> str:
     """CPU count and model, Python, redis-server, aiohttp: what the figures depend on."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    model = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.partition(":")[2].strip()
-                break
-    except OSError:
-        pass
     try:
         found = subprocess.run(
             ["redis-server", "--version"], capture_output=True, text=True, timeout=5, check=False
@@ -178,7 +171,4 @@ def machine(short: bool = False) -> str:
     python = platform.python_version()
     if short:
         return f"{cpus} CPUs, Python {python}, Redis {redis}"
-    return (
-        f"{cpus} CPUs ({model}), {platform.system()} {platform.release()}, Python {python}, "
-        f"redis-server {redis}, aiohttp {version('aiohttp')}"
-    )
+    return f"{host()}, Python {python}, redis-server {redis}, aiohttp {version('aiohttp')}"
