@@ -33,3 +33,6 @@ class CorruptEntry(CacheError):
 class LoadDeclined(Exception):
     """A loader's answer is not for the cache (too large to keep, say): it reaches every caller
     of the lookup as it is, and is never replaced by a stale entry as a failure would be."""
+
+    def discard(self) -> None:
+        """Nobody will take this answer (a background refresh made it): free what it holds."""

@@ -127,14 +127,18 @@ class _Flight:
     def answered(self) -> bool:
         return self.early.done()
 
-    async def answer(self) -> Lookup:
-        """The early answer, else the lookup's; the caller leaving cancels neither."""
-        assert self.task is not None
+    async def answer(self, usable: Callable[[Lookup], bool]) -> Lookup:
+        """The early answer while it is ``usable`` (still fresh, or within its stale window),
+        else the lookup's; the caller leaving cancels neither."""
+        task = self.task
+        assert task is not None
         if not self.early.done():
-            await asyncio.wait((self.task, self.early), return_when=asyncio.FIRST_COMPLETED)
-        if self.early.done():
+            await asyncio.wait((task, self.early), return_when=asyncio.FIRST_COMPLETED)
+        if self.early.done() and usable(self.early.result()):
             return self.early.result()
-        return self.task.result()
+        if not task.done():
+            await asyncio.wait((task,))
+        return task.result()
 
 
 class TieredCache:
@@ -229,7 +233,7 @@ class TieredCache:
         if flight is not None and flight.task is not None:
             if candidate is not None and stale.revalidates(candidate, self._clock.time()):
                 return Lookup(candidate, Source.STALE, detail=REVALIDATING)  # being refreshed
-            result = await flight.answer()
+            result = await flight.answer(self._usable(stale))
             if not flight.shared:
                 # The answer was for the caller that asked first alone (private, Set-Cookie):
                 # this caller gets its own.
@@ -238,7 +242,7 @@ class TieredCache:
             return dataclasses.replace(result, coalesced=True)
 
         flight = self._start(key, variant, l1_ttl, loader, lease, stale, None, candidate)
-        return await flight.answer()
+        return await flight.answer(self._usable(stale))
 
     def _start(
         self,
@@ -442,8 +446,14 @@ class TieredCache:
             started = self._clock.monotonic()
             try:
                 loaded = await loader()
-            except LoadDeclined:
-                raise
+            except LoadDeclined as exc:
+                if not flight.answered:
+                    raise  # for the callers to handle (an answer too large: relayed)
+                # A refresh whose answer is not for the cache: nobody takes it, and what the
+                # tiers hold no longer stands for the origin's answer.
+                exc.discard()
+                await self.drop(key)
+                return flight.early.result()
             except Exception as exc:
                 fallback = self._instead_of_failure(flight, stale, candidate)
                 if fallback is None:
@@ -457,6 +467,10 @@ class TieredCache:
             flight.shared = loaded.shared
             if flight.stale:
                 return Lookup(loaded.entry, Source.LOADER, detail=loaded.detail or "invalidated")
+            if loaded.l1_ttl <= 0 and loaded.l2_ttl <= 0 and (candidate or refreshing):
+                # The origin's answer now is one not to keep (a 404, private, no-store): the
+                # entry the tiers hold must not keep answering for it, stale or fresh.
+                await self.drop(key)
             took = self._clock.monotonic() - started
             if took > 0 and (loaded.l1_ttl > 0 or loaded.l2_ttl > 0):
                 loaded = dataclasses.replace(
@@ -481,6 +495,20 @@ class TieredCache:
             if token and self._leases is not None:
                 self._spawn(self._leases.release(key, variant, token))
 
+    def _usable(self, stale: Staleness) -> Callable[[Lookup], bool]:
+        """Whether an early answer may still be given: a hit while fresh, a stale entry
+        within its window."""
+
+        def usable(lookup: Lookup) -> bool:
+            now = self._clock.time()
+            if lookup.source is not Source.STALE:
+                return lookup.entry.expires_at() > now
+            if lookup.detail == REVALIDATING:
+                return stale.revalidates(lookup.entry, now)
+            return stale.covers_error(lookup.entry, now)
+
+        return usable
+
     def _refreshes_early(self, entry: Entry, stale: Staleness) -> bool:
         if not stale.early_refresh:
             return False
@@ -490,9 +518,10 @@ class TieredCache:
     def _instead_of_failure(
         self, flight: _Flight, stale: Staleness, candidate: Entry | None
     ) -> Lookup | None:
-        """What answers when the loader failed: the early answer (a refresh failed; its callers
-        have their answer), a stale entry within stale-if-error, or nothing."""
-        if flight.answered:
+        """What answers when the loader failed: the early answer while it is usable (a refresh
+        failed; its callers have their answer), a stale entry within stale-if-error, or
+        nothing."""
+        if flight.answered and self._usable(stale)(flight.early.result()):
             return flight.early.result()
         if candidate is not None and stale.covers_error(candidate, self._clock.time()):
             return Lookup(candidate, Source.STALE, detail=ORIGIN_FAILED)
@@ -509,10 +538,18 @@ class TieredCache:
         token = await leases.acquire(key, variant)
         if token is not None:
             return token
-        found = await leases.wait_for_fill(key, variant, partial(l2.get, key, variant))
+        found = await leases.wait_for_fill(key, variant, partial(self._fresh_in_l2, key, variant))
         if found is not None and found.entry.expires_at() > self._clock.time():
             return found
         return ""  # the winner stored nothing, failed or died: fetch without a lease
+
+    async def _fresh_in_l2(self, key: str, variant: str) -> Stored | None:
+        """L2's entry while it is fresh: a stale one kept for stale serving is no fill."""
+        assert self._l2 is not None
+        stored = await self._l2.get(key, variant)
+        if stored is None or stored.entry.expires_at() <= self._clock.time():
+            return None
+        return stored
 
     def _landed(self, key: str, variant: str, flight: _Flight, task: asyncio.Task[Lookup]) -> None:
         flights = self._flights.get(key)

@@ -65,9 +65,13 @@ def parse_settings(text: str, *, source: str = "<config>", env: Mapping[str, str
         )
     problems: list[str] = []
     try:
-        data = _expand(data, env, (), problems)
+        data = _expand(data, env, (), problems, [MAX_VALUES])
     except RecursionError:  # an alias that contains itself
         raise ConfigError(source, [_TOO_DEEP]) from None
+    except _TooMany:  # aliases of aliases ("billion laughs"): tiny text, huge document
+        raise ConfigError(
+            source, [f"the document has more than {MAX_VALUES} values once aliases are expanded"]
+        ) from None
     if problems:
         raise ConfigError(source, problems)
     try:
@@ -88,16 +92,35 @@ def effective_yaml(settings: Settings) -> str:
 
 
 _TOO_DEEP = "the document nests too deeply, or an alias (*name) refers to itself"
+MAX_VALUES = 100_000  # a config is a few hundred; aliases could make a few bytes billions
+
+
+class _TooMany(Exception):
+    pass
+
+
 _VARIABLE = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
 def _expand(
-    value: Any, env: Mapping[str, str], path: tuple[str | int, ...], problems: list[str]
+    value: Any,
+    env: Mapping[str, str],
+    path: tuple[str | int, ...],
+    problems: list[str],
+    budget: list[int],
 ) -> Any:
+    """``value`` with ``${VAR}`` replaced; ``budget[0]``: how many more values it may hold."""
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise _TooMany
     if isinstance(value, dict):
-        return {key: _expand(item, env, (*path, key), problems) for key, item in value.items()}
+        return {
+            key: _expand(item, env, (*path, key), problems, budget) for key, item in value.items()
+        }
     if isinstance(value, list):
-        return [_expand(item, env, (*path, index), problems) for index, item in enumerate(value)]
+        return [
+            _expand(item, env, (*path, index), problems, budget) for index, item in enumerate(value)
+        ]
     if not isinstance(value, str) or "$" not in value:
         return value
 

@@ -221,23 +221,19 @@ class Proxy:
     async def _relay_oversized(
         self, request: web.Request, route: Route, path: str, query: str, exc: Oversized
     ) -> web.StreamResponse:
-        """An answer too large to keep: relayed as it comes by the request that fetched it; any
-        other request that waited for that fetch (or a HEAD) gets its own, passed through."""
-        detail = "too-large"
-        taken = exc.take() if request.method == "GET" else None
+        """An answer too large to keep: relayed as it comes by the first request to take it;
+        every other request that waited for that fetch (and a HEAD) gets its own, passed
+        through. Only the taker closes it."""
+        status = "cachecar; fwd=miss; detail=too-large"
+        taken = exc.take()
+        if taken is not None and request.method != "GET":
+            exc.close()  # a HEAD wants no body: the connection is freed at once
+            taken = None
         if taken is None:
-            exc.close()
-            status = f"{BYPASS_ROUTE}; detail={detail}"
-            return await self._passthrough(request, route.name, path, query, status)
+            return await self._passthrough(request, route.name, path, query, status, x_cache="MISS")
         upstream, prefix = taken
         try:
-            return await relay(
-                request,
-                upstream,
-                f"cachecar; fwd=miss; detail={detail}",
-                x_cache="MISS",
-                prefix=prefix,
-            )
+            return await relay(request, upstream, status, x_cache="MISS", prefix=prefix)
         finally:
             exc.close()
 
@@ -267,7 +263,7 @@ class Proxy:
         )
         # stored_at is when the origin (or a cache before it) produced the answer, so Age keeps
         # counting from there; the entry is fresh until now + fresh_for.
-        revalidate = not stale_allowed(response.headers)
+        revalidate = not stale_allowed(response.status, response.headers)
         entry = Entry(
             status=response.status,
             headers=forwarding.to_store(response.headers),

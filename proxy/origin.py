@@ -83,6 +83,10 @@ class Oversized(LoadDeclined):
         response, self._response = self._response, None
         return None if response is None else (response, self._prefix)
 
+    def discard(self) -> None:
+        self._response = None
+        self.close()
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True
@@ -141,7 +145,9 @@ class OriginClient:
         on_origin: OnOrigin = _ignore,
     ) -> OriginClient:
         session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=max_connections, ttl_dns_cache=60),
+            # One connection beyond the requests' max_connections: the readiness probe's, so a
+            # saturated pool is not reported as an origin that does not answer.
+            connector=aiohttp.TCPConnector(limit=max_connections + 1, ttl_dns_cache=60),
             # Bodies pass through as the origin encoded them; what is cached is what was sent.
             auto_decompress=False,
             # One client serves every user: it must never remember one user's cookies.
@@ -165,13 +171,19 @@ class OriginClient:
         *,
         route: str | None = None,
         limit: int | None = None,
+        slot: bool = True,
     ) -> OriginResponse:
-        """The whole response, within ``upstream.timeout``; ``Oversized`` past ``limit`` bytes."""
-        await self._acquire()
+        """The whole response, within ``upstream.timeout`` (the wait for a connection
+        included); ``Oversized`` past ``limit`` bytes. ``slot=False``: not counted against
+        ``upstream.max_connections`` (the readiness probe, on the pool's spare connection)."""
+        deadline = asyncio.get_running_loop().time() + self._timeout
+        slot = slot and self._slots is not None
+        if slot:
+            await self._acquire(deadline)
         handed_over = False
         try:
             with self._call(method, route) as call:
-                async with asyncio.timeout(self._timeout):
+                async with asyncio.timeout_at(deadline):
                     # Read timeouts too: the rest of an Oversized answer may not stall either.
                     response = await self._request(method, url, headers, data)
                     try:
@@ -186,7 +198,7 @@ class OriginClient:
                                     response,
                                     read or b"",
                                     limit,
-                                    partial(self._hand_back, response),
+                                    partial(self._hand_back, response, slot),
                                     self._timeout,
                                 )
                             body = read
@@ -195,7 +207,7 @@ class OriginClient:
                         if not handed_over:
                             response.release()
         finally:
-            if not handed_over:
+            if slot and not handed_over:
                 self._free()
 
     async def _request(
@@ -211,15 +223,16 @@ class OriginClient:
             timeout=self._stream_timeout,
         )
 
-    def _hand_back(self, response: aiohttp.ClientResponse) -> None:
+    def _hand_back(self, response: aiohttp.ClientResponse, slot: bool) -> None:
         response.release()
-        self._free()
+        if slot:
+            self._free()
 
-    async def _acquire(self) -> None:
+    async def _acquire(self, deadline: float) -> None:
         if self._slots is None:
             return
         try:
-            async with asyncio.timeout(self._timeout):
+            async with asyncio.timeout_at(deadline):
                 await self._slots.acquire()
         except TimeoutError:
             raise OriginBusy(
@@ -242,7 +255,7 @@ class OriginClient:
         route: str | None = None,
     ) -> AsyncIterator[aiohttp.ClientResponse]:
         """The response as it arrives; errors before its head are ``OriginError``."""
-        await self._acquire()
+        await self._acquire(asyncio.get_running_loop().time() + self._timeout)
         try:
             with self._call(method, route) as call:
                 response = await self._request(method, url, headers, data)
@@ -279,7 +292,7 @@ class OriginClient:
     async def probe(self, path: str) -> str | None:
         """None when the origin answers ``path`` below 500; else what is wrong."""
         try:
-            response = await self.fetch("GET", self.url(path, ""), CIMultiDict())
+            response = await self.fetch("GET", self.url(path, ""), CIMultiDict(), slot=False)
         except OriginError as exc:
             return f"{exc.title}: {exc}"
         if response.status >= 500:

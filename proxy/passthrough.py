@@ -52,6 +52,7 @@ class PassThrough:
         cache_status: str,
         *,
         on_answer: OnAnswer | None = None,
+        x_cache: str = "BYPASS",
     ) -> web.StreamResponse:
         """``request`` sent on to the origin as ``path?query``; its answer streamed back.
 
@@ -77,7 +78,7 @@ class PassThrough:
             ) as upstream:
                 if on_answer is not None:
                     await on_answer(upstream.status)
-                return await relay(request, upstream, cache_status)
+                return await relay(request, upstream, cache_status, x_cache=x_cache)
         except OriginError as exc:
             if on_answer is not None:
                 await on_answer(None)

@@ -44,11 +44,15 @@ def bypass_reason(headers: CIMultiDictProxy[str], route: Route) -> str | None:
     return None
 
 
-def stale_allowed(headers: CIMultiDictProxy[str]) -> bool:
+def stale_allowed(status: int, headers: CIMultiDictProxy[str]) -> bool:
     """May a response be served once stale? Not when the origin says it must be revalidated
-    (``must-revalidate``, ``proxy-revalidate``; RFC 9111 §5.2.2.2, §5.2.2.8)."""
+    (``must-revalidate``, ``proxy-revalidate``, and ``s-maxage``, which implies
+    proxy-revalidate for a shared cache: RFC 9111 §5.2.2.2, §5.2.2.8, §5.2.2.10); not a 404
+    or 410 either, which ``negative_ttl`` alone bounds."""
+    if status in NEGATIVE_STATUS:
+        return False
     directives = parse_cache_control(headers.getall("Cache-Control", []))
-    return "must-revalidate" not in directives and "proxy-revalidate" not in directives
+    return not {"must-revalidate", "proxy-revalidate", "s-maxage"} & directives.keys()
 
 
 def parse_cache_control(values: list[str]) -> dict[str, str | None]:

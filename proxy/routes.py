@@ -92,10 +92,12 @@ class PathTemplate:
 class KeyTemplate:
     """``users:{id}``: a format string over the path's parameters.
 
-    A parameter's value never contains the template's own text: every character of the
-    template's literals, and ``%``, is percent-encoded in it (``/users/1:posts`` renders
-    ``users:1%3Aposts``). So rendering is one-to-one: no request can make its key look like the
-    key of another resource (``users:{id}:posts`` of ``/users/1/posts``).
+    A parameter's value never contains the template's separators: every punctuation character
+    of the template's literal text (other than the unreserved ``-._~``), and ``%``, is
+    percent-encoded in it (``/users/1:posts`` renders ``users:1%3Aposts``), while letters,
+    digits and ``-._~`` stay as they are (``users:alice``, so a purge by the logical key finds
+    it). Between two parameters the template must have such a separator. So no request can make
+    its key look like the key of another resource (``users:{id}:posts`` of ``/users/1/posts``).
     """
 
     template: str
@@ -110,14 +112,16 @@ class KeyTemplate:
             fields = list(string.Formatter().parse(template))
         except ValueError as exc:
             raise TemplateError(f"{template!r}: {exc}") from None
+        escaped = {char for literal, _, _, _ in fields for char in literal if _separates(char)}
         previous_was_field = False
         for literal, name, spec, conversion in fields:
             if name is None:
                 continue
-            if previous_was_field and not literal:
+            if previous_was_field and not escaped.intersection(literal):
                 raise TemplateError(
-                    f"{template!r}: {{{name}}} follows another parameter directly; separate "
-                    "them (users:{a}:{b}) so that two requests cannot render one key"
+                    f"{template!r}: put a separator such as ':' or '/' before {{{name}}} "
+                    "(letters, digits and -._~ do not separate), so that two requests cannot "
+                    "render one key"
                 )
             previous_was_field = True
             if name not in params:
@@ -127,8 +131,7 @@ class KeyTemplate:
                 )
             if spec or conversion:
                 raise TemplateError(f"{{{name}}} takes no format spec or conversion")
-        literals = {char for literal, _, _, _ in fields for char in literal} | {"%"}
-        escapes = {ord(char): _percent(char) for char in literals}
+        escapes = {ord(char): _percent(char) for char in escaped | {"%"}}
         names = frozenset(name for _, name, _, _ in fields if name is not None)
         return cls(template, names, escapes)
 
@@ -136,6 +139,11 @@ class KeyTemplate:
         return self.template.format_map(
             {name: value.translate(self.escapes) for name, value in params.items()}
         )
+
+
+def _separates(char: str) -> bool:
+    """Whether a character of a template's text separates parameters (and is escaped in them)."""
+    return not (char.isalnum() and char.isascii()) and char not in "-._~"
 
 
 def _percent(char: str) -> str:

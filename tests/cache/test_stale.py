@@ -277,3 +277,60 @@ async def test_early_refresh_is_off_when_beta_is_zero(
     await cache.get("k", "", l1_ttl=FRESH, loader=origin, stale=Staleness())
     await settle()
     assert origin.calls == 1
+
+
+async def test_a_caller_past_the_window_waits_for_the_refresh_not_for_the_stale_answer(
+    cache: TieredCache, clock: FakeClock
+) -> None:
+    swr = Staleness(while_revalidate=5.0)
+    origin = Origin(clock, swr)
+    await cache.get("k", "", l1_ttl=FRESH, loader=origin, stale=swr)
+    clock.advance(FRESH + 1)
+    origin.gate = asyncio.Event()
+    first = await cache.get("k", "", l1_ttl=FRESH, loader=origin, stale=swr)  # the refresh
+    clock.advance(10)  # the refresh is slow: now past the window
+    late = asyncio.create_task(cache.get("k", "", l1_ttl=FRESH, loader=origin, stale=swr))
+    await settle()
+    assert not late.done()  # the stale answer is no longer good for it
+    origin.gate.set()
+    found = await late
+    assert (first.source, found.source, found.entry.body) == (Source.STALE, Source.LOADER, b"v2")
+
+
+async def test_a_hit_being_refreshed_early_is_not_served_once_it_expired(
+    clock: FakeClock, observer: RecordingObserver
+) -> None:
+    cache = TieredCache(l1(clock, observer), None, clock=clock, observer=observer, rand=lambda: 0.0)
+    origin = Origin(clock, Staleness())
+    early = Staleness(early_refresh=1.0)
+    origin.takes = 0.5
+    await cache.get("k", "", l1_ttl=FRESH, loader=origin, stale=early)
+    origin.gate = asyncio.Event()
+    origin.takes = 0.0
+    hit = await cache.get("k", "", l1_ttl=FRESH, loader=origin, stale=early)  # starts it
+    clock.advance(FRESH)  # expired while the origin is slow
+    late = asyncio.create_task(cache.get("k", "", l1_ttl=FRESH, loader=origin, stale=early))
+    await settle()
+    assert not late.done()
+    origin.gate.set()
+    found = await late
+    assert (hit.source, hit.entry.body) == (Source.L1, b"v1")
+    assert (found.source, found.entry.body) == (Source.LOADER, b"v2")
+
+
+async def test_a_refresh_the_origin_answers_with_something_not_to_keep_drops_the_entry(
+    cache: TieredCache, clock: FakeClock
+) -> None:
+    origin = Origin(clock)
+    await cache.get("k", "", l1_ttl=FRESH, loader=origin, stale=SWR)
+    clock.advance(FRESH + 1)
+
+    async def gone() -> Loaded:  # the resource was deleted: a 404 the route does not keep
+        origin.calls += 1
+        return Loaded(Entry(404, (), b"", clock.time(), 0), detail="status")
+
+    stale = await cache.get("k", "", l1_ttl=FRESH, loader=gone, stale=SWR)
+    await settle()
+    after = await cache.get("k", "", l1_ttl=FRESH, loader=gone, stale=SWR)
+    assert (stale.source, stale.entry.status) == (Source.STALE, 200)
+    assert (after.source, after.entry.status) == (Source.LOADER, 404)  # not the old 200

@@ -103,7 +103,17 @@ def test_literal_text_in_a_template_is_not_a_pattern() -> None:
 
 
 @pytest.mark.parametrize(
-    "template", ["u:{other}", "u:{id!r}", "u:{id:>5}", "", "u:{", "u:{id}{order}"]
+    "template",
+    [
+        "u:{other}",
+        "u:{id!r}",
+        "u:{id:>5}",
+        "",
+        "u:{",
+        "u:{id}{order}",
+        "u:{id}x{order}",
+        "u:{id}-{order}",
+    ],
 )
 def test_bad_key_templates_are_refused(template: str) -> None:
     with pytest.raises(TemplateError):
@@ -121,7 +131,10 @@ def test_a_parameter_cannot_render_another_resource_s_key() -> None:
         keys.add(route.key_for(params, path, ""))
     assert keys == {"orders:1:2%3A3", "orders:1%3A2:3", "orders:1:2%253A3"}
     plain = KeyTemplate.compile("users:{id}", ["id"])
-    assert plain.render({"id": "42"}) == "users:42"  # the common case is unchanged
+    # Letters, digits and -._~ stay as they are: a purge by the logical key finds them.
+    assert plain.render({"id": "42"}) == "users:42"
+    assert plain.render({"id": "alice-b.c_d~e"}) == "users:alice-b.c_d~e"
+    assert plain.render({"id": "a:b%20"}) == "users:a%3Ab%2520"
 
 
 def test_path_parameters_a_key_template_leaves_out_select_variants() -> None:

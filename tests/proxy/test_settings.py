@@ -292,6 +292,12 @@ def test_yaml_merge_keys_work_and_hostile_yaml_is_named() -> None:
     assert problems(MINIMAL + "routes: &r [*r]\n") == [
         "the document nests too deeply, or an alias (*name) refers to itself"
     ]
+    laughs = "a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"a{n}: &a{n} [{', '.join([f'*a{n - 1}'] * 10)}]\n" for n in range(1, 9)
+    )  # "billion laughs": 10^9 values from a few hundred bytes
+    assert problems(MINIMAL + laughs) == [
+        "the document has more than 100000 values once aliases are expanded"
+    ]
 
 
 def test_yaml_that_does_not_parse_names_the_line() -> None:
