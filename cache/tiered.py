@@ -389,7 +389,11 @@ class TieredCache:
         return held
 
     async def aclose(self) -> None:
-        """Wait for background L2 work (each call is bounded), then close both tiers."""
+        """Wait for refreshes still running (bounded by their loader) and background L2 work
+        (each call is bounded), then close both tiers."""
+        running = [f.task for fs in self._flights.values() for f in fs.values() if f.task]
+        if running:
+            await asyncio.wait(running)
         while self._background:
             await asyncio.wait(list(self._background))
         await self._l1.aclose()

@@ -334,3 +334,20 @@ async def test_a_refresh_the_origin_answers_with_something_not_to_keep_drops_the
     after = await cache.get("k", "", l1_ttl=FRESH, loader=gone, stale=SWR)
     assert (stale.source, stale.entry.status) == (Source.STALE, 200)
     assert (after.source, after.entry.status) == (Source.LOADER, 404)  # not the old 200
+
+
+async def test_closing_waits_for_a_refresh_still_running(
+    cache: TieredCache, clock: FakeClock
+) -> None:
+    origin = Origin(clock)
+    await cache.get("k", "", l1_ttl=FRESH, loader=origin, stale=SWR)
+    clock.advance(FRESH + 1)
+    origin.gate = asyncio.Event()
+    await cache.get("k", "", l1_ttl=FRESH, loader=origin, stale=SWR)  # the refresh, held
+    await settle()
+    closing = asyncio.create_task(cache.aclose())
+    await settle()
+    assert not closing.done()  # a refresh is not cut off by a stop; it is bounded by its loader
+    origin.gate.set()
+    await closing
+    assert origin.version == 2
