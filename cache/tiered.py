@@ -21,7 +21,8 @@
          as L2 answers, so an outage cannot resurrect a value a write replaced
 
 An L2 failure is never the caller's problem: it is counted, logged once per change of state, fed
-to the breaker, and the read carries on as a miss.
+to the breaker, and the read carries on as a miss. That side of L2 (reads, fills, writes in
+order, deletes remembered through an outage) is ``cache.shared_tier``'s.
 """
 
 from __future__ import annotations
@@ -31,25 +32,21 @@ import dataclasses
 import enum
 import logging
 import random
-from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from functools import partial
-from typing import Any, NamedTuple
+from typing import Any
 
 from cache.breaker import Breaker
 from cache.clock import Clock
 from cache.entry import Entry
-from cache.errors import CorruptEntry, LoadDeclined, TierUnavailable
+from cache.errors import LoadDeclined, TierUnavailable
 from cache.lease import Leases
 from cache.observer import CacheObserver, Invalidation, NullObserver
+from cache.shared_tier import Announce, SharedTier, Written
 from cache.stale import NEVER, Staleness, refresh_early
 from cache.tier import LocalTier, Stored, Tier
 
 logger = logging.getLogger("cachecar.cache")
-
-# Keys whose L2 delete failed, remembered until L2 answers; past this many, further ones are only
-# logged (memory must stay bounded through a long outage).
-MAX_PENDING_DELETES = 100_000
 
 
 class Source(enum.Enum):
@@ -91,17 +88,6 @@ class Lookup:
 
 Loader = Callable[[], Awaitable[Loaded]]
 Task = asyncio.Task[None]
-
-
-class _Written(NamedTuple):
-    """A written value on its way into the tiers."""
-
-    variant: str
-    entry: Entry
-    l1_ttl: float
-    l2_ttl: float
-    version: int | None
-    tags: Sequence[str]
 
 
 class _Flight:
@@ -163,19 +149,17 @@ class TieredCache:
         self._observer: CacheObserver = observer or NullObserver()
         self._breaker = breaker
         self._leases = leases
+        self._shared = (
+            SharedTier(l2, l1=l1, clock=clock, observer=self._observer, breaker=breaker)
+            if l2 is not None
+            else None
+        )
         self._flights: dict[str, dict[str, _Flight]] = {}
-        self._fills: dict[str, set[asyncio.Task[None]]] = {}
-        self._drops: dict[str, Task] = {}  # the latest L2 drop or put of a key
         self._background: set[asyncio.Task[Any]] = set()
-        self._pending_deletes: set[str] = set()
-        self._deleting: Counter[str] = Counter()
-        self._retrying_deletes = False
-        self._l2_ok = True
         # False while this replica may be missing other replicas' changes (coherence): L1 is
         # then neither read nor filled.
         self._l1_trusted = trust_l1
-        # Tells the other replicas which keys this one changed (coherence), once L2 has them.
-        self.announce: Callable[[Sequence[str]], Awaitable[None]] | None = None
+        self._announce: Announce | None = None
 
     @property
     def l1(self) -> LocalTier:
@@ -193,7 +177,19 @@ class TieredCache:
     @property
     def pending_deletes(self) -> int:
         """Keys whose L2 copy must be dropped before L2 may answer for them again."""
-        return len(self._pending_deletes)
+        return self._shared.pending_deletes if self._shared is not None else 0
+
+    @property
+    def announce(self) -> Announce | None:
+        """Tells the other replicas which keys this one changed (coherence), once L2 has
+        them."""
+        return self._announce
+
+    @announce.setter
+    def announce(self, announce: Announce | None) -> None:
+        self._announce = announce
+        if self._shared is not None:
+            self._shared.announce = announce
 
     async def get(
         self,
@@ -301,7 +297,7 @@ class TieredCache:
         after a newer one made by another replica.
         """
         self._observer.invalidated(Invalidation.WRITE)
-        await self._replace(key, _Written(variant, entry, l1_ttl, l2_ttl, version, tags))
+        await self._replace(key, Written(variant, entry, l1_ttl, l2_ttl, version, tags))
 
     # -- other replicas' changes (coherence) ----------------------------------------------------
 
@@ -350,19 +346,12 @@ class TieredCache:
             for flight in flights.values():
                 flight.stale = True
 
-    async def _replace(self, key: str, new: _Written | None, *, announce: bool = True) -> bool:
+    async def _replace(self, key: str, new: Written | None, *, announce: bool = True) -> bool:
         """True when a tier held something for ``key`` (a drop) or the write was stored."""
         self._detach(key)
-        drop = None
-        if self._l2 is not None:
-            # Until Redis has dropped the key, L2 is not trusted for it: a read arriving in
-            # between must not copy the old value back into L1.
-            self._deleting[key] += 1
-            # The L2 half is a task of its own: a caller cancelled now (its client gone, the
-            # shutdown grace over) must not leave the old value in Redis; aclose waits for it.
-            drop = self._spawn(self._drop_from_l2(key, new, self._drops.get(key), announce))
-            self._drops[key] = drop
-            drop.add_done_callback(partial(self._dropped, key))
+        # L2 first (a task of its own, see SharedTier.write): from now on L2 is not trusted for
+        # the key until it has the write.
+        drop = self._shared.write(key, new, announce=announce) if self._shared else None
         if new is None:
             held = await self._l1.delete(key)
         else:
@@ -381,7 +370,8 @@ class TieredCache:
             held += await self._replace(key, None, announce=False)
         if self.announce is not None:
             await self.announce(keys)  # in messages of many keys each
-        undone = sum(1 for key in keys if key in self._pending_deletes)
+        shared = self._shared
+        undone = sum(1 for key in keys if shared is not None and shared.pending(key))
         if undone:
             raise TierUnavailable(
                 "purge", f"{undone} of {len(keys)} keys not dropped from L2 yet (retried)"
@@ -394,6 +384,8 @@ class TieredCache:
         running = [f.task for fs in self._flights.values() for f in fs.values() if f.task]
         if running:
             await asyncio.wait(running)
+        if self._shared is not None:
+            await self._shared.settle()
         while self._background:
             await asyncio.wait(list(self._background))
         await self._l1.aclose()
@@ -421,7 +413,8 @@ class TieredCache:
         if candidate is not None and stale.revalidates(candidate, self._clock.time()):
             flight.answer_early(Lookup(candidate, Source.STALE, detail=REVALIDATING))
         refreshing = flight.early.result().entry if flight.answered else None
-        stored, old = await self._l2_get(key, variant, stale.keep)
+        shared = self._shared
+        stored, old = await shared.get(key, variant, stale.keep) if shared else (None, None)
         if stored is not None and (
             refreshing is None or stored.entry.expires_at() > refreshing.expires_at()
         ):
@@ -484,10 +477,22 @@ class TieredCache:
             l1_keep = _keep(loaded.l1_ttl, loaded, now)
             if l1_keep > 0 and self._l1_trusted:
                 await self._l1.set(key, variant, loaded.entry, l1_keep)
-            stored_l2 = loaded.l2_ttl > 0 and self._l2 is not None
-            if stored_l2:
+            stored_l2 = loaded.l2_ttl > 0 and shared is not None
+            if shared is not None and stored_l2:
                 # The lease is released once the fill is in L2, where the waiters look.
-                self._fill_l2(key, variant, loaded, flight, fetched_at, token)
+                release = None
+                if token and self._leases is not None:
+                    release = partial(self._leases.release, key, variant, token)
+                shared.fill(
+                    key,
+                    variant,
+                    loaded.entry,
+                    _keep(loaded.l2_ttl, loaded, now),
+                    fetched_at=fetched_at,
+                    tags=loaded.tags,
+                    wanted=lambda: not flight.stale,
+                    then=release,
+                )
                 token = ""
             return Lookup(
                 loaded.entry,
@@ -534,10 +539,10 @@ class TieredCache:
     async def _lease_or_fill(self, key: str, variant: str) -> Stored | str:
         """Another replica's fetch of the key, waited for (its entry, from L2); or the lease
         token this one fetches under ("" when there is no lease to be had)."""
-        l2, leases = self._l2, self._leases
+        shared, leases = self._shared, self._leases
         # The leases ask the shared breaker themselves; asking it here too would take the
         # half-open probe from them.
-        if l2 is None or leases is None or self._untrusted(key) or not self.l2_healthy:
+        if shared is None or leases is None or not shared.trusted(key) or not self.l2_healthy:
             return ""
         token = await leases.acquire(key, variant)
         if token is not None:
@@ -567,225 +572,6 @@ class TieredCache:
             task.exception()
 
     # -- L2, bounded and breaker-guarded --------------------------------------------------------
-
-    async def _l2_get(
-        self, key: str, variant: str, keep_stale: float = 0.0
-    ) -> tuple[Stored | None, Entry | None]:
-        """(the fresh entry with how long L1 may keep it, None) or (None, a stale one or None).
-        ``keep_stale``: how long past its freshness L1 may keep it."""
-        l2 = self._l2
-        if l2 is None or self._untrusted(key) or not self._l2_allowed():
-            return None, None
-        try:
-            stored = await l2.get(key, variant)
-        except TierUnavailable as exc:
-            self._l2_failed(exc)
-            self._observer.lookup("l2", False)
-            return None, None
-        except CorruptEntry as exc:
-            self._foreign(key, exc)
-            self._observer.lookup("l2", False)
-            return None, None
-        self._l2_answered()
-        if stored is None:
-            self._observer.lookup("l2", False)
-            return None, None
-        fresh_left = stored.entry.expires_at() - self._clock.time()
-        if fresh_left <= 0:
-            self._observer.lookup("l2", False)
-            return None, stored.entry
-        self._observer.lookup("l2", True)
-        # L1 may keep it while it is fresh, and stale as long as the route serves it stale;
-        # never longer than L2 does.
-        return Stored(stored.entry, min(stored.ttl_left, fresh_left + keep_stale)), None
-
-    def _fill_l2(
-        self,
-        key: str,
-        variant: str,
-        loaded: Loaded,
-        flight: _Flight,
-        fetched_at: float,
-        lease: str = "",
-    ) -> None:
-        task = self._spawn(self._l2_set(key, variant, loaded, flight, fetched_at, lease))
-        self._fills.setdefault(key, set()).add(task)
-        task.add_done_callback(partial(self._filled, key))
-
-    def _filled(self, key: str, task: asyncio.Task[None]) -> None:
-        fills = self._fills.get(key)
-        if fills is not None:
-            fills.discard(task)
-            if not fills:
-                del self._fills[key]
-
-    async def _l2_set(
-        self,
-        key: str,
-        variant: str,
-        loaded: Loaded,
-        flight: _Flight,
-        fetched_at: float,
-        lease: str = "",
-    ) -> None:
-        try:
-            await self._l2_store(key, variant, loaded, flight, fetched_at)
-        finally:
-            if lease and self._leases is not None:
-                await self._leases.release(key, variant, lease)
-
-    async def _l2_store(
-        self, key: str, variant: str, loaded: Loaded, flight: _Flight, fetched_at: float
-    ) -> None:
-        l2 = self._l2
-        if l2 is None or flight.stale or self._untrusted(key) or not self._l2_allowed():
-            return
-        try:
-            await l2.set(
-                key,
-                variant,
-                loaded.entry,
-                _keep(loaded.l2_ttl, loaded, self._clock.time()),
-                fetched_at=fetched_at,
-                tags=loaded.tags,
-            )
-        except TierUnavailable as exc:
-            self._l2_failed(exc)
-            return
-        except CorruptEntry as exc:
-            self._foreign(key, exc)
-            return
-        self._l2_answered()
-
-    async def _drop_from_l2(
-        self, key: str, new: _Written | None, previous: Task | None, announce: bool
-    ) -> bool | None:
-        """Whether L2 held something for ``key``; None when it could not be asked."""
-        try:
-            # Two writes of one key reach L2 in the order they were made.
-            waited = [*self._fills.get(key, ()), *([previous] if previous else [])]
-            if waited:
-                await asyncio.wait(waited)
-            held = await self._l2_delete(key) if new is None else await self._l2_replace(key, new)
-            if held is not None and announce and self.announce is not None:
-                await self.announce([key])
-            return held
-        finally:
-            self._deleting[key] -= 1
-            if self._deleting[key] <= 0:
-                del self._deleting[key]
-
-    def _dropped(self, key: str, task: Task) -> None:
-        if self._drops.get(key) is task:
-            del self._drops[key]
-
-    async def _l2_replace(self, key: str, new: _Written) -> bool | None:
-        """True when L2 took the write (or holds a newer one); None when it is remembered."""
-        l2 = self._l2
-        if l2 is None:
-            return None
-        if self._l2_allowed():
-            try:
-                stored = await l2.replace(
-                    key, new.variant, new.entry, new.l2_ttl, version=new.version, tags=new.tags
-                )
-            except TierUnavailable as exc:
-                self._l2_failed(exc)
-            except CorruptEntry as exc:
-                self._foreign(key, exc)
-                return None
-            else:
-                self._pending_deletes.discard(key)
-                self._l2_answered()
-                if not stored:
-                    # Another replica's newer write holds L2: this one lost, in L1 too.
-                    await self._l1.delete(key)
-                return True
-        # L2 may still hold the value this write replaced: never trust it for the key again
-        # until it has been dropped there.
-        self._remember_delete(key)
-        return None
-
-    async def _l2_delete(self, key: str) -> bool | None:
-        """Drop ``key`` from L2: whether it held something; None when that must wait until L2
-        answers (the key is remembered)."""
-        l2 = self._l2
-        if l2 is None:
-            return None
-        if self._l2_allowed():
-            try:
-                held = await l2.delete(key)
-            except TierUnavailable as exc:
-                self._l2_failed(exc)
-            else:
-                self._pending_deletes.discard(key)
-                self._l2_answered()
-                return held
-        self._remember_delete(key)
-        return None
-
-    def _remember_delete(self, key: str) -> None:
-        if len(self._pending_deletes) < MAX_PENDING_DELETES:
-            self._pending_deletes.add(key)
-        else:
-            logger.error(
-                "L2 is down with %d deletes pending; %r may be stale in L2 until its TTL",
-                MAX_PENDING_DELETES,
-                key,
-            )
-
-    def _untrusted(self, key: str) -> bool:
-        """L2 may hold a value a write replaced: being dropped now, or a drop that failed."""
-        return key in self._deleting or key in self._pending_deletes
-
-    async def _retry_deletes(self) -> None:
-        if self._retrying_deletes:
-            return
-        self._retrying_deletes = True
-        dropped: list[str] = []
-        try:
-            while self._pending_deletes and self._l2 is not None and self._l2_allowed():
-                key = next(iter(self._pending_deletes))
-                try:
-                    await self._l2.delete(key)
-                except TierUnavailable as exc:
-                    self._l2_failed(exc)
-                    return
-                self._pending_deletes.discard(key)
-                dropped.append(key)
-        finally:
-            self._retrying_deletes = False
-            if dropped and self.announce is not None:
-                await self.announce(dropped)  # many keys a message, not one each
-
-    def _foreign(self, key: str, exc: CorruptEntry) -> None:
-        """Redis answered, but what it holds under ``key`` is not ours to read: drop it."""
-        self._l2_answered()
-        self._observer.tier_error("l2", "decode")
-        logger.warning("L2 entry %r is not readable (%s); dropping it", key, exc)
-        self._spawn(self._l2_delete(key))
-
-    def _l2_allowed(self) -> bool:
-        return self._breaker is None or self._breaker.allow()
-
-    def _l2_failed(self, exc: TierUnavailable) -> None:
-        self._observer.tier_error("l2", exc.op)
-        if self._breaker is not None:
-            self._breaker.failure()
-        if self._l2_ok:
-            self._l2_ok = False
-            logger.warning(
-                "L2 %s failed (%s); serving from L1 and the origin meanwhile", exc.op, exc.reason
-            )
-
-    def _l2_answered(self) -> None:
-        if self._breaker is not None:
-            self._breaker.success()
-        if not self._l2_ok:
-            self._l2_ok = True
-            logger.info("L2 answers again")
-        if self._pending_deletes and not self._retrying_deletes:
-            self._spawn(self._retry_deletes())
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro)
