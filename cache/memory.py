@@ -103,6 +103,10 @@ class MemoryTier:
     # one instant: an item cannot expire between the check and the use.
 
     async def get(self, key: str, variant: str = "") -> Stored | None:
+        return self.peek(key, variant)
+
+    def peek(self, key: str, variant: str = "") -> Stored | None:
+        """``get`` without a wait: what an answer that must not yield (a hit) reads."""
         with self._store.timer as now:
             variants = self._store.get(key)
             if variants is None:

@@ -59,6 +59,8 @@ def refresh_early(
     """XFetch: should a hit with ``time_left`` of freshness refresh its entry now?"""
     if beta <= 0 or fetch_seconds <= 0:
         return False
+    if time_left > 40 * beta * fetch_seconds:
+        return False  # a chance below exp(-40): not worth a draw
     draw = random()
     if draw <= 0.0:
         return True  # -ln(0) is infinite

@@ -69,7 +69,12 @@ class Tier(Protocol):
 
 
 class LocalTier(Tier, Protocol):
-    """A tier in this process (L1): it can also be emptied, wholly or by key prefix."""
+    """A tier in this process (L1): it can also be read without a wait, and emptied, wholly or
+    by key prefix."""
+
+    def peek(self, key: str, variant: str = "") -> Stored | None:
+        """``get``, answered at once."""
+        ...
 
     async def delete_prefix(self, prefix: str) -> list[str]:
         """Drop every key starting with ``prefix``; returns them."""

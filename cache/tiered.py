@@ -240,6 +240,25 @@ class TieredCache:
         flight = self._start(key, variant, l1_ttl, loader, lease, stale, None, candidate)
         return await flight.answer(self._usable(stale))
 
+    def peek_hit(self, key: str, variant: str, stale: Staleness = NEVER) -> Entry | None:
+        """A fresh L1 entry, for an answer that must not wait (``proxy.fastpath``), counted as
+        an L1 hit. None, and nothing counted, when ``get`` must run instead: not in L1, not
+        fresh, L1 not trusted, or due for an early refresh (which ``get`` starts)."""
+        if not self._l1_trusted:
+            return None
+        stored = self._l1.peek(key, variant)
+        if stored is None:
+            return None
+        entry = stored.entry
+        time_left = entry.expires_at() - self._clock.time()
+        if time_left <= 0:
+            return None
+        beta = stale.early_refresh
+        if beta and refresh_early(time_left, entry.fetch_seconds, beta, self._rand):
+            return None
+        self._observer.lookup("l1", True)
+        return entry
+
     def _start(
         self,
         key: str,

@@ -96,6 +96,14 @@ class Proxy:
         self._write_through_locks = KeyLocks()
 
     @property
+    def router(self) -> Router:
+        return self._router
+
+    @property
+    def clock(self) -> Clock:
+        return self._clock
+
+    @property
     def routes(self) -> tuple[Route, ...]:
         return self._router.routes
 

@@ -58,6 +58,16 @@ class BadPath(ValueError):
     """A request target that cannot be normalized; answered 400."""
 
 
+def is_canonical(path: str) -> bool:
+    """Whether ``normalize_path`` would give ``path`` back unchanged (the common case)."""
+    return (
+        path.startswith("/")
+        and _CANONICAL.fullmatch(path) is not None
+        and "/." not in path
+        and "//" not in path
+    )
+
+
 def normalize_path(path: str) -> str:
     """The canonical form of a request path (without its query); ``BadPath`` if ambiguous."""
     if not path.startswith("/"):

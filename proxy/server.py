@@ -27,6 +27,7 @@ from prometheus_client import disable_created_metrics
 from cache.redis_tier import MEMORY_URL
 from proxy.admin import build_admin_app, build_worker_app
 from proxy.app import RUNTIME, build_proxy_app
+from proxy.fastpath import FastSite, Hits
 from proxy.settings import Settings
 
 logger = logging.getLogger("cachecar")
@@ -108,9 +109,7 @@ async def _run(settings: Settings, stop: asyncio.Event, worker: str | None) -> N
     await admin_runner.setup()
     try:
         address = settings.server.listen
-        site: web.BaseSite = web.TCPSite(
-            proxy_runner, address.host, address.port, backlog=1024, reuse_port=worker is not None
-        )
+        site: web.BaseSite = proxy_site(proxy_app, proxy_runner, settings, worker is not None)
         try:
             await site.start()
         except OSError as exc:
@@ -167,6 +166,28 @@ def _announce(settings: Settings, routes: int, write_behind: bool) -> None:
         logger.info(
             "write-behind queue in Redis: acknowledged writes survive a crash of this process"
         )
+
+
+def proxy_site(
+    app: web.Application, runner: web.AppRunner, settings: Settings, reuse_port: bool
+) -> web.BaseSite:
+    """The proxy port: L1 hits answered by ``proxy.fastpath``, the rest by the app. With the
+    access log on, every request goes through the app (it writes the log lines)."""
+    address = settings.server.listen
+    if settings.server.access_log:
+        return web.TCPSite(runner, address.host, address.port, backlog=1024, reuse_port=reuse_port)
+    runtime = app[RUNTIME]
+    hits = Hits(
+        runtime.proxy.router,
+        runtime.cache,
+        runtime.metrics,
+        clock=runtime.proxy.clock.time,
+        max_key_length=settings.server.max_key_length,
+        max_entries=settings.l1.max_entries,
+        max_header_size=settings.server.max_header_size,
+        max_headers=settings.server.max_headers,
+    )
+    return FastSite(runner, hits, address.host, address.port, backlog=1024, reuse_port=reuse_port)
 
 
 class _MalformedRequest(logging.Filter):

@@ -1,0 +1,305 @@
+"""The hit path: an L1 hit answered straight from the connection's bytes, without aiohttp.
+
+    bytes -> FastPath (one per connection, in front of aiohttp's protocol)
+      a whole request head: GET or HEAD, no body, a canonical path on a cached route, no
+      credentials, range, validators or upgrade, its entry fresh in L1 (not due for an early
+      refresh), the write side not paused
+          -> Hits.answer: the entry's head, serialized once per entry, + Age, Date, X-Cache,
+             Cache-Status, and the body, in one write; counted as ``proxy.handler`` counts
+      anything else -> aiohttp's protocol, from that head on: the full handler answers it
+
+Answers leave in the order requests came: while aiohttp has a request in hand, every head goes
+to it, and the hit path answers again only once aiohttp waits for the next one. aiohttp is only
+ever given whole heads; once it is given a body, a partial head or an upgrade, the connection is
+its own for good. A head that never ends is aiohttp's to time out (``server.idle_timeout``).
+
+This reads four private attributes of aiohttp's ``RequestHandler`` (``_waiter``, ``_messages``,
+``_payload_parser``, ``_next_keepalive_close_time``); ``tests/proxy/test_fastpath.py`` fails if
+a release changes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http
+import re
+import time
+from collections.abc import Callable
+from email.utils import formatdate
+from typing import Any, cast
+
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from cache.entry import Entry
+from cache.tiered import TieredCache
+from proxy.metrics import Metrics
+from proxy.paths import is_canonical
+from proxy.routes import Router
+
+HIT_L1 = b"X-Cache: HIT-L1\r\nCache-Status: cachecar; hit; detail=l1\r\n"
+# Request headers that send a request down the full path (answered there, or passed through).
+_FULL_PATH = frozenset(
+    {
+        "authorization",
+        "cookie",
+        "range",
+        "if-none-match",
+        "if-modified-since",
+        "if-match",
+        "if-unmodified-since",
+        "if-range",
+        "content-length",
+        "transfer-encoding",
+        "expect",
+        "upgrade",
+    }
+)
+# Headers that make a connection aiohttp's for good: a body, or a protocol change.
+_HANDED_OVER = re.compile(rb"\n(?:content-length|transfer-encoding|upgrade|expect)[ \t]*:", re.I)
+# Response headers the hit path sets itself (or that describe one delivery).
+_OWN = frozenset({"x-cache", "cache-status", "age", "content-length", "connection"})
+MAX_HEAD = 16 << 10  # a head longer than this is aiohttp's to refuse
+
+
+class Hits:
+    """Answers L1 hits from request heads; shared by a runtime's connections."""
+
+    def __init__(
+        self,
+        router: Router,
+        cache: TieredCache,
+        metrics: Metrics,
+        *,
+        clock: Callable[[], float] = time.time,
+        max_key_length: int = 1024,
+        max_entries: int = 10_000,
+        max_header_size: int = 8190,
+        max_headers: int = 128,
+    ) -> None:
+        """``max_header_size``, ``max_headers``: aiohttp's limits; a head past them is left to
+        aiohttp, which refuses it."""
+        self._max_line = max_header_size
+        self._max_headers = max_headers
+        self._router = router
+        self._cache = cache
+        self._metrics = metrics
+        self._clock = clock
+        self._max_key_length = max_key_length
+        self._max_wired = 2 * max_entries
+        self._wired: dict[int, tuple[Entry, bytes, bool]] = {}
+        self._date_second = -1
+        self._date = b""
+
+    def answer(self, head: bytes) -> tuple[bytes, bool] | None:
+        """The whole answer to a request ``head`` (without its blank line) and whether the
+        connection stays open; None when the full path must answer."""
+        started = time.perf_counter()
+        lines = head.decode("latin-1").split("\r\n")
+        if len(lines) > self._max_headers + 1 or max(map(len, lines)) > self._max_line:
+            return None
+        method, _, rest = lines[0].partition(" ")
+        if method != "GET" and method != "HEAD":
+            return None
+        target, _, version = rest.rpartition(" ")
+        if version == "HTTP/1.1":
+            keep_alive = True
+        elif version == "HTTP/1.0":
+            keep_alive = False
+        else:
+            return None
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            name, colon, value = line.partition(":")
+            lower = name.lower()
+            if not colon or not name or name[-1] in " \t" or lower in headers:
+                return None  # malformed or repeated: aiohttp's to judge
+            headers[lower] = value.strip(" \t")
+        if not _FULL_PATH.isdisjoint(headers):
+            return None
+        path, _, query = target.partition("?")
+        if "#" in query or not is_canonical(path):
+            return None
+        found = self._router.match(path)
+        if found is None:
+            return None
+        route, params = found
+        if not route.cached:
+            return None
+        key = route.key_for(params, path, query)
+        if len(key) > self._max_key_length or any(
+            len(tag) > self._max_key_length for tag in route.tags_for(params)
+        ):
+            return None
+        variant = ""
+        if route.vary or route.unkeyed or (route.key is not None and query):
+            variant = route.variant_for(CIMultiDictProxy(CIMultiDict(headers)), query, params)
+        entry = self._cache.peek_hit(key, variant, route.stale)
+        if entry is None:
+            return None
+        connection = headers.get("connection", "").lower()
+        if "close" in connection:
+            keep_alive = False
+        elif "keep-alive" in connection and version == "HTTP/1.0":
+            keep_alive = True
+        now = self._clock()
+        wire, dated = self._wire(entry)
+        parts = [wire, b"Age: %d\r\n" % int(entry.age(now))]
+        if not dated:  # the origin's Date is kept, as the full path keeps it
+            parts.append(self._date_line(now))
+        if not keep_alive:
+            parts.append(b"Connection: close\r\n")
+        elif version == "HTTP/1.0":
+            parts.append(b"Connection: keep-alive\r\n")
+        parts.append(b"\r\n")
+        if method == "GET":
+            parts.append(entry.body)
+        self._metrics.request(
+            route.name, method, entry.status, "hit_l1", time.perf_counter() - started
+        )
+        return b"".join(parts), keep_alive
+
+    def _wire(self, entry: Entry) -> tuple[bytes, bool]:
+        """The status line and the entry's headers, with X-Cache and Content-Length: the part
+        of a hit that is the same for every request, serialized once per entry; and whether
+        the entry has a Date of its own."""
+        found = self._wired.get(id(entry))
+        if found is not None and found[0] is entry:
+            return found[1], found[2]
+        try:
+            reason = http.HTTPStatus(entry.status).phrase
+        except ValueError:
+            reason = ""
+        lines = [f"HTTP/1.1 {entry.status} {reason}\r\n".encode()]
+        for name, value in entry.headers:
+            if name.lower() not in _OWN:
+                lines.append(f"{name}: {value}\r\n".encode("utf-8", "surrogateescape"))
+        lines.append(HIT_L1)
+        lines.append(b"Content-Length: %d\r\n" % len(entry.body))
+        wire = b"".join(lines)
+        dated = any(name.lower() == "date" for name, _ in entry.headers)
+        if len(self._wired) >= self._max_wired:
+            self._wired.clear()  # entries come and go; a bounded memo, rebuilt as they are hit
+        self._wired[id(entry)] = (entry, wire, dated)
+        return wire, dated
+
+    def _date_line(self, now: float) -> bytes:
+        second = int(now)
+        if second != self._date_second:
+            self._date_second = second
+            self._date = b"Date: %s\r\n" % formatdate(second, usegmt=True).encode()
+        return self._date
+
+
+class FastPath(asyncio.Protocol):
+    """One connection: hits answered here, everything else by ``inner`` (aiohttp's)."""
+
+    def __init__(self, inner: Any, hits: Hits) -> None:
+        self._inner = inner
+        self._hits = hits
+        self._transport: asyncio.Transport | None = None
+        self._buffer = b""
+        self._handed_over = False  # aiohttp's for good
+        self._writing_paused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self._inner.connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        self._inner.resume_writing()
+
+    def eof_received(self) -> bool | None:
+        result: bool | None = self._inner.eof_received()
+        return result
+
+    def data_received(self, data: bytes) -> None:
+        if self._handed_over:
+            self._inner.data_received(data)
+            return
+        buffer = self._buffer + data if self._buffer else data
+        self._buffer = b""
+        while buffer:
+            end = buffer.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buffer) > MAX_HEAD:
+                    self._hand_over(buffer)
+                else:
+                    self._buffer = buffer  # the rest of the head is on its way
+                return
+            head = buffer[:end]
+            if _HANDED_OVER.search(head) is not None:
+                self._hand_over(buffer)
+                return
+            answer = self._hits.answer(head) if self._idle() else None
+            if answer is None:
+                self._inner.data_received(buffer[: end + 4])  # one whole head, no body
+            else:
+                self._send(*answer)
+                if self._transport is None or self._transport.is_closing():
+                    return
+            buffer = buffer[end + 4 :]
+
+    def _idle(self) -> bool:
+        """Whether aiohttp waits for a request, with nothing of its own to answer first."""
+        inner = self._inner
+        waiter = inner._waiter
+        return (
+            not self._writing_paused
+            and waiter is not None
+            and not waiter.done()
+            and not inner._messages
+            and inner._payload_parser is None
+        )
+
+    def _send(self, answer: bytes, keep_alive: bool) -> None:
+        transport = self._transport
+        assert transport is not None
+        transport.write(answer)
+        if not keep_alive:
+            transport.close()
+            return
+        # The connection is in use: aiohttp's idle timer must not count this as idle time.
+        inner = self._inner
+        inner._next_keepalive_close_time = inner._loop.time() + inner._keepalive_timeout
+
+    def _hand_over(self, buffer: bytes) -> None:
+        self._handed_over = True
+        self._inner.data_received(buffer)
+
+
+class FastSite(web.TCPSite):
+    """A TCP site whose connections go through ``FastPath`` first."""
+
+    def __init__(self, runner: web.BaseRunner, hits: Hits, *args: Any, **kwargs: Any) -> None:
+        super().__init__(runner, *args, **kwargs)
+        self._hits = hits
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)
+        server = self._runner.server
+        assert server is not None
+        hits = self._hits
+
+        def connection() -> FastPath:
+            return FastPath(server(), hits)
+
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            connection,
+            self._host,
+            self._port,
+            backlog=self._backlog,
+            reuse_address=self._reuse_address,
+            reuse_port=self._reuse_port,
+        )
+        sockets = self._server.sockets
+        self._bound_port = sockets[0].getsockname()[1] if sockets else self._port

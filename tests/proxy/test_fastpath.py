@@ -1,0 +1,190 @@
+"""The hit path in front of aiohttp: L1 hits answered from the connection's bytes, everything
+else by the full handler, in the order the requests came."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+
+from proxy.app import RUNTIME, build_proxy_app
+from proxy.server import proxy_site
+from tests.ports import free_port
+from tests.proxy.conftest import Origin, settings_for
+
+ROUTES = """
+routes:
+  - path: /users/{id}
+    key: "users:{id}"
+  - path: /private/{id}
+    key: "private:{id}"
+    vary: [Authorization]
+"""
+
+
+@pytest.fixture
+async def served(origin: Origin) -> AsyncIterator[tuple[int, web.Application]]:
+    """cachecar's proxy port, served as ``cachecar serve`` serves it (the hit path first)."""
+    origin.reply("/users/1", b'{"name": "ada"}', headers={"ETag": '"v1"'})
+    listen = free_port()
+    settings = settings_for(
+        origin, routes=ROUTES, extra=f"server: {{idle_timeout: 1s, listen: '127.0.0.1:{listen}'}}"
+    )
+    app = build_proxy_app(settings)
+    runner = web.AppRunner(app, access_log=None, keepalive_timeout=1.0)
+    await runner.setup()
+    await proxy_site(app, runner, settings, reuse_port=False).start()
+    try:
+        yield listen, app
+    finally:
+        await runner.cleanup()
+
+
+@pytest.fixture
+def port(served: tuple[int, web.Application]) -> int:
+    return served[0]
+
+
+async def exchange(
+    port: int, data: bytes, answers: int
+) -> list[tuple[bytes, dict[str, str], bytes]]:
+    """Send ``data`` on one connection; read ``answers`` answers (status line, headers, body)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        found = []
+        async with asyncio.timeout(5):
+            for _ in range(answers):
+                head = await reader.readuntil(b"\r\n\r\n")
+                status, *lines = head.decode("latin-1").split("\r\n")[:-2]
+                pairs = (line.partition(":") for line in lines)
+                headers = {name.lower(): value.strip() for name, _, value in pairs}
+                length = int(headers.get("content-length", "0"))
+                body = b"" if data.startswith(b"HEAD") else await reader.readexactly(length)
+                found.append((status.encode(), headers, body))
+        return found
+    finally:
+        writer.close()
+
+
+def get(path: str, *extra: str) -> bytes:
+    return ("\r\n".join([f"GET {path} HTTP/1.1", "Host: x", *extra]) + "\r\n\r\n").encode()
+
+
+async def test_a_hit_is_answered_like_the_full_path_would_on_the_same_connection(
+    port: int, origin: Origin
+) -> None:
+    miss, hit = await exchange(port, get("/users/1"), 1) + await exchange(port, get("/users/1"), 1)
+    assert miss[1]["x-cache"] == "MISS"
+    assert hit[0] == b"HTTP/1.1 200 OK"
+    assert hit[2] == miss[2] == b'{"name": "ada"}'
+    assert hit[1]["x-cache"] == "HIT-L1"
+    assert hit[1]["cache-status"] == "cachecar; hit; detail=l1"
+    assert hit[1]["etag"] == '"v1"'
+    assert hit[1]["age"] == "0"
+    assert "date" in hit[1]
+    assert origin.count("/users/1") == 1
+
+
+async def test_pipelined_requests_are_answered_in_their_order(port: int, origin: Origin) -> None:
+    # The first is a miss (aiohttp's), so the two hits behind it must wait their turn.
+    answers = await exchange(port, get("/users/1") + get("/users/2") + get("/users/1"), 3)
+    assert [a[1]["x-cache"] for a in answers] == ["MISS", "MISS", "HIT-L1"]
+    assert answers[0][2] == answers[2][2]
+    # Now everything is cached: three hits in one write, in order.
+    again = await exchange(port, get("/users/2") + get("/users/1") + get("/users/2"), 3)
+    assert [a[1]["x-cache"] for a in again] == ["HIT-L1"] * 3
+    assert [a[2] for a in again] == [answers[1][2], answers[0][2], answers[1][2]]
+
+
+async def test_what_the_hit_path_must_not_answer_goes_to_the_full_handler(port: int) -> None:
+    await exchange(port, get("/users/1"), 1)
+    head = await exchange(port, b"HEAD /users/1 HTTP/1.1\r\nHost: x\r\n\r\n", 1)
+    assert head[0][1]["x-cache"] == "HIT-L1"
+    assert head[0][1]["content-length"] == "15"
+    assert head[0][2] == b""
+    cases = {
+        "Authorization: Bearer t": "BYPASS",  # credentials the route does not vary on
+        'If-None-Match: "v1"': "HIT-L1",  # a 304, from the full handler
+        "Range: bytes=0-1": "BYPASS",
+    }
+    for header, x_cache in cases.items():
+        [(status, headers, _)] = await exchange(port, get("/users/1", header), 1)
+        assert headers["x-cache"] == x_cache, header
+        if header.startswith("If-None-Match"):
+            assert status == b"HTTP/1.1 304 Not Modified"
+
+
+async def test_connection_close_and_http_1_0_close_after_a_hit(port: int) -> None:
+    await exchange(port, get("/users/1"), 1)
+    for request in (get("/users/1", "Connection: close"), b"GET /users/1 HTTP/1.0\r\n\r\n"):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(request)
+        async with asyncio.timeout(5):
+            answer = await reader.read()  # read() returns only once the server closes
+        writer.close()
+        assert b"X-Cache: HIT-L1" in answer
+        assert b"Connection: close" in answer
+
+
+async def test_a_connection_busy_with_hits_is_not_closed_as_idle(port: int) -> None:
+    await exchange(port, get("/users/1"), 1)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        for _ in range(8):  # 2.4 s of hits, server.idle_timeout is 1 s
+            writer.write(get("/users/1"))
+            async with asyncio.timeout(2):
+                head = await reader.readuntil(b"\r\n\r\n")
+                await reader.readexactly(15)
+            assert b"X-Cache: HIT-L1" in head
+            await asyncio.sleep(0.3)
+        await asyncio.sleep(1.5)  # now idle: closed
+        assert await reader.read() == b""
+    finally:
+        writer.close()
+
+
+async def test_a_write_on_a_connection_then_hits_still_answered_right(
+    port: int, origin: Origin
+) -> None:
+    await exchange(port, get("/users/1"), 1)
+    put = b"PUT /users/1 HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
+    answers = await exchange(port, put + get("/users/1"), 2)
+    assert answers[0][0].startswith(b"HTTP/1.1 200")
+    assert answers[1][1]["x-cache"] == "MISS"  # the write dropped it: fetched again
+
+
+async def test_hits_are_counted_as_the_full_path_counts_them(
+    served: tuple[int, web.Application],
+) -> None:
+    port, app = served
+    await exchange(port, get("/users/1"), 1)
+    await exchange(port, get("/users/1") * 3, 3)
+    registry = app[RUNTIME].metrics.registry
+
+    def sample(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, labels)
+
+    route = "/users/{id}"
+    assert sample("cachecar_requests_total", route=route, method="GET", status="200") == 4
+    assert sample("cachecar_request_duration_seconds_count", route=route, outcome="hit_l1") == 3
+    assert sample("cachecar_request_duration_seconds_count", route=route, outcome="miss") == 1
+    assert sample("cachecar_cache_lookups_total", tier="l1", result="hit") == 3
+
+
+def test_aiohttp_still_has_what_the_hit_path_reads() -> None:
+    # The hit path reads these private attributes; an aiohttp release that renames them must
+    # fail here, not in production.
+    for name in (
+        "_waiter",
+        "_messages",
+        "_payload_parser",
+        "_next_keepalive_close_time",
+        "_keepalive_timeout",
+        "_loop",
+    ):
+        slots = {slot for cls in RequestHandler.__mro__ for slot in getattr(cls, "__slots__", ())}
+        assert name in slots, name
