@@ -14,16 +14,25 @@ ones are ``other``.
 
 Gauges that live elsewhere are read when asked for: L1's size from the tier, the write-behind
 queue from Redis (``refresh`` before each scrape or snapshot, bounded by the queue's timeout).
+
+The two calls every hit makes (``request``, ``lookup``) count into plain dictionaries; the
+registry takes them in whenever it is read (a collector registered first), so a scrape, and a
+test reading a sample, see every count: a Prometheus child's update takes a lock and costs a
+hit about a fifth of its time.
 """
 
 from __future__ import annotations
 
 import logging
+from bisect import bisect_left
 from collections import Counter as CounterOf
+from collections.abc import Iterable
 from importlib.metadata import version
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 from cache.clock import Clock
 from cache.errors import CorruptEntry, TierUnavailable
@@ -58,6 +67,17 @@ def origin_failed(status: str) -> bool:
     return not status.isdigit() or int(status) >= 500
 
 
+class _TakeIn(Collector):
+    """Registered before every metric: moves the counts kept aside into them when read."""
+
+    def __init__(self, take_in: Any) -> None:
+        self._take_in = take_in
+
+    def collect(self) -> Iterable[Metric]:
+        self._take_in()
+        return ()
+
+
 class Metrics:
     """The Prometheus metrics of one process and the stats window beside them."""
 
@@ -65,7 +85,12 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         self._clock = clock
         self.window = Window(clock.time())
+        # Counts of the hot path, not yet in the registry (see the module docstring).
+        self._requests_aside: CounterOf[tuple[str, str, str]] = CounterOf()
+        self._durations_aside: dict[tuple[str, str], list[float]] = {}
+        self._lookups_aside: CounterOf[tuple[str, str]] = CounterOf()
         r = self.registry
+        r.register(_TakeIn(self._take_in))
         self._requests = Counter(
             "cachecar_requests", "Requests answered on the proxy listener.",
             ["route", "method", "status"], registry=r,
@@ -191,10 +216,31 @@ class Metrics:
 
     def request(self, route: str, method: str, status: int, outcome: str, seconds: float) -> None:
         """A request on the proxy listener was answered."""
-        method = method_label(method)
-        self._child(self._requests, route, method, str(status)).inc()
-        self._child(self._duration, route, outcome).observe(seconds)
+        self._requests_aside[route, method_label(method), str(status)] += 1
+        # Per bucket (the last: past every bound), then the sum at the end.
+        observed = self._durations_aside.get((route, outcome))
+        if observed is None:
+            observed = self._durations_aside[route, outcome] = [0.0] * (len(REQUEST_BUCKETS) + 2)
+        observed[bisect_left(REQUEST_BUCKETS, seconds)] += 1
+        observed[-1] += seconds
         self.window.request(outcome, seconds, self._clock.time())
+
+    def _take_in(self) -> None:
+        """Move the counts kept aside into the Prometheus metrics."""
+        requests, self._requests_aside = self._requests_aside, CounterOf()
+        for (route, method, status), count in requests.items():
+            self._child(self._requests, route, method, status).inc(count)
+        lookups, self._lookups_aside = self._lookups_aside, CounterOf()
+        for (tier, result), count in lookups.items():
+            self._child(self._lookups, tier, result).inc(count)
+        durations, self._durations_aside = self._durations_aside, {}
+        for (route, outcome), observed in durations.items():
+            child = self._child(self._duration, route, outcome)
+            # prometheus_client's Histogram child: ``observe`` adds to one bucket and the sum.
+            child._sum.inc(observed[-1])
+            for index, observations in enumerate(observed[:-1]):
+                if observations:
+                    child._buckets[index].inc(observations)
 
     def origin_request(self, route: str, method: str, status: str, seconds: float) -> None:
         """The origin answered ``status`` (or ``timeout``/``unreachable``) after ``seconds``."""
@@ -217,7 +263,7 @@ class Metrics:
     # -- CacheObserver ---------------------------------------------------------------------------
 
     def lookup(self, tier: str, hit: bool) -> None:
-        self._child(self._lookups, tier, "hit" if hit else "miss").inc()
+        self._lookups_aside[tier, "hit" if hit else "miss"] += 1
         self.window.lookup(tier, hit, self._clock.time())
 
     def evicted(self, reason: Eviction, count: int) -> None:

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 from pytest_aiohttp import AiohttpClient
 from redis.asyncio import Redis
@@ -22,7 +22,7 @@ from cache.memory import MemoryTier
 from cache.queue import QueueStats
 from proxy.admin import build_admin_app
 from proxy.app import RUNTIME, build_proxy_app
-from proxy.metrics import Metrics
+from proxy.metrics import REQUEST_BUCKETS, Metrics
 from tests.fakes import FakeClock, RecordingObserver
 from tests.ports import free_port
 from tests.proxy.conftest import MakeProxy, Origin, raw, settings_for
@@ -587,3 +587,36 @@ async def test_queue_figures_that_cannot_be_read_say_so_and_the_first_failure_is
         "write-behind queue figures unavailable",  # once, not once per scrape
         "write-behind queue figures available again",
     ]
+
+
+def test_counts_kept_aside_on_the_hit_path_read_as_direct_observations() -> None:
+    # request() and lookup() count into dictionaries; whoever reads the registry sees them as
+    # if each had been observed at once, bucket by bucket.
+    aside = Metrics(FakeClock(), CollectorRegistry())
+    reference = CollectorRegistry()
+    direct = Histogram("direct_seconds", "", buckets=REQUEST_BUCKETS, registry=reference)
+    durations = [0.00005, 0.0001, 0.0003, 0.02, 7.0, 99.0]
+    for seconds in durations:
+        aside.request("/users/{id}", "GET", 200, "hit_l1", seconds)
+        direct.observe(seconds)
+    aside.lookup("l1", True)
+    aside.lookup("l1", True)
+    labels = {"route": "/users/{id}", "outcome": "hit_l1"}
+    for bound in [*(str(b) for b in REQUEST_BUCKETS), "+Inf"]:
+        expected = reference.get_sample_value("direct_seconds_bucket", {"le": bound})
+        found = aside.registry.get_sample_value(
+            "cachecar_request_duration_seconds_bucket", labels | {"le": bound}
+        )
+        assert found == expected, bound
+    assert aside.registry.get_sample_value(
+        "cachecar_request_duration_seconds_sum", labels
+    ) == pytest.approx(sum(durations))
+    assert aside.registry.get_sample_value(
+        "cachecar_requests_total", {"route": "/users/{id}", "method": "GET", "status": "200"}
+    ) == len(durations)
+    assert (
+        aside.registry.get_sample_value(
+            "cachecar_cache_lookups_total", {"tier": "l1", "result": "hit"}
+        )
+        == 2
+    )
