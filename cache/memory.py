@@ -108,8 +108,10 @@ class MemoryTier:
     def peek(self, key: str, variant: str = "") -> Stored | None:
         """``get`` without a wait: what an answer that must not yield (a hit) reads."""
         with self._store.timer as now:
-            variants = self._store.get(key)
-            if variants is None:
+            try:
+                # Indexing, not ``get``: get asks ``in`` first, which does the expiry check twice.
+                variants = self._store[key]
+            except KeyError:
                 return None
             slot = variants.by_variant.get(variant)
             if slot is None:

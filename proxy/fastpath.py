@@ -38,28 +38,29 @@ from proxy.paths import is_canonical
 from proxy.routes import Router
 
 HIT_L1 = b"X-Cache: HIT-L1\r\nCache-Status: cachecar; hit; detail=l1\r\n"
+_REQUEST_LINE = re.compile(rb"(GET|HEAD) (/[^ \r\n]*) HTTP/1\.([01])")
+_FIELDS = re.compile(rb"(?:\r\n[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\r\n]*)*")
 # Request headers that send a request down the full path (answered there, or passed through).
-_FULL_PATH = frozenset(
-    {
-        "authorization",
-        "cookie",
-        "range",
-        "if-none-match",
-        "if-modified-since",
-        "if-match",
-        "if-unmodified-since",
-        "if-range",
-        "content-length",
-        "transfer-encoding",
-        "expect",
-        "upgrade",
-    }
+_FULL_PATH_FIELD = re.compile(
+    rb"\r\n(?:authorization|cookie|range|if-[a-z-]+|content-length|transfer-encoding|expect"
+    rb"|upgrade)[ \t]*:",
+    re.IGNORECASE,
 )
+_CONNECTION = re.compile(rb"\r\nconnection:([^\r\n]*)", re.IGNORECASE)
 # Headers that make a connection aiohttp's for good: a body, or a protocol change.
 _HANDED_OVER = re.compile(rb"\n(?:content-length|transfer-encoding|upgrade|expect)[ \t]*:", re.I)
 # Response headers the hit path sets itself (or that describe one delivery).
 _OWN = frozenset({"x-cache", "cache-status", "age", "content-length", "connection"})
 MAX_HEAD = 16 << 10  # a head longer than this is aiohttp's to refuse
+
+
+def _fields(head: bytes, start: int) -> CIMultiDictProxy[str]:
+    """The header fields of a head, for the (rarer) routes that vary on some."""
+    fields: CIMultiDict[str] = CIMultiDict()
+    for line in head[start:].decode("latin-1").split("\r\n")[1:]:
+        name, _, value = line.partition(":")
+        fields.add(name, value.strip(" \t"))
+    return CIMultiDictProxy(fields)
 
 
 class Hits:
@@ -95,28 +96,20 @@ class Hits:
         """The whole answer to a request ``head`` (without its blank line) and whether the
         connection stays open; None when the full path must answer."""
         started = time.perf_counter()
-        lines = head.decode("latin-1").split("\r\n")
-        if len(lines) > self._max_headers + 1 or max(map(len, lines)) > self._max_line:
+        request = _REQUEST_LINE.match(head)
+        # Every header line well formed (else aiohttp's to judge), none that needs the full
+        # path, none past aiohttp's limits.
+        if (
+            request is None
+            or _FIELDS.fullmatch(head, request.end()) is None
+            or _FULL_PATH_FIELD.search(head) is not None
+            or head.count(b"\n") > self._max_headers
+            or (len(head) > self._max_line and max(map(len, head.split(b"\r\n"))) > self._max_line)
+        ):
             return None
-        method, _, rest = lines[0].partition(" ")
-        if method != "GET" and method != "HEAD":
-            return None
-        target, _, version = rest.rpartition(" ")
-        if version == "HTTP/1.1":
-            keep_alive = True
-        elif version == "HTTP/1.0":
-            keep_alive = False
-        else:
-            return None
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            name, colon, value = line.partition(":")
-            lower = name.lower()
-            if not colon or not name or name[-1] in " \t" or lower in headers:
-                return None  # malformed or repeated: aiohttp's to judge
-            headers[lower] = value.strip(" \t")
-        if not _FULL_PATH.isdisjoint(headers):
-            return None
+        method = "GET" if request.group(1) == b"GET" else "HEAD"
+        keep_alive = request.group(3) == b"1"
+        target = request.group(2).decode("latin-1")
         path, _, query = target.partition("?")
         if "#" in query or not is_canonical(path):
             return None
@@ -127,21 +120,24 @@ class Hits:
         if not route.cached:
             return None
         key = route.key_for(params, path, query)
-        if len(key) > self._max_key_length or any(
-            len(tag) > self._max_key_length for tag in route.tags_for(params)
+        if len(key) > self._max_key_length or (
+            route.tags and any(len(tag) > self._max_key_length for tag in route.tags_for(params))
         ):
             return None
         variant = ""
         if route.vary or route.unkeyed or (route.key is not None and query):
-            variant = route.variant_for(CIMultiDictProxy(CIMultiDict(headers)), query, params)
+            variant = route.variant_for(_fields(head, request.end()), query, params)
         entry = self._cache.peek_hit(key, variant, route.stale)
         if entry is None:
             return None
-        connection = headers.get("connection", "").lower()
-        if "close" in connection:
-            keep_alive = False
-        elif "keep-alive" in connection and version == "HTTP/1.0":
-            keep_alive = True
+        http_1_0 = not keep_alive
+        connection = _CONNECTION.search(head)
+        if connection is not None:
+            value = connection.group(1).lower()
+            if b"close" in value:
+                keep_alive = False
+            elif b"keep-alive" in value:
+                keep_alive = True
         now = self._clock()
         wire, dated = self._wire(entry)
         parts = [wire, b"Age: %d\r\n" % int(entry.age(now))]
@@ -149,7 +145,7 @@ class Hits:
             parts.append(self._date_line(now))
         if not keep_alive:
             parts.append(b"Connection: close\r\n")
-        elif version == "HTTP/1.0":
+        elif http_1_0:
             parts.append(b"Connection: keep-alive\r\n")
         parts.append(b"\r\n")
         if method == "GET":
