@@ -8,6 +8,7 @@ what it waited for and shows the end of the log that explains it.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import signal
 import socket
@@ -51,6 +52,10 @@ class Process:
     popen: subprocess.Popen[bytes]
     log: Path
 
+    def usage(self) -> tuple[float, int]:
+        """CPU seconds and resident bytes of it and its children (``session_usage``)."""
+        return session_usage(self.popen.pid)
+
     def tail(self) -> str:
         text = self.log.read_text(errors="replace") if self.log.exists() else ""
         return text[-LOG_TAIL:]
@@ -72,6 +77,38 @@ class Process:
                 self.popen.kill()
                 self.popen.wait()
         return self.popen.returncode
+
+
+def session_usage(session: int) -> tuple[float, int]:
+    """CPU seconds used so far and resident bytes now, summed over every live process of
+    ``session`` (a process started by ``Processes`` leads a session of its own, so this counts
+    its children too: nginx's workers, varnishd's child)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    page = os.sysconf("SC_PAGE_SIZE")
+    cpu, resident = 0.0, 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            pages = int((entry / "statm").read_text().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        # The fields after the command name, which may hold spaces: state, ppid, pgrp, session,
+        # ... utime (11), stime (12), cutime (13), cstime (14), counted from state.
+        fields = stat.rpartition(")")[2].split()
+        if int(fields[3]) != session:
+            continue
+        cpu += sum(int(value) for value in fields[11:15]) / tick
+        resident += pages * page
+    return cpu, resident
+
+
+def machine_busy() -> float:
+    """CPU seconds the whole machine has spent busy (every CPU, every process) since boot."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 class Processes:

@@ -1,0 +1,114 @@
+"""The issue's targets, checked against the ratios of one run: met, short, or not measured."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bench.results import Report, mib, misses, ms, write_saving
+
+
+@dataclass(frozen=True)
+class Verdict:
+    target: str
+    measured: str
+    met: bool | None  # None: not measured
+
+
+def verdicts(report: Report) -> list[Verdict]:
+    found: list[Verdict] = []
+
+    def rate_ratio(workload: str, mine: str, peer: str, at_least: float, label: str) -> None:
+        a, b = report.find(workload, mine), report.find(workload, peer)
+        if a is None or b is None or not b.wrk.rate:
+            found.append(Verdict(label, f"not measured (no {peer} or no {mine} in this run)", None))
+            return
+        ratio = a.wrk.rate / b.wrk.rate
+        found.append(
+            Verdict(
+                label,
+                f"{ratio:.2f}x ({a.wrk.rate:,.0f} vs {b.wrk.rate:,.0f} req/s)",
+                ratio >= at_least,
+            )
+        )
+
+    rate_ratio(
+        "l1-hot", "cachecar", "varnish", 1.0, "L1-hit throughput ≥ 1.0x Varnish (one hot key)"
+    )
+    rate_ratio("l1-warm", "cachecar", "varnish", 1.0, "the same, warm keys")
+    rate_ratio(
+        "l2",
+        "cachecar, L1 off",
+        "aiohttp + Redis GET",
+        2.0,
+        "L2-hit throughput ≥ 2x bare aiohttp + one Redis GET",
+    )
+    mine, nginx = report.find("unloaded", "cachecar"), report.find("unloaded", "nginx")
+    if mine is not None and nginx is not None and nginx.wrk.p50_ms:
+        ratio = mine.wrk.p50_ms / nginx.wrk.p50_ms
+        found.append(
+            Verdict(
+                "unloaded L1-hit p50 ≤ 1.3x nginx",
+                f"{ratio:.2f}x ({ms(mine.wrk.p50_ms)} vs {ms(nginx.wrk.p50_ms)})",
+                ratio <= 1.3,
+            )
+        )
+    else:
+        found.append(Verdict("unloaded L1-hit p50 ≤ 1.3x nginx", "not measured", None))
+    ours = misses(report.find("zipf", "cachecar, L1 only"))
+    theirs = misses(report.find("zipf", "nginx"))
+    if ours is not None and theirs is not None:
+        same = misses(report.find("zipf", "nginx, same entry count"))
+        also = f"; nginx with the same entry count: {same:.1f}" if same is not None else ""
+        found.append(
+            Verdict(
+                "Zipf origin requests ≤ nginx's at the same memory budget",
+                f"{ours:.1f} vs {theirs:.1f} per 1,000 requests{also}",
+                ours <= theirs,
+            )
+        )
+    else:
+        found.append(
+            Verdict(
+                "Zipf origin requests ≤ nginx's at the same memory budget", "not measured", None
+            )
+        )
+    stampede = next((s for s in report.stampedes if s.target == "cachecar"), None)
+    if stampede is not None and stampede.bursts:
+        per_key = [origin for _, origin in stampede.bursts]
+        found.append(
+            Verdict(
+                "1 origin request per cold key in the stampede",
+                f"{', '.join(str(n) for n in per_key)} over {len(per_key)} keys",
+                all(n == 1 for n in per_key),
+            )
+        )
+    saving = write_saving(report)
+    found.append(
+        Verdict(
+            "write-behind ≥ 10x fewer origin writes than write-through (100 hot keys)",
+            "not measured" if saving is None else f"{saving:,.1f}x",
+            None if saving is None else saving >= 10,
+        )
+    )
+    if report.flush is not None:
+        rate = report.flush.writes / report.flush.drain_seconds
+        found.append(Verdict("write-behind flush ≥ 5,000 writes/s", f"{rate:,.0f}/s", rate >= 5000))
+    if report.memory is not None:
+        m = report.memory
+        found.append(
+            Verdict(
+                "L1 memory within max_bytes + 10%",
+                f"RSS grew {mib(m.growth)} for l1.max_bytes {mib(m.max_bytes)} "
+                f"({m.growth / m.max_bytes:.2f}x)",
+                m.growth <= 1.1 * m.max_bytes,
+            )
+        )
+    return found
+
+
+def table(report: Report) -> list[str]:
+    lines = ["#### The issue's targets", "", "| target | measured | |", "| --- | --- | --- |"]
+    for verdict in verdicts(report):
+        mark = {True: "met", False: "**short**", None: "—"}[verdict.met]
+        lines.append(f"| {verdict.target} | {verdict.measured} | {mark} |")
+    return lines
