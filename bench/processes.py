@@ -21,6 +21,8 @@ from pathlib import Path
 from types import TracebackType
 
 import aiohttp
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 LOG_TAIL = 3000  # characters of a process's log shown when it explains a failure
 # A line of cachecar's log format ("%(asctime)s %(levelname)-7s %(name)s: %(message)s") that
@@ -188,3 +190,21 @@ async def wait_http(
             return False
 
     await until(answers, f"{url} to answer", within=within, every=0.1, process=process)
+
+
+async def drop_prefix(redis: Redis, prefix: str, progress: Callable[[str], None]) -> None:
+    """Delete every key under ``prefix``: SCAN, never KEYS, which would block Redis."""
+    dropped = 0
+    try:
+        batch: list[bytes] = []
+        async for key in redis.scan_iter(match=f"{prefix}*", count=1000):
+            batch.append(key)
+            if len(batch) >= 500:
+                dropped += await redis.delete(*batch)
+                batch.clear()
+        if batch:
+            dropped += await redis.delete(*batch)
+    except (RedisError, OSError) as exc:
+        progress(f"could not delete the keys under {prefix!r}: {exc}")
+        return
+    progress(f"deleted {dropped:,} Redis keys under {prefix!r}")

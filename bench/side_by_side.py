@@ -45,7 +45,7 @@ from redis.exceptions import RedisError
 from bench import markdown, peers, results, workloads, wrk
 from bench.harness import FULL, QUICK, Harness, Params, progress
 from bench.machine import cachecar_version
-from bench.processes import BenchError, Processes
+from bench.processes import BenchError, Processes, drop_prefix
 from bench.results import Report
 from bench.targets import cpus
 from proxy.cli import run
@@ -83,7 +83,7 @@ async def bench(params: Params, processes: Processes, directory: Path, redis_url
             await asyncio.to_thread(processes.stop_all)
             for process in processes.started:
                 report.troubles.update(f"{process.name}: {t}" for t in process.troubles())
-            await _drop_prefix(redis, run_prefix)
+            await drop_prefix(redis, run_prefix, progress)
     finally:
         await redis.aclose()
     return report
@@ -125,24 +125,6 @@ async def _phases(
                 await workload(harness)
         finally:
             harness.wrk.stopping.set()  # a wrk still running in a thread (an error, Ctrl-C)
-
-
-async def _drop_prefix(redis: Redis, prefix: str) -> None:
-    """Delete every key under ``prefix``: SCAN, never KEYS, which would block Redis."""
-    dropped = 0
-    try:
-        batch: list[bytes] = []
-        async for key in redis.scan_iter(match=f"{prefix}*", count=1000):
-            batch.append(key)
-            if len(batch) >= 500:
-                dropped += await redis.delete(*batch)
-                batch.clear()
-        if batch:
-            dropped += await redis.delete(*batch)
-    except (RedisError, OSError) as exc:
-        progress(f"could not delete the keys under {prefix!r}: {exc}")
-        return
-    progress(f"deleted {dropped:,} Redis keys under {prefix!r}")
 
 
 def _versions(tools: dict[str, str], redis_version: str) -> dict[str, str]:

@@ -44,6 +44,7 @@ from bench.processes import (
     Process,
     Processes,
     cachecar_command,
+    drop_prefix,
     free_port,
     until,
     wait_http,
@@ -401,7 +402,7 @@ async def bench(params: Params, processes: Processes, logs: Path, redis_url: str
             await asyncio.to_thread(processes.stop_all)
             for process in processes.started:
                 report.troubles.update(f"{process.name}: {t}" for t in process.troubles())
-            await _drop_prefix(redis, run_prefix)
+            await drop_prefix(redis, run_prefix, _progress)
     finally:
         await redis.aclose()
     return report
@@ -425,24 +426,6 @@ async def _workloads(
         )
         _progress(f"flush throughput: {report.params.distinct:,} writes to distinct keys")
         report.flush = await workload.flush_throughput(proxy, report.problems)
-
-
-async def _drop_prefix(redis: Redis, prefix: str) -> None:
-    """Delete every key under ``prefix``: SCAN, never KEYS, which would block Redis."""
-    try:
-        dropped = 0
-        batch: list[bytes] = []
-        async for key in redis.scan_iter(match=f"{prefix}*", count=1000):
-            batch.append(key)
-            if len(batch) >= 500:
-                dropped += await redis.delete(*batch)
-                batch.clear()
-        if batch:
-            dropped += await redis.delete(*batch)
-    except (RedisError, OSError) as exc:
-        _progress(f"could not delete the keys under {prefix!r}: {exc}")
-        return
-    _progress(f"deleted {dropped:,} Redis keys under {prefix!r}")
 
 
 def render(report: Report) -> str:
