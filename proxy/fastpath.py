@@ -226,7 +226,8 @@ class FastPath(asyncio.Protocol):
         while buffer:
             end = buffer.find(b"\r\n\r\n")
             if end < 0:
-                if len(buffer) > MAX_HEAD:
+                # Too long, or ended by bare line feeds: aiohttp's to refuse, at once.
+                if len(buffer) > MAX_HEAD or b"\n\n" in buffer:
                     self._hand_over(buffer)
                 else:
                     self._buffer = buffer  # the rest of the head is on its way

@@ -188,3 +188,14 @@ def test_aiohttp_still_has_what_the_hit_path_reads() -> None:
     ):
         slots = {slot for cls in RequestHandler.__mro__ for slot in getattr(cls, "__slots__", ())}
         assert name in slots, name
+
+
+async def test_a_head_ended_by_bare_line_feeds_is_refused_at_once(port: int) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"GET /users/1 HTTP/1.1\nHost: x\n\n")
+        async with asyncio.timeout(3):  # not left waiting for a blank line that never comes
+            answer = await reader.read(200)
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.0 400 ")
