@@ -100,7 +100,12 @@ async def test_replicas_missing_one_key_at_once_make_one_origin_fetch(
 
 async def test_without_a_lease_each_replica_fetches(replicas: MakeReplica) -> None:
     caches = [replicas() for _ in range(3)]
-    origin = Origin()
+    for cache in caches:
+        # Connected first (a cluster client discovers the slots on its first call): a replica
+        # slow to connect would otherwise find the others' fill in L2 and never fetch.
+        assert cache.l2 is not None
+        await cache.l2.get("warm-up")
+    origin = Origin(latency=0.2)
     await asyncio.gather(
         *(cache.get("users:1", "", l1_ttl=60, loader=origin.load) for cache in caches)
     )
