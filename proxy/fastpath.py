@@ -120,9 +120,8 @@ class Hits:
         if not route.cached:
             return None
         key = route.key_for(params, path, query)
-        if len(key) > self._max_key_length or (
-            route.tags and any(len(tag) > self._max_key_length for tag in route.tags_for(params))
-        ):
+        tags = route.tags_for(params) if route.tags else ()
+        if route.too_long(key, tags, self._max_key_length):
             return None
         variant = ""
         if route.vary or route.unkeyed or (route.key is not None and query):

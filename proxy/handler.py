@@ -196,7 +196,7 @@ class Proxy:
     ) -> web.StreamResponse:
         key = route.key_for(params, path, query)
         tags = route.tags_for(params)
-        if self._too_long(key, tags):
+        if route.too_long(key, tags, self._max_key_length):
             detail = f"{BYPASS_ROUTE}; detail=key-too-long"
             return await self._passthrough(request, route.name, path, query, detail)
         variant = route.variant_for(request.headers, query, params)
@@ -221,10 +221,6 @@ class Proxy:
         if lookup.coalesced and lookup.source is Source.LOADER:
             self._metrics.coalesced(route.name)  # waited for another request's origin fetch
         return self._answer(request, lookup)
-
-    def _too_long(self, key: str, tags: tuple[str, ...]) -> bool:
-        limit = self._max_key_length
-        return len(key) > limit or any(len(tag) > limit for tag in tags)
 
     async def _relay_oversized(
         self, request: web.Request, route: Route, path: str, query: str, exc: Oversized
@@ -316,7 +312,7 @@ class Proxy:
     ) -> web.StreamResponse:
         key = route.key_for(params, path, query)
         method = request.method
-        if self._too_long(key, route.tags_for(params)):
+        if route.too_long(key, route.tags_for(params), self._max_key_length):
             if route.mode is Mode.WRITE_BEHIND and method in {"PUT", "DELETE"}:
                 return error_response(
                     414,

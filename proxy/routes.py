@@ -199,6 +199,12 @@ class Route:
         """The tags an entry of this route is indexed under, for purge by tag."""
         return tuple(tag.render(params) for tag in self.tags)
 
+    @staticmethod
+    def too_long(key: str, tags: Sequence[str], limit: int) -> bool:
+        """Whether ``key`` or one of ``tags`` is longer than ``limit`` (``server.max_key_length``):
+        such a request is not cached."""
+        return len(key) > limit or any(len(tag) > limit for tag in tags)
+
     def key_for(self, params: Mapping[str, str], path: str, query: str) -> str:
         """The logical key: the template's output, or the path and its sorted query string."""
         if self.key is not None:
