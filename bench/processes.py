@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,6 +191,21 @@ async def wait_http(
             return False
 
     await until(answers, f"{url} to answer", within=within, every=0.1, process=process)
+
+
+async def wind_down(
+    processes: Processes,
+    troubles: Counter[str],
+    redis: Redis,
+    prefix: str,
+    progress: Callable[[str], None],
+) -> None:
+    """The end of a benchmark run: every process stopped first (a live flusher must not write
+    after the cleanup), what their logs showed added to ``troubles``, the run's keys deleted."""
+    await asyncio.to_thread(processes.stop_all)
+    for process in processes.started:
+        troubles.update(f"{process.name}: {trouble}" for trouble in process.troubles())
+    await drop_prefix(redis, prefix, progress)
 
 
 async def drop_prefix(redis: Redis, prefix: str, progress: Callable[[str], None]) -> None:

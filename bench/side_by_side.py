@@ -45,7 +45,7 @@ from redis.exceptions import RedisError
 from bench import markdown, peers, results, workloads, wrk
 from bench.harness import FULL, QUICK, Harness, Params, progress
 from bench.machine import cachecar_version
-from bench.processes import BenchError, Processes, drop_prefix
+from bench.processes import BenchError, Processes, wind_down
 from bench.results import Report
 from bench.targets import cpus
 from proxy.cli import run
@@ -80,10 +80,7 @@ async def bench(params: Params, processes: Processes, directory: Path, redis_url
             async with asyncio.timeout(RUN_LIMIT):
                 await _phases(report, processes, directory, tools, redis, redis_url, run_prefix)
         finally:
-            await asyncio.to_thread(processes.stop_all)
-            for process in processes.started:
-                report.troubles.update(f"{process.name}: {t}" for t in process.troubles())
-            await drop_prefix(redis, run_prefix, progress)
+            await wind_down(processes, report.troubles, redis, run_prefix, progress)
     finally:
         await redis.aclose()
     return report

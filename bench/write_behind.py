@@ -44,10 +44,10 @@ from bench.processes import (
     Process,
     Processes,
     cachecar_command,
-    drop_prefix,
     free_port,
     until,
     wait_http,
+    wind_down,
 )
 from proxy.cli import run
 from proxy.settings import WriteBehindSettings
@@ -398,11 +398,7 @@ async def bench(params: Params, processes: Processes, logs: Path, redis_url: str
         try:
             await _workloads(report, processes, logs, redis_url, run_prefix)
         finally:
-            # Stopped before the cleanup: a live flusher must not write after it.
-            await asyncio.to_thread(processes.stop_all)
-            for process in processes.started:
-                report.troubles.update(f"{process.name}: {t}" for t in process.troubles())
-            await drop_prefix(redis, run_prefix, _progress)
+            await wind_down(processes, report.troubles, redis, run_prefix, _progress)
     finally:
         await redis.aclose()
     return report
