@@ -58,6 +58,7 @@ WAIT_LIMIT = 60.0  # no wait (a process starting, a queue draining) lasts longer
 POLL = 0.05  # how often the queue depth is read while it drains
 PILE_UP_INTERVAL = "10m"  # workload B's flush interval: nothing is flushed until the stop
 PILE_UP_GRACE = "50s"  # the stop's flush must fit in it (and in WAIT_LIMIT)
+RETRIES = 30  # sends of one PUT answered 503 with Retry-After
 JSON = {"Content-Type": "application/json"}
 WRONG_SHOWN = 5
 
@@ -139,6 +140,7 @@ class Sender:
         self.last_acknowledged: dict[str, bytes] = {}
         self.acknowledged = 0
         self.refused: list[str] = []
+        self.retried = 0  # PUTs answered 503 with Retry-After and sent again
 
     async def submit(self, key: str, n: int) -> None:
         """Start a PUT of ``{"k": key, "n": n}`` as soon as a slot is free."""
@@ -150,19 +152,33 @@ class Sender:
     async def finish(self) -> None:
         while self._tasks:
             await asyncio.gather(*self._tasks)
+        if self.retried:
+            _progress(
+                f"{self._mode.name}: {self.retried:,} PUTs answered 503 with Retry-After (the "
+                "L2 breaker open under this load) were sent again, as a client should"
+            )
 
     async def _put(self, key: str, body: bytes) -> None:
         try:
             async with self._locks.setdefault(key, asyncio.Lock()):
-                try:
-                    async with self._session.put(
-                        self._base + key, data=body, headers=JSON
-                    ) as response:
-                        said = await response.read()
-                        status = response.status
-                except (aiohttp.ClientError, TimeoutError) as exc:
-                    self.refused.append(f"{self._mode.prefix}{key}: {type(exc).__name__}: {exc}")
-                    return
+                for attempt in range(RETRIES + 1):
+                    try:
+                        async with self._session.put(
+                            self._base + key, data=body, headers=JSON
+                        ) as response:
+                            said = await response.read()
+                            status = response.status
+                            retry_after = response.headers.get("Retry-After")
+                    except (aiohttp.ClientError, TimeoutError) as exc:
+                        self.refused.append(
+                            f"{self._mode.prefix}{key}: {type(exc).__name__}: {exc}"
+                        )
+                        return
+                    if status != 503 or retry_after is None or attempt == RETRIES:
+                        break
+                    # Refused, never acknowledged: what a client does is to send it again.
+                    self.retried += 1
+                    await asyncio.sleep(min(float(retry_after), 1.0))
                 if status in self._mode.acknowledged:
                     self.acknowledged += 1
                     self.last_acknowledged[key] = body
