@@ -128,6 +128,27 @@ redis.call('PEXPIRE', KEYS[1], ARGV[3])
 """
 
 
+# KEYS: the keys   ARGV: their variants   -> per key: the envelope (or nil), the key's PTTL
+# A key of another Redis type answers -2 in place of its envelope: one foreign key must not fail
+# the reads of the others.
+_GET_MANY = """
+local out = {}
+for i = 1, #KEYS do
+  local value = redis.pcall('HGET', KEYS[i], ARGV[i])
+  if type(value) == 'table' and value.err then
+    value = -2
+  end
+  out[2 * i - 1] = value
+  out[2 * i] = redis.call('PTTL', KEYS[i])
+end
+return out
+"""
+_WRONG_TYPE = -2
+# Reads sent in one round trip at most; more wait for the next one, sent at the same time.
+MAX_BATCH = 128
+_Read = tuple[str, str, "asyncio.Future[Stored | None]"]
+
+
 class RedisTier:
     """L2 over ``redis.asyncio``, one Redis or a Cluster; the client must return bytes
     (``decode_responses=False``)."""
@@ -156,20 +177,76 @@ class RedisTier:
         self._drop = client.register_script(_DROP)
         self._replace = client.register_script(_REPLACE)
         self._store = client.register_script(_STORE)
+        self._get_many = client.register_script(_GET_MANY)
+        self._cluster = isinstance(client, RedisCluster)
+        self._reads: list[_Read] = []  # asked for in this round of the event loop
+        self._reading: set[asyncio.Task[None]] = set()
 
     async def get(self, key: str, variant: str = "") -> Stored | None:
-        name = self.entry_name(key)
-        async with self._bounded("get"):
-            pipe = self._client.pipeline(transaction=False)
-            pipe.hget(name, variant)
-            pipe.pttl(name)
-            raw, pttl = await pipe.execute()
-        if raw is None:
-            return None
-        entry = decode(raw)
-        # -1: no expiry on the key (written by something else); the envelope still bounds it.
-        ttl_left = pttl / 1000 if pttl >= 0 else entry.ttl
-        return Stored(entry, ttl_left)
+        return await self.get_soon(key, variant)
+
+    def get_soon(self, key: str, variant: str = "") -> asyncio.Future[Stored | None]:
+        """``get``, as a future: the reads asked for while the event loop runs one round of
+        callbacks go to Redis together, in one round trip (auto-pipelining).
+
+        The future fails with ``TierUnavailable`` (one exception shared by every read of a
+        failed round trip: one failure of Redis, however many reads it carried) or
+        ``CorruptEntry`` (that key alone).
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Stored | None] = loop.create_future()
+        self._reads.append((self.entry_name(key), variant, future))
+        if len(self._reads) == 1:
+            loop.call_soon(self._send_reads)
+        return future
+
+    def _send_reads(self) -> None:
+        reads, self._reads = self._reads, []
+        for start in range(0, len(reads), MAX_BATCH):
+            task = asyncio.create_task(self._read(reads[start : start + MAX_BATCH]))
+            self._reading.add(task)
+            task.add_done_callback(self._reading.discard)
+
+    async def _read(self, reads: list[_Read]) -> None:
+        reads = [read for read in reads if not read[2].done()]  # a caller may have left
+        if not reads:
+            return
+        try:
+            async with self._bounded("get"):
+                if self._cluster:
+                    # Keys of a batch live in many slots, and a script may touch one only: a
+                    # pipeline, which redis-py splits by node.
+                    pipe = self._client.pipeline(transaction=False)
+                    for name, variant, _ in reads:
+                        pipe.hget(name, variant)
+                        pipe.pttl(name)
+                    replies = await pipe.execute(raise_on_error=False)
+                else:
+                    replies = await self._get_many(
+                        keys=[name for name, _, _ in reads], args=[v for _, v, _ in reads]
+                    )
+        except (TierUnavailable, CorruptEntry) as exc:
+            for _, _, future in reads:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for i, (_, _, future) in enumerate(reads):
+            if future.done():
+                continue
+            raw, pttl = replies[2 * i], replies[2 * i + 1]
+            if raw is None:
+                future.set_result(None)
+            elif raw == _WRONG_TYPE or isinstance(raw, ResponseError):
+                future.set_exception(CorruptEntry("get: the key holds another Redis type"))
+            else:
+                try:
+                    entry = decode(raw)
+                except CorruptEntry as exc:
+                    future.set_exception(exc)
+                    continue
+                # -1: no expiry on the key (written by something else); the envelope still
+                # bounds it.
+                future.set_result(Stored(entry, pttl / 1000 if pttl >= 0 else entry.ttl))
 
     async def set(
         self,
@@ -305,6 +382,8 @@ class RedisTier:
             await self._client.ping()
 
     async def aclose(self) -> None:
+        if self._reading:  # each is bounded by the timeout
+            await asyncio.wait(self._reading)
         await close_quietly(self._client)
 
     def _bounded(self, op: str) -> contextlib.AbstractAsyncContextManager[None]:

@@ -2,6 +2,9 @@
 
     get(key, variant)  -> (fresh entry, None) | (None, stale entry) | (None, None)
                           L2 failing, breaker open, or the key being written: a counted miss
+    read_soon(...)     -> what L2 holds, as a future, for the hit path (auto-pipelined), counted
+                          by its caller; a read it does not answer with is kept (``keep``) for
+                          the ``get`` that follows, which takes it instead of asking Redis again
     fill(...)          -> in the background; nothing when the key was written meanwhile
     write(key, new)    -> a drop (new is None) or a put, as a task of its own, after the key's
                           pending fills and its previous write; until it is done the key is not
@@ -36,8 +39,15 @@ logger = logging.getLogger("cachecar.cache")
 # logged (memory must stay bounded through a long outage).
 MAX_PENDING_DELETES = 100_000
 
+# A read the hit path made and did not answer with is kept this long (seconds) for the lookup
+# that follows it, and at most this many: the lookup comes within a round of the event loop,
+# or never (it joined another's, or L1 had the entry by then).
+KEEP_READ = 1.0
+MAX_KEPT = 10_000
+
 Announce = Callable[[Sequence[str]], Awaitable[None]]
 Task = asyncio.Task[Any]
+Read = tuple["Stored | None", "Entry | None"]  # (fresh, None) | (None, stale) | (None, None)
 
 
 class Written(NamedTuple):
@@ -74,6 +84,9 @@ class SharedTier:
         self._retrying_deletes = False
         self._background: set[Task] = set()
         self._ok = True
+        self._last_failure: TierUnavailable | None = None
+        self._read_soon = getattr(tier, "get_soon", None)  # RedisTier's auto-pipelined read
+        self._kept: dict[str, dict[str, tuple[float, Stored | None]]] = {}
         # Tells the other replicas which keys this one changed (coherence), once L2 has them.
         self.announce: Announce | None = None
 
@@ -93,12 +106,17 @@ class SharedTier:
 
     # -- reads and fills --------------------------------------------------------------------------
 
-    async def get(
-        self, key: str, variant: str, keep_stale: float = 0.0
-    ) -> tuple[Stored | None, Entry | None]:
+    async def get(self, key: str, variant: str, keep_stale: float = 0.0) -> Read:
         """(the fresh entry with how long L1 may keep it, None) or (None, a stale one or None).
         ``keep_stale``: how long past its freshness L1 may keep it."""
-        if not self.trusted(key) or not self._allowed():
+        was_kept, kept = self._take(key, variant) if self._kept else (False, None)
+        if not self.trusted(key):
+            return None, None
+        if was_kept:
+            read = self.fresh(kept, keep_stale)
+            self._observer.lookup("l2", read[0] is not None)
+            return read
+        if not self._allowed():
             return None, None
         try:
             stored = await self.tier.get(key, variant)
@@ -111,17 +129,83 @@ class SharedTier:
             self._observer.lookup("l2", False)
             return None, None
         self._answered()
+        read = self.fresh(stored, keep_stale)
+        self._observer.lookup("l2", read[0] is not None)
+        return read
+
+    def fresh(self, stored: Stored | None, keep_stale: float) -> Read:
+        """What ``get`` answers for what L2 holds."""
         if stored is None:
-            self._observer.lookup("l2", False)
             return None, None
         fresh_left = stored.entry.expires_at() - self._clock.time()
         if fresh_left <= 0:
-            self._observer.lookup("l2", False)
             return None, stored.entry
-        self._observer.lookup("l2", True)
         # L1 may keep it while it is fresh, and stale as long as the route serves it stale;
         # never longer than L2 does.
         return Stored(stored.entry, min(stored.ttl_left, fresh_left + keep_stale)), None
+
+    def read_soon(self, key: str, variant: str) -> asyncio.Future[Stored | None] | None:
+        """What L2 holds for the hit path, as a future, sent with the other reads of this
+        round of the event loop (``RedisTier.get_soon``): None also when L2 failed, which the
+        breaker is told. The lookup is not counted: the caller counts what it answers with,
+        and ``keep`` leaves the rest to ``get``. None at once when L2 may not be asked now, or
+        the tier cannot read that way."""
+        if self._read_soon is None or not self.trusted(key) or not self._allowed():
+            return None
+        read: asyncio.Future[Stored | None] = asyncio.get_running_loop().create_future()
+        self._read_soon(key, variant).add_done_callback(partial(self._read_done, key, read))
+        return read
+
+    def _read_done(
+        self, key: str, read: asyncio.Future[Stored | None], raw: asyncio.Future[Stored | None]
+    ) -> None:
+        stored = None
+        try:
+            stored = raw.result()
+        except TierUnavailable as exc:
+            self._failed(exc)
+        except CorruptEntry as exc:
+            self._foreign(key, exc)
+        except asyncio.CancelledError:
+            pass  # the tier closed under it
+        else:
+            self._answered()
+        if not read.done():
+            read.set_result(stored)
+
+    def keep(self, key: str, variant: str, stored: Stored | None) -> None:
+        """Keep what a ``read_soon`` found for the ``get`` of the same key and variant that
+        follows (``KEEP_READ`` seconds at most); a write or a ``forget`` of the key drops it."""
+        if len(self._kept) >= MAX_KEPT:
+            self._kept.clear()  # never taken: their lookups went elsewhere; each is re-read
+        self._kept.setdefault(key, {})[variant] = (self._clock.monotonic(), stored)
+
+    def _take(self, key: str, variant: str) -> tuple[bool, Stored | None]:
+        """Whether a read of ``key`` and ``variant`` was kept, and what it found (its TTL
+        counted down since)."""
+        kept = self._kept.get(key)
+        if kept is None:
+            return False, None
+        found = kept.pop(variant, None)
+        if not kept:
+            del self._kept[key]
+        if found is None:
+            return False, None
+        took = self._clock.monotonic() - found[0]
+        if took > KEEP_READ:
+            return False, None
+        stored = found[1]
+        return True, None if stored is None else Stored(stored.entry, stored.ttl_left - took)
+
+    def forget(self, key: str | None = None, *, prefix: str = "") -> None:
+        """Drop the kept reads of ``key`` (None: of every key starting with ``prefix``)."""
+        if key is not None:
+            self._kept.pop(key, None)
+        elif not prefix:
+            self._kept.clear()
+        else:
+            for kept in [k for k in self._kept if k.startswith(prefix)]:
+                del self._kept[kept]
 
     def fill(
         self,
@@ -293,6 +377,9 @@ class SharedTier:
         return self._breaker is None or self._breaker.allow()
 
     def _failed(self, exc: TierUnavailable) -> None:
+        if exc is self._last_failure:
+            return  # one round trip carried many reads (auto-pipelining): one failure
+        self._last_failure = exc
         self._observer.tier_error("l2", exc.op)
         if self._breaker is not None:
             self._breaker.failure()

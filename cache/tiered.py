@@ -11,6 +11,12 @@
     within stale-while-revalidate at once (STALE) while the lookup goes on as a refresh; within
     stale-if-error when the loader fails or reports a failed answer (STALE).
 
+    peek(key, variant) (the hit path: no waiting on another lookup)
+      -> fresh in L1? --yes--> HIT-L1, at once
+      -> not in L1, no lookup of it running: L2's fresh entry as a future (sent with the other
+         reads of this round of the event loop); what it does not answer with is kept for the
+         ``get`` that follows
+
     invalidate(key), put(key, variant, entry)
       -> running lookups of the key are detached: they answer whoever already waits, store nothing
       -> until L2 has dropped the key, reads do not trust L2 for it (nor fill it)
@@ -160,6 +166,9 @@ class TieredCache:
         # then neither read nor filled.
         self._l1_trusted = trust_l1
         self._announce: Announce | None = None
+        # Moves on with every change of what the tiers hold for some key (a write, a purge,
+        # another replica's change, L1 emptied): a read started before must store nothing.
+        self._epoch = 0
 
     @property
     def l1(self) -> LocalTier:
@@ -240,24 +249,78 @@ class TieredCache:
         flight = self._start(key, variant, l1_ttl, loader, lease, stale, None, candidate)
         return await flight.answer(self._usable(stale))
 
-    def peek_hit(self, key: str, variant: str, stale: Staleness = NEVER) -> Entry | None:
-        """A fresh L1 entry, for an answer that must not wait (``proxy.fastpath``), counted as
-        an L1 hit. None, and nothing counted, when ``get`` must run instead: not in L1, not
-        fresh, L1 not trusted, or due for an early refresh (which ``get`` starts)."""
-        if not self._l1_trusted:
+    def peek(
+        self, key: str, variant: str, stale: Staleness = NEVER, *, l1_ttl: float | None = None
+    ) -> Entry | asyncio.Future[Entry | None] | None:
+        """For an answer that must not wait on ``get`` (``proxy.fastpath``): a fresh L1 entry,
+        counted as an L1 hit. Not in L1 and ``l1_ttl`` given (the route's): L2's fresh entry, as
+        a future, counted as an L2 hit (and kept in L1 for ``l1_ttl`` at most) when it answers
+        with one.
+
+        None, and nothing counted, when ``get`` must run instead: in L1 but not fresh or due
+        for an early refresh (which ``get`` starts), no L2, a lookup of the key under way
+        (``get`` joins it), L2 not to be asked now. A future answering None (L2 has no fresh
+        entry, failed, or it is due for an early refresh) counts nothing either: its read is
+        kept for ``get``, which counts it and does not ask Redis again."""
+        if self._l1_trusted:
+            stored = self._l1.peek(key, variant)
+            if stored is not None:
+                entry = stored.entry
+                time_left = entry.expires_at() - self._clock.time()
+                if time_left <= 0:
+                    return None
+                beta = stale.early_refresh
+                if beta and refresh_early(time_left, entry.fetch_seconds, beta, self._rand):
+                    return None
+                self._observer.lookup("l1", True)
+                return entry
+        shared = self._shared
+        if l1_ttl is None or shared is None or key in self._flights:
             return None
-        stored = self._l1.peek(key, variant)
-        if stored is None:
+        read = shared.read_soon(key, variant)
+        if read is None:
             return None
-        entry = stored.entry
-        time_left = entry.expires_at() - self._clock.time()
-        if time_left <= 0:
-            return None
-        beta = stale.early_refresh
-        if beta and refresh_early(time_left, entry.fetch_seconds, beta, self._rand):
-            return None
-        self._observer.lookup("l1", True)
-        return entry
+        found: asyncio.Future[Entry | None] = asyncio.get_running_loop().create_future()
+        read.add_done_callback(
+            partial(self._peeked, key, variant, l1_ttl, stale, self._epoch, found)
+        )
+        return found
+
+    def _peeked(
+        self,
+        key: str,
+        variant: str,
+        l1_ttl: float,
+        stale: Staleness,
+        epoch: int,
+        found: asyncio.Future[Entry | None],
+        read: asyncio.Future[Stored | None],
+    ) -> None:
+        shared = self._shared
+        assert shared is not None
+        stored = read.result()
+        fresh, _ = shared.fresh(stored, stale.keep)
+        changed = epoch != self._epoch  # the key may have been written since the read left
+        if fresh is None or key in self._flights or self._refreshes_early(fresh.entry, stale):
+            if not changed and key not in self._flights:
+                shared.keep(key, variant, stored)
+            if not found.done():
+                found.set_result(None)
+            return
+        if self._l1_trusted:
+            self._observer.lookup("l1", False)
+        self._observer.lookup("l2", True)
+        if not changed and self._l1_trusted and l1_ttl > 0:
+            ttl = min(l1_ttl, fresh.ttl_left)
+            self._spawn(self._promote(key, variant, fresh.entry, ttl, epoch))
+        if not found.done():
+            found.set_result(fresh.entry)
+
+    async def _promote(self, key: str, variant: str, entry: Entry, ttl: float, epoch: int) -> None:
+        """Keep an entry the hit path found in L2 in L1, unless anything changed since it was
+        read (as a lookup detached by a write stores nothing)."""
+        if epoch == self._epoch and key not in self._flights and self._l1_trusted:
+            await self._l1.set(key, variant, entry, ttl)
 
     def _start(
         self,
@@ -331,6 +394,9 @@ class TieredCache:
         """Drop every key starting with ``prefix`` from L1 only; returns how many."""
         for key in [key for key in self._flights if key.startswith(prefix)]:
             self._detach(key)
+        self._epoch += 1
+        if self._shared is not None:
+            self._shared.forget(prefix=prefix)
         dropped = await self._l1.delete_prefix(prefix)
         for _ in dropped:
             self._observer.invalidated(source)
@@ -356,10 +422,16 @@ class TieredCache:
         # callers but store nothing.
         for key in list(self._flights):
             self._detach(key)
+        self._epoch += 1
+        if self._shared is not None:
+            self._shared.forget(prefix="")
         await self._l1.clear()
 
     def _detach(self, key: str) -> None:
         """Running lookups of ``key`` answer whoever waits for them, and store nothing."""
+        self._epoch += 1
+        if self._shared is not None:
+            self._shared.forget(key)
         flights = self._flights.pop(key, None)
         if flights is not None:
             for flight in flights.values():

@@ -2,10 +2,15 @@
 
     bytes -> FastPath (one per connection, in front of aiohttp's protocol)
       a whole request head: GET or HEAD, no body, a canonical path on a cached route, no
-      credentials, range, validators or upgrade, its entry fresh in L1 (not due for an early
-      refresh), the write side not paused
+      credentials, range, validators or upgrade, the write side not paused
+        its entry fresh in L1 (not due for an early refresh)
           -> Hits.answer: the entry's head, serialized once per entry, + Age, Date, X-Cache,
              Cache-Status, and the body, in one write; counted as ``proxy.handler`` counts
+        not in L1, no lookup of it under way, L2 up
+          -> L2 asked (``TieredCache.peek``: the reads of one round of the event loop go
+             to Redis in one round trip); the connection's next bytes wait meanwhile
+             fresh there -> answered as above (HIT-L2), and kept in L1
+             else -> aiohttp's, with what L2 said kept for the full path's lookup
       anything else -> aiohttp's protocol, from that head on: the full handler answers it
 
 Answers leave in the order requests came: while aiohttp has a request in hand, every head goes
@@ -26,6 +31,7 @@ import re
 import time
 from collections.abc import Callable
 from email.utils import formatdate
+from functools import partial
 from typing import Any, cast
 
 from aiohttp import web
@@ -38,6 +44,7 @@ from proxy.paths import is_canonical
 from proxy.routes import Router
 
 HIT_L1 = b"X-Cache: HIT-L1\r\nCache-Status: cachecar; hit; detail=l1\r\n"
+HIT_L2 = b"X-Cache: HIT-L2\r\nCache-Status: cachecar; hit; detail=l2\r\n"
 _REQUEST_LINE = re.compile(rb"(GET|HEAD) (/[^ \r\n]*) HTTP/1\.([01])")
 _FIELDS = re.compile(rb"(?:\r\n[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\r\n]*)*")
 # Request headers that send a request down the full path (answered there, or passed through).
@@ -53,6 +60,9 @@ _HANDED_OVER = re.compile(rb"\n(?:content-length|transfer-encoding|upgrade|expec
 _OWN = frozenset({"x-cache", "cache-status", "age", "content-length", "connection"})
 MAX_HEAD = 16 << 10  # a head longer than this is aiohttp's to refuse
 
+Answer = tuple[bytes, bool]  # the whole answer, and whether the connection stays open
+Pending = asyncio.Future[Answer | None]  # an answer that waits for L2 (None: the full path's)
+
 
 def _fields(head: bytes, start: int) -> CIMultiDictProxy[str]:
     """The header fields of a head, for the (rarer) routes that vary on some."""
@@ -61,6 +71,23 @@ def _fields(head: bytes, start: int) -> CIMultiDictProxy[str]:
         name, _, value = line.partition(":")
         fields.add(name, value.strip(" \t"))
     return CIMultiDictProxy(fields)
+
+
+def _serialize(entry: Entry, cache_lines: bytes) -> tuple[bytes, bool]:
+    """The status line and the entry's headers, with ``cache_lines`` (X-Cache, Cache-Status)
+    and Content-Length; and whether the entry has a Date of its own."""
+    try:
+        reason = http.HTTPStatus(entry.status).phrase
+    except ValueError:
+        reason = ""
+    lines = [f"HTTP/1.1 {entry.status} {reason}\r\n".encode()]
+    for name, value in entry.headers:
+        if name.lower() not in _OWN:
+            lines.append(f"{name}: {value}\r\n".encode("utf-8", "surrogateescape"))
+    lines.append(cache_lines)
+    lines.append(b"Content-Length: %d\r\n" % len(entry.body))
+    dated = any(name.lower() == "date" for name, _ in entry.headers)
+    return b"".join(lines), dated
 
 
 class Hits:
@@ -92,9 +119,10 @@ class Hits:
         self._date_second = -1
         self._date = b""
 
-    def answer(self, head: bytes) -> tuple[bytes, bool] | None:
+    def answer(self, head: bytes) -> Answer | Pending | None:
         """The whole answer to a request ``head`` (without its blank line) and whether the
-        connection stays open; None when the full path must answer."""
+        connection stays open; None when the full path must answer; a future of either when
+        L2 is asked first."""
         started = time.perf_counter()
         request = _REQUEST_LINE.match(head)
         # Every header line well formed (else aiohttp's to judge), none that needs the full
@@ -126,9 +154,6 @@ class Hits:
         variant = ""
         if route.vary or route.unkeyed or (route.key is not None and query):
             variant = route.variant_for(_fields(head, request.end()), query, params)
-        entry = self._cache.peek_hit(key, variant, route.stale)
-        if entry is None:
-            return None
         http_1_0 = not keep_alive
         connection = _CONNECTION.search(head)
         if connection is not None:
@@ -137,8 +162,47 @@ class Hits:
                 keep_alive = False
             elif b"keep-alive" in value:
                 keep_alive = True
-        now = self._clock()
+        entry = self._cache.peek(key, variant, route.stale, l1_ttl=route.l1_ttl)
+        if entry is None:
+            return None
+        if not isinstance(entry, Entry):  # not in L1: L2 is being asked
+            answered: Pending = asyncio.get_running_loop().create_future()
+            entry.add_done_callback(
+                partial(self._from_l2, answered, route.name, method, keep_alive, http_1_0, started)
+            )
+            return answered
         wire, dated = self._wire(entry)
+        self._metrics.request(
+            route.name, method, entry.status, "hit_l1", time.perf_counter() - started
+        )
+        return self._assemble(entry, wire, dated, method, keep_alive, http_1_0), keep_alive
+
+    def _from_l2(
+        self,
+        answered: Pending,
+        route: str,
+        method: str,
+        keep_alive: bool,
+        http_1_0: bool,
+        started: float,
+        found: asyncio.Future[Entry | None],
+    ) -> None:
+        entry = None if found.cancelled() else found.result()
+        if answered.done():
+            return
+        if entry is None:
+            answered.set_result(None)
+            return
+        # Not memoized: an entry read from L2 is a new object each time.
+        wire, dated = _serialize(entry, HIT_L2)
+        whole = self._assemble(entry, wire, dated, method, keep_alive, http_1_0)
+        self._metrics.request(route, method, entry.status, "hit_l2", time.perf_counter() - started)
+        answered.set_result((whole, keep_alive))
+
+    def _assemble(
+        self, entry: Entry, wire: bytes, dated: bool, method: str, keep_alive: bool, http_1_0: bool
+    ) -> bytes:
+        now = self._clock()
         parts = [wire, b"Age: %d\r\n" % int(entry.age(now))]
         if not dated:  # the origin's Date is kept, as the full path keeps it
             parts.append(self._date_line(now))
@@ -149,30 +213,16 @@ class Hits:
         parts.append(b"\r\n")
         if method == "GET":
             parts.append(entry.body)
-        self._metrics.request(
-            route.name, method, entry.status, "hit_l1", time.perf_counter() - started
-        )
-        return b"".join(parts), keep_alive
+        return b"".join(parts)
 
     def _wire(self, entry: Entry) -> tuple[bytes, bool]:
         """The status line and the entry's headers, with X-Cache and Content-Length: the part
-        of a hit that is the same for every request, serialized once per entry; and whether
+        of an L1 hit that is the same for every request, serialized once per entry; and whether
         the entry has a Date of its own."""
         found = self._wired.get(id(entry))
         if found is not None and found[0] is entry:
             return found[1], found[2]
-        try:
-            reason = http.HTTPStatus(entry.status).phrase
-        except ValueError:
-            reason = ""
-        lines = [f"HTTP/1.1 {entry.status} {reason}\r\n".encode()]
-        for name, value in entry.headers:
-            if name.lower() not in _OWN:
-                lines.append(f"{name}: {value}\r\n".encode("utf-8", "surrogateescape"))
-        lines.append(HIT_L1)
-        lines.append(b"Content-Length: %d\r\n" % len(entry.body))
-        wire = b"".join(lines)
-        dated = any(name.lower() == "date" for name, _ in entry.headers)
+        wire, dated = _serialize(entry, HIT_L1)
         if len(self._wired) >= self._max_wired:
             self._wired.clear()  # entries come and go; a bounded memo, rebuilt as they are hit
         self._wired[id(entry)] = (entry, wire, dated)
@@ -195,6 +245,7 @@ class FastPath(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._buffer = b""
         self._handed_over = False  # aiohttp's for good
+        self._waiting: bytes | None = None  # the head whose answer waits for L2
         self._writing_paused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -222,6 +273,9 @@ class FastPath(asyncio.Protocol):
             return
         buffer = self._buffer + data if self._buffer else data
         self._buffer = b""
+        if self._waiting is not None:
+            self._buffer = buffer  # after the request whose answer waits for L2
+            return
         while buffer:
             end = buffer.find(b"\r\n\r\n")
             if end < 0:
@@ -238,11 +292,34 @@ class FastPath(asyncio.Protocol):
             answer = self._hits.answer(head) if self._idle() else None
             if answer is None:
                 self._inner.data_received(buffer[: end + 4])  # one whole head, no body
-            else:
+            elif isinstance(answer, tuple):
                 self._send(*answer)
                 if self._transport is None or self._transport.is_closing():
                     return
+            else:
+                # Answered once L2 has been asked; what comes meanwhile waits its turn.
+                self._waiting = buffer[: end + 4]
+                self._buffer = buffer[end + 4 :]
+                self._busy()
+                answer.add_done_callback(self._from_l2)
+                return
             buffer = buffer[end + 4 :]
+
+    def _from_l2(self, pending: Pending) -> None:
+        head, self._waiting = self._waiting, None
+        transport = self._transport
+        if transport is None or transport.is_closing() or head is None:
+            return
+        answer = None if pending.cancelled() else pending.result()
+        if answer is None:
+            self._inner.data_received(head)  # not in L2 after all: the full path answers
+        else:
+            self._send(*answer)
+            if transport.is_closing():
+                return
+        rest, self._buffer = self._buffer, b""
+        if rest:
+            self.data_received(rest)
 
     def _idle(self) -> bool:
         """Whether aiohttp waits for a request, with nothing of its own to answer first."""
@@ -263,7 +340,10 @@ class FastPath(asyncio.Protocol):
         if not keep_alive:
             transport.close()
             return
-        # The connection is in use: aiohttp's idle timer must not count this as idle time.
+        self._busy()
+
+    def _busy(self) -> None:
+        """The connection is in use: aiohttp's idle timer must not count this as idle time."""
         inner = self._inner
         inner._next_keepalive_close_time = inner._loop.time() + inner._keepalive_timeout
 

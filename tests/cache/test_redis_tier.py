@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 import fakeredis
 import pytest
 from redis.asyncio import Redis
@@ -9,6 +12,7 @@ from redis.asyncio import Redis
 from cache.entry import Entry
 from cache.errors import CorruptEntry, TierUnavailable
 from cache.redis_tier import RedisTier, client_from_url
+from cache.tier import Stored
 from tests.fakes import FakeClock
 from tests.ports import free_port, silent_port
 
@@ -53,6 +57,58 @@ async def test_foreign_bytes_under_our_key_are_a_corrupt_entry() -> None:
     tier = RedisTier(client, key_prefix="t:", timeout=1.0)
     with pytest.raises(CorruptEntry):
         await tier.get("users:1")
+
+
+@pytest.mark.redis
+async def test_reads_asked_for_in_one_round_of_the_loop_take_one_round_trip(
+    redis_client: Redis, key_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tier = RedisTier(redis_client, key_prefix=key_prefix, timeout=1.0)
+    for i in range(40):
+        await tier.set(f"users:{i}", "", ENTRY, 60)
+    calls: list[int] = []
+    evalsha = redis_client.evalsha
+
+    def counted(sha: str, numkeys: int, *keys_and_args: Any) -> Any:
+        calls.append(numkeys)
+        return evalsha(sha, numkeys, *keys_and_args)
+
+    monkeypatch.setattr(redis_client, "evalsha", counted)
+    found = await asyncio.gather(*(tier.get(f"users:{i}") for i in range(50)))
+    assert calls == [50]  # 40 there, 10 not: one script call for all
+    assert [stored is not None for stored in found] == [True] * 40 + [False] * 10
+    calls.clear()
+    await asyncio.gather(*(tier.get(f"users:{i}") for i in range(300)))
+    assert calls == [128, 128, 44]  # at most MAX_BATCH a round trip, sent together
+
+
+@pytest.mark.redis
+async def test_a_key_of_another_type_fails_its_own_read_not_the_others(
+    redis_client: Redis, key_prefix: str
+) -> None:
+    tier = RedisTier(redis_client, key_prefix=key_prefix, timeout=1.0)
+    await tier.set("users:1", "", ENTRY, 60)
+    await redis_client.set(f"{key_prefix}users:2", b"a string, not a hash")
+    one, two = await asyncio.gather(
+        tier.get("users:1"), tier.get("users:2"), return_exceptions=True
+    )
+    assert isinstance(one, Stored)
+    assert one.entry == ENTRY
+    assert isinstance(two, CorruptEntry)
+
+
+async def test_a_failed_round_trip_fails_each_of_its_reads_with_one_error() -> None:
+    # One error object for the round trip: the caller counts one failure of Redis (one step
+    # towards opening the breaker), not one per read it carried.
+    async with silent_port() as port:
+        client = client_from_url(f"redis://127.0.0.1:{port}", timeout=0.05)
+        tier = RedisTier(client, key_prefix="t:", timeout=0.05)
+        errors = await asyncio.gather(
+            *(tier.get(f"k{i}") for i in range(10)), return_exceptions=True
+        )
+        assert all(isinstance(error, TierUnavailable) for error in errors)
+        assert len({id(error) for error in errors}) == 1
+        await tier.aclose()
 
 
 def test_a_client_that_decodes_responses_is_refused() -> None:

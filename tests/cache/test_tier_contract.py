@@ -148,3 +148,21 @@ async def test_replace_makes_the_entry_the_only_variant(backend: Backend) -> Non
     found = await backend.tier.get("products:7")
     assert found is not None
     assert found.entry.body == b"written"
+
+
+async def test_reads_asked_for_together_each_get_their_own(backend: Backend) -> None:
+    # L2 sends the reads of one round of the event loop together (auto-pipelining), more than
+    # one round trip's worth here, over many Cluster slots: each still gets its own answer.
+    for i in range(0, 180, 2):  # 90: within the memory tier's 100 entries
+        await backend.tier.set(f"items:{i}", f"v{i}", entry(body=b"%d" % i), 600)
+    found = await asyncio.gather(
+        *(backend.tier.get(f"items:{i}", f"v{i}") for i in range(180)),
+        backend.tier.get("items:0", "another variant"),
+    )
+    for i, stored in enumerate(found[:180]):
+        if i % 2:
+            assert stored is None, i
+        else:
+            assert stored is not None, i
+            assert stored.entry.body == b"%d" % i
+    assert found[180] is None

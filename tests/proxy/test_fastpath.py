@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -22,6 +23,9 @@ routes:
   - path: /private/{id}
     key: "private:{id}"
     vary: [Authorization]
+  - path: /shared/{id}
+    key: "shared:{id}"
+    ttl: {l1: 0s, l2: 10m}
 """
 
 
@@ -199,3 +203,84 @@ async def test_a_head_ended_by_bare_line_feeds_is_refused_at_once(port: int) -> 
     finally:
         writer.close()
     assert answer.startswith(b"HTTP/1.0 400 ")
+
+
+def full_path_lookups(app: web.Application, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The keys the full handler looked up from now on (the hit path never calls ``get``)."""
+    cache = app[RUNTIME].cache
+    looked_up: list[str] = []
+    lookup = cache.get
+
+    async def get(key: str, variant: str, **kwargs: Any) -> Any:
+        looked_up.append(key)
+        return await lookup(key, variant, **kwargs)
+
+    monkeypatch.setattr(cache, "get", get)
+    return looked_up
+
+
+async def test_an_l2_hit_is_answered_by_the_hit_path_in_order_with_the_others(
+    served: tuple[int, web.Application], origin: Origin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    port, app = served
+    origin.reply("/shared/1", b'{"n": 1}', headers={"ETag": '"s1"'})
+    origin.reply("/shared/2", b'{"n": 2}')
+    [(_, miss, _)] = await exchange(port, get("/shared/1"), 1)
+    assert miss["x-cache"] == "MISS"
+    await asyncio.sleep(0.1)  # the L2 fill is a task of its own
+    looked_up = full_path_lookups(app, monkeypatch)
+    # An L2 hit, a miss (the full path's) and an L2 hit again, in one write: in that order.
+    answers = await exchange(port, get("/shared/1") + get("/shared/2") + get("/shared/1"), 3)
+    assert [a[1]["x-cache"] for a in answers] == ["HIT-L2", "MISS", "HIT-L2"]
+    assert [a[2] for a in answers] == [b'{"n": 1}', b'{"n": 2}', b'{"n": 1}']
+    hit = answers[0][1]
+    assert hit["cache-status"] == "cachecar; hit; detail=l2"
+    assert hit["etag"] == '"s1"'
+    assert hit["age"] == "0"
+    assert "date" in hit
+    # The first was the hit path's; the miss went the full path, and so did the request behind
+    # it (aiohttp held one of the connection's requests: it answers the next too).
+    assert looked_up == ["shared:2", "shared:1"]
+    assert origin.count("/shared/1") == 1
+
+
+async def test_an_l2_miss_on_the_hit_path_asks_redis_once_and_is_counted_once(
+    served: tuple[int, web.Application], origin: Origin
+) -> None:
+    port, app = served
+    origin.reply("/shared/3", b'{"n": 3}')
+    [(_, miss, _)] = await exchange(port, get("/shared/3"), 1)
+    assert miss["x-cache"] == "MISS"
+    registry = app[RUNTIME].metrics.registry
+
+    def lookups(tier: str, result: str) -> float | None:
+        return registry.get_sample_value(
+            "cachecar_cache_lookups_total", {"tier": tier, "result": result}
+        )
+
+    assert lookups("l1", "miss") == 1
+    assert lookups("l2", "miss") == 1  # the hit path's read was the lookup's
+    await asyncio.sleep(0.1)
+    await exchange(port, get("/shared/3") * 2, 2)
+    assert lookups("l2", "hit") == 2
+    assert lookups("l1", "miss") == 3
+    duration = "cachecar_request_duration_seconds_count"
+    labels = {"route": "/shared/{id}"}
+    assert registry.get_sample_value(duration, {**labels, "outcome": "hit_l2"}) == 2
+    assert registry.get_sample_value(duration, {**labels, "outcome": "miss"}) == 1
+
+
+async def test_a_connection_closed_while_l2_is_read_is_let_go(
+    served: tuple[int, web.Application], origin: Origin
+) -> None:
+    port, _ = served
+    origin.reply("/shared/4", b'{"n": 4}')
+    await exchange(port, get("/shared/4"), 1)
+    await asyncio.sleep(0.1)
+    _, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(get("/shared/4") + get("/shared/4"))
+    writer.close()  # gone before L2 answers: nothing to write to, nothing raised
+    await asyncio.sleep(0.1)
+    closing = await exchange(port, get("/shared/4", "Connection: close"), 1)
+    assert closing[0][1]["x-cache"] == "HIT-L2"
+    assert closing[0][1]["connection"] == "close"
