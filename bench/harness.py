@@ -57,6 +57,7 @@ class Params:
     latency: str  # the origin's
     targets: tuple[str, ...]
     quick: bool
+    workloads: tuple[str, ...] = ("hits", "l2", "zipf", "writes", "memory")
 
 
 FULL: dict[str, Any] = {

@@ -53,6 +53,14 @@ from proxy.units import parse_duration
 
 RUN_LIMIT = 30 * 60.0  # the whole benchmark, whatever happens
 TARGETS = ("cachecar", "nginx", "varnish", "aiohttp")
+# The workloads, in the order they run (bench/workloads.py); --workloads picks some.
+WORKLOADS = {
+    "hits": workloads.hits,
+    "l2": workloads.l2,
+    "zipf": workloads.zipf,
+    "writes": workloads.writes,
+    "memory": workloads.memory,
+}
 
 
 async def bench(params: Params, processes: Processes, directory: Path, redis_url: str) -> Report:
@@ -112,14 +120,8 @@ async def _phases(
         try:
             await harness.start_origin()
             await harness.populate()
-            for workload in (
-                workloads.hits,
-                workloads.l2,
-                workloads.zipf,
-                workloads.writes,
-                workloads.memory,
-            ):
-                await workload(harness)
+            for name in report.params.workloads:
+                await WORKLOADS[name](harness)
         finally:
             harness.wrk.stopping.set()  # a wrk still running in a thread (an error, Ctrl-C)
 
@@ -176,6 +178,12 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Params, Path | None, Path | 
         default=",".join(TARGETS),
         help=f"comma-separated, of {', '.join(TARGETS)} (aiohttp: both bare handlers); default all",
     )
+    parser.add_argument(
+        "--workloads",
+        default=",".join(WORKLOADS),
+        help=f"comma-separated, of {', '.join(WORKLOADS)}; default all (not with --write: the "
+        "report in the docs is of a whole run)",
+    )
     parser.add_argument("--latency", default="0ms", help="the origin's added latency (0ms)")
     parser.add_argument(
         "--write",
@@ -202,8 +210,21 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Params, Path | None, Path | 
     unknown = set(targets) - set(TARGETS)
     if unknown:
         parser.error(f"unknown targets {', '.join(sorted(unknown))} (use {', '.join(TARGETS)})")
+    chosen = tuple(w.strip() for w in args.workloads.split(",") if w.strip())
+    unknown = set(chosen) - set(WORKLOADS)
+    if unknown or not chosen:
+        parser.error(
+            f"unknown workloads {', '.join(sorted(unknown)) or '(none)'} "
+            f"(use {', '.join(WORKLOADS)})"
+        )
+    if args.write is not None and set(chosen) != set(WORKLOADS):
+        parser.error("--write needs every workload: the report in the docs is of a whole run")
     params = Params(
-        **(QUICK if args.quick else FULL), latency=args.latency, targets=targets, quick=args.quick
+        **(QUICK if args.quick else FULL),
+        latency=args.latency,
+        targets=targets,
+        quick=args.quick,
+        workloads=tuple(w for w in WORKLOADS if w in chosen),
     )
     if args.seconds is not None:
         if args.seconds <= 0:

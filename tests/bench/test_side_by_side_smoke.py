@@ -150,3 +150,20 @@ def test_the_quick_run_reports_every_target_and_workload(redis_url: str, tmp_pat
     assert prefix is not None, done.stderr
     with redis.Redis.from_url(redis_url) as client:
         assert list(client.scan_iter(match=prefix[1] + "*", count=1000)) == []
+
+
+def test_some_workloads_can_be_run_but_not_written_to_the_docs(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from bench.side_by_side import parse_args
+
+    params, _, _ = parse_args(["--workloads", "memory, l2", "--quick"])
+    assert params.workloads == ("l2", "memory")  # in the order of a whole run
+    for argv, message in (
+        (["--workloads", "l2,nothing"], "unknown workloads nothing"),
+        (["--workloads", ","], "unknown workloads (none)"),
+        (["--workloads", "l2", "--write", "docs/benchmarks.md"], "--write needs every workload"),
+    ):
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+        assert message in capsys.readouterr().err
