@@ -9,6 +9,7 @@ client whose body broke off is ``ClientGone`` (counted 499), never the origin's 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -142,18 +143,18 @@ async def relay(
     response.headers.extend(forwarding.to_pass(upstream.headers))
     response.headers["X-Cache"] = x_cache
     response.headers["Cache-Status"] = cache_status
-    await response.prepare(request)
     try:
+        await response.prepare(request)
         if prefix:
             await response.write(prefix)
     except ConnectionResetError:
-        return response
+        return response  # the client went away: nothing left to relay to
     try:
         async for chunk in upstream.content.iter_any():
             try:
                 await response.write(chunk)
             except ConnectionResetError:
-                return response  # the client went away: nothing left to relay to
+                return response
     except aiohttp.ClientError as exc:
         # The head is sent: no error status is possible any more. Cut the connection so the
         # client sees a truncated answer as truncated, never as complete.
@@ -161,7 +162,8 @@ async def relay(
         if request.transport is not None:
             request.transport.abort()
         return response
-    await response.write_eof()
+    with contextlib.suppress(ConnectionResetError):
+        await response.write_eof()
     return response
 
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
+import logging
 import os
 from collections.abc import AsyncIterator
 
+import pytest
 from aiohttp import web
 
 from tests.proxy.conftest import MakeProxy, Origin
@@ -170,3 +173,42 @@ async def test_an_origin_url_with_a_base_path_prefixes_every_request(
     await proxy.get("/users/1?x=1")
     await proxy.get("/elsewhere")
     assert [r.path for r in origin.received] == ["/v1/users/1?x=1", "/v1/elsewhere"]
+
+
+@pytest.mark.parametrize("when", ["before the answer", "mid-answer"])
+async def test_a_client_gone_is_let_go_quietly(
+    when: str, make_proxy: MakeProxy, origin: Origin, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A client that hangs up before or while an answer is relayed is no error of cachecar's:
+    # no ERROR line, no traceback, and the proxy goes on serving.
+    sent = asyncio.Event()
+    block = b"x" * (256 << 10)
+
+    async def download(request: web.Request) -> web.StreamResponse:
+        if when == "before the answer":
+            sent.set()
+            await asyncio.sleep(0.1)  # the client is gone by now
+        response = web.StreamResponse()
+        await response.prepare(request)
+        for _ in range(64):
+            await response.write(block)
+            sent.set()
+            await asyncio.sleep(0.01)
+        await response.write_eof()
+        return response
+
+    origin.handlers["/raw/slow"] = download
+    proxy = await make_proxy()
+    port = proxy.server.port
+    assert port is not None
+    for _ in range(3):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /raw/slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        if when == "mid-answer":
+            await reader.read(1000)
+        await sent.wait()
+        writer.transport.abort()  # a reset, not a polite close
+        await asyncio.sleep(0.3)
+        sent.clear()
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert (await proxy.get("/users/1")).status == 200
