@@ -81,6 +81,10 @@ class Breaker:
         return True
 
     def success(self) -> None:
+        if self._opened_at is not None and self._probe_at is None:
+            # No call is let through while open but the probe: this one started before the
+            # breaker opened, and its late answer says nothing of the tier now.
+            return
         self._failures = 0
         self._probe_at = None
         if self._opened_at is not None:

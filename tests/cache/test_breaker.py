@@ -68,6 +68,23 @@ def test_a_probe_that_never_reports_is_given_up(clock: FakeClock) -> None:
     assert b.allow()  # a new probe is allowed rather than staying open forever
 
 
+def test_a_late_success_of_a_call_made_before_it_opened_does_not_close_it(
+    clock: FakeClock,
+) -> None:
+    changes: list[bool] = []
+    b = breaker(clock, changes)
+    for _ in range(3):
+        b.failure()
+    b.success()  # a slow call, started while it was closed, answers now
+    assert b.is_open
+    assert not b.allow()
+    clock.advance(10)
+    assert b.allow()  # the probe
+    b.success()
+    assert not b.is_open
+    assert changes == [True, False]
+
+
 def test_failures_while_open_do_not_report_again(clock: FakeClock) -> None:
     changes: list[bool] = []
     b = breaker(clock, changes)
