@@ -172,10 +172,12 @@ class Hits:
             )
             return answered
         wire, dated = self._wire(entry)
-        self._metrics.request(
-            route.name, method, entry.status, "hit_l1", time.perf_counter() - started
+        now = self._clock()
+        # GET and HEAD are their own method labels: the tuple Metrics.series would make.
+        self._metrics.answered(
+            (route.name, method, entry.status, "hit_l1"), time.perf_counter() - started, now
         )
-        return self._assemble(entry, wire, dated, method, keep_alive, http_1_0), keep_alive
+        return self._assemble(entry, wire, dated, method, keep_alive, http_1_0, now), keep_alive
 
     def _from_l2(
         self,
@@ -195,14 +197,23 @@ class Hits:
             return
         # Not memoized: an entry read from L2 is a new object each time.
         wire, dated = _serialize(entry, HIT_L2)
-        whole = self._assemble(entry, wire, dated, method, keep_alive, http_1_0)
-        self._metrics.request(route, method, entry.status, "hit_l2", time.perf_counter() - started)
+        now = self._clock()
+        whole = self._assemble(entry, wire, dated, method, keep_alive, http_1_0, now)
+        self._metrics.answered(
+            (route, method, entry.status, "hit_l2"), time.perf_counter() - started, now
+        )
         answered.set_result((whole, keep_alive))
 
     def _assemble(
-        self, entry: Entry, wire: bytes, dated: bool, method: str, keep_alive: bool, http_1_0: bool
+        self,
+        entry: Entry,
+        wire: bytes,
+        dated: bool,
+        method: str,
+        keep_alive: bool,
+        http_1_0: bool,
+        now: float,
     ) -> bytes:
-        now = self._clock()
         parts = [wire, b"Age: %d\r\n" % int(entry.age(now))]
         if not dated:  # the origin's Date is kept, as the full path keeps it
             parts.append(self._date_line(now))

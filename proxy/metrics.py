@@ -15,32 +15,40 @@ ones are ``other``.
 Gauges that live elsewhere are read when asked for: L1's size from the tier, the write-behind
 queue from Redis (``refresh`` before each scrape or snapshot, bounded by the queue's timeout).
 
-The two calls every hit makes (``request``, ``lookup``) count into plain dictionaries; the
-registry takes them in whenever it is read (a collector registered first), so a scrape, and a
-test reading a sample, see every count: a Prometheus child's update takes a lock and costs a
-hit about a fifth of its time.
+The calls every hit makes (``answered`` or ``request``, and the engine's ``lookup``) only count
+into plain lists, for the wall-clock second running: a request's duration goes into one slot,
+found by one bisect of Prometheus' bucket bounds and the stats window's bin bounds merged, and
+its seconds into a sum beside them. Those counts are taken into the Prometheus metrics and the
+window together (``_take_in``) when a later second's first event comes, and whenever either is
+read (a collector registered first, ``snapshot``, ``window``), so a scrape, a snapshot and a test
+reading a sample see every count once. A Prometheus child's update takes a lock, and the window's
+per-event bookkeeping a logarithm and a few dictionaries: counted one by one, the two cost a hit
+about a sixth of its time.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import time
 from bisect import bisect_left
 from collections import Counter as CounterOf
 from collections.abc import Iterable
 from importlib.metadata import version
+from itertools import compress
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from cache.clock import Clock
+from cache.clock import Clock, SystemClock
 from cache.errors import CorruptEntry, TierUnavailable
 from cache.memory import MemoryTier
 from cache.observer import Eviction, Invalidation
 from cache.queue import QueueStats, WriteQueue
 from proxy.routes import UNMATCHED
-from proxy.stats import OUTCOMES, Window
+from proxy.stats import LATENCY_BOUNDS, OUTCOMES, Window
 
 logger = logging.getLogger("cachecar.metrics")
 
@@ -56,6 +64,18 @@ REQUEST_BUCKETS = (
 )  # fmt: skip
 ORIGIN_BUCKETS = REQUEST_BUCKETS[3:]
 LAG_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+# A request's duration goes into slot ``bisect_left(_BOUNDS, seconds)``: the slots split the line
+# at every Prometheus bucket bound and every stats bin bound, so each slot lies in one bucket
+# (``le`` semantics: a duration equal to a bound is in that bound's bucket) and in one bin. The
+# last slot is past every bound: the +Inf bucket, the last bin.
+_BOUNDS = tuple(sorted({*REQUEST_BUCKETS, *LATENCY_BOUNDS}))
+_BUCKET_OF = (*(bisect_left(REQUEST_BUCKETS, b) for b in _BOUNDS), len(REQUEST_BUCKETS))
+_BIN_OF = (*(bisect_left(LATENCY_BOUNDS, b) for b in _BOUNDS), len(LATENCY_BOUNDS))
+_SLOTS = len(_BOUNDS) + 1  # then the sum of the durations
+
+Series = tuple[str, str, int, str]
+"""(route, method label, status, outcome): what one answer is counted under (``Metrics.series``)."""
 
 
 def method_label(method: str) -> str:
@@ -84,11 +104,18 @@ class Metrics:
     def __init__(self, clock: Clock, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         self._clock = clock
-        self.window = Window(clock.time())
-        # Counts of the hot path, not yet in the registry (see the module docstring).
-        self._requests_aside: CounterOf[tuple[str, str, str]] = CounterOf()
-        self._durations_aside: dict[tuple[str, str], list[float]] = {}
-        self._lookups_aside: CounterOf[tuple[str, str]] = CounterOf()
+        # SystemClock.time is time.time behind one more call, which the hot path can do without.
+        self._time = time.time if type(clock) is SystemClock else clock.time
+        started = clock.time()
+        self._window = Window(started)
+        # The hot path's counts since the last ``_take_in`` (see the module docstring), all of
+        # them in ``_second``, the window's newest: an event at or past ``_second_ends`` takes
+        # them in first and starts its own second. The first event always does, so that, as
+        # in ``Window.request``, a clock stepped back counts in the newest second and no other.
+        self._second = int(started)
+        self._second_ends = -math.inf
+        self._answers: dict[Series, list[float]] = {}  # per slot, then the sum
+        self._looked_up: dict[str, list[int]] = {"l1": [0, 0], "l2": [0, 0]}  # [misses, hits]
         r = self.registry
         r.register(_TakeIn(self._take_in))
         self._requests = Counter(
@@ -214,39 +241,81 @@ class Metrics:
 
     # -- what the proxy reports ------------------------------------------------------------------
 
+    @staticmethod
+    def series(route: str, method: str, status: int, outcome: str) -> Series:
+        """What ``answered`` counts an answer under; the same for every answer alike, so a
+        caller can make it once and keep it."""
+        return (route, method_label(method), status, outcome)
+
+    def answered(self, series: Series, seconds: float, now: float) -> None:
+        """A request on the proxy listener was answered after ``seconds``, at ``now`` (this
+        clock's ``time()``, which the caller has read anyway): ``request``, for the hit path."""
+        if now >= self._second_ends:
+            self._next_second(now)
+        try:
+            counts = self._answers[series]
+        except KeyError:  # its first answer since the last take-in
+            counts = self._answers[series] = [0] * _SLOTS + [0.0]
+        counts[bisect_left(_BOUNDS, seconds)] += 1
+        counts[-1] += seconds
+
     def request(self, route: str, method: str, status: int, outcome: str, seconds: float) -> None:
         """A request on the proxy listener was answered."""
-        self._requests_aside[route, method_label(method), str(status)] += 1
-        # Per bucket (the last: past every bound), then the sum at the end.
-        observed = self._durations_aside.get((route, outcome))
-        if observed is None:
-            observed = self._durations_aside[route, outcome] = [0.0] * (len(REQUEST_BUCKETS) + 2)
-        observed[bisect_left(REQUEST_BUCKETS, seconds)] += 1
-        observed[-1] += seconds
-        self.window.request(outcome, seconds, self._clock.time())
+        self.answered(
+            (route, method if method in METHODS else "other", status, outcome),
+            seconds,
+            self._time(),
+        )
+
+    def _next_second(self, now: float) -> None:
+        """An event in a later second than the one counted so far: that one is over."""
+        self._take_in()
+        self._second = int(now)
+        self._second_ends = self._second + 1.0
 
     def _take_in(self) -> None:
-        """Move the counts kept aside into the Prometheus metrics."""
-        requests, self._requests_aside = self._requests_aside, CounterOf()
-        for (route, method, status), count in requests.items():
-            self._child(self._requests, route, method, status).inc(count)
-        lookups, self._lookups_aside = self._lookups_aside, CounterOf()
-        for (tier, result), count in lookups.items():
-            self._child(self._lookups, tier, result).inc(count)
-        durations, self._durations_aside = self._durations_aside, {}
-        for (route, outcome), observed in durations.items():
+        """Move the hot path's counts into the Prometheus metrics and the stats window."""
+        answers, self._answers = self._answers, {}
+        looked_up, self._looked_up = self._looked_up, {"l1": [0, 0], "l2": [0, 0]}
+        second, window = self._second, self._window
+        for (route, method, status, outcome), counts in answers.items():
+            buckets = [0] * (len(REQUEST_BUCKETS) + 1)
+            bins: dict[int, int] = {}
+            for slot in compress(range(_SLOTS), counts):  # the few slots counted in
+                n = int(counts[slot])
+                buckets[_BUCKET_OF[slot]] += n
+                bins[_BIN_OF[slot]] = bins.get(_BIN_OF[slot], 0) + n
+            self._child(self._requests, route, method, str(status)).inc(sum(buckets))
             child = self._child(self._duration, route, outcome)
             # prometheus_client's Histogram child: ``observe`` adds to one bucket and the sum.
-            child._sum.inc(observed[-1])
-            for index, observations in enumerate(observed[:-1]):
-                if observations:
-                    child._buckets[index].inc(observations)
+            child._sum.inc(counts[-1])
+            for index, n in enumerate(buckets):
+                if n:
+                    child._buckets[index].inc(n)
+            window.add_requests(second, outcome, bins)
+        for tier, (misses, hits) in looked_up.items():
+            for result, n in (("hit", hits), ("miss", misses)):
+                if n:
+                    self._child(self._lookups, tier, result).inc(n)
+            if hits or misses:
+                window.add_lookups(second, tier, hits, misses)
+
+    @property
+    def window(self) -> Window:
+        """The stats window, every count so far in it."""
+        self._take_in()
+        return self._window
 
     def origin_request(self, route: str, method: str, status: str, seconds: float) -> None:
         """The origin answered ``status`` (or ``timeout``/``unreachable``) after ``seconds``."""
+        now = self._time()
+        if now >= self._second_ends:
+            self._next_second(now)
         self._child(self._origin, route, method_label(method), status).inc()
         self._child(self._origin_duration, route).observe(seconds)
-        self.window.origin(origin_failed(status), seconds, self._clock.time())
+        # In the second the hot path counts in, not ``now``'s: after a clock stepped back the
+        # two differ, and that second is the newest.
+        self._window.origin(origin_failed(status), seconds, self._second)
 
     def coalesced(self, route: str) -> None:
         self._child(self._coalesced, route).inc()
@@ -263,8 +332,13 @@ class Metrics:
     # -- CacheObserver ---------------------------------------------------------------------------
 
     def lookup(self, tier: str, hit: bool) -> None:
-        self._lookups_aside[tier, "hit" if hit else "miss"] += 1
-        self.window.lookup(tier, hit, self._clock.time())
+        now = self._time()
+        if now >= self._second_ends:
+            self._next_second(now)
+        try:
+            self._looked_up[tier][hit] += 1
+        except KeyError:  # a tier named in no release yet: counted all the same
+            self._looked_up[tier] = [0, 1] if hit else [1, 0]
 
     def evicted(self, reason: Eviction, count: int) -> None:
         self._child(self._evictions, reason.value).inc(count)
@@ -384,4 +458,4 @@ class Metrics:
         }
 
 
-__all__ = ["OUTCOMES", "UNMATCHED", "Metrics", "method_label", "origin_failed"]
+__all__ = ["OUTCOMES", "UNMATCHED", "Metrics", "Series", "method_label", "origin_failed"]

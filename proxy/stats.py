@@ -5,6 +5,11 @@ operator with only cachecar. One bucket per wall-clock second, the last ``WINDOW
 seconds kept, plus totals since start. Latencies go into log-spaced bins (each 10 % wider than
 the one before), so a percentile is exact to within 5 % whatever the spread, in constant memory.
 
+``request``, ``lookup`` and ``origin`` count one event at ``now``. ``add_requests`` and
+``add_lookups`` add many at once to one second: ``proxy.metrics`` counts the hot path's events
+for the second running in its own lists and adds them here once that second is over (or when
+read), which is what keeps a hit's share of this small.
+
 A figure with nothing to compute it from is None (JSON null), never 0: a hit ratio of 0 % with
 no traffic would be a lie an alert could act on.
 """
@@ -12,6 +17,7 @@ no traffic would be a lie an alert could act on.
 from __future__ import annotations
 
 import math
+from bisect import bisect_left
 from collections import Counter, deque
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -26,12 +32,18 @@ PERCENTILES = (("p50", 0.50), ("p95", 0.95), ("p99", 0.99))
 
 _BIN_GROWTH = math.log(1.1)
 _SMALLEST = 1e-6  # a latency below one microsecond goes into bin 0
+# The upper bound of each bin: bin i holds (LATENCY_BOUNDS[i - 1], LATENCY_BOUNDS[i]]. A bound
+# list rather than a logarithm, so that ``proxy.metrics`` finds a latency's bin and its Prometheus
+# bucket with one bisect of both lists merged. Up to 1e9 s (31 years): no duration measured in
+# a running process reaches the last bin, whose width is unbounded.
+LATENCY_BOUNDS = tuple(
+    _SMALLEST * math.exp(i * _BIN_GROWTH)
+    for i in range(math.ceil(math.log(1e9 / _SMALLEST) / _BIN_GROWTH) + 1)
+)
 
 
 def _bin(seconds: float) -> int:
-    if seconds <= _SMALLEST:
-        return 0
-    return int(math.log(seconds / _SMALLEST) / _BIN_GROWTH) + 1
+    return bisect_left(LATENCY_BOUNDS, seconds)
 
 
 def _bin_value(index: int) -> float:
@@ -109,6 +121,24 @@ class Window:
     def lookup(self, tier: str, hit: bool, now: float) -> None:
         self.lookups[tier, hit] += 1
         self._at(now).lookups[tier, hit] += 1
+
+    def add_requests(self, second: int, outcome: str, bins: Mapping[int, int]) -> None:
+        """Requests answered in ``second`` with ``outcome``: so many in each latency bin.
+
+        ``second`` is the newest second counted so far, or a later one: as ``request`` with a
+        ``now`` in that second."""
+        mine = self._at(second).requests.setdefault(outcome, {})
+        for index, n in bins.items():
+            mine[index] = mine.get(index, 0) + n
+        self.requests[outcome] += sum(bins.values())
+
+    def add_lookups(self, second: int, tier: str, hits: int, misses: int) -> None:
+        """Lookups in ``tier`` during ``second`` (as in ``add_requests``)."""
+        counted = self._at(second).lookups
+        for hit, n in ((True, hits), (False, misses)):
+            if n:
+                counted[tier, hit] += n
+                self.lookups[tier, hit] += n
 
     def origin(self, error: bool, seconds: float, now: float) -> None:
         bucket = self._at(now)

@@ -6,13 +6,17 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import re
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
-from prometheus_client import CollectorRegistry, Histogram
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 from pytest_aiohttp import AiohttpClient
 from redis.asyncio import Redis
@@ -22,7 +26,8 @@ from cache.memory import MemoryTier
 from cache.queue import QueueStats
 from proxy.admin import build_admin_app
 from proxy.app import RUNTIME, build_proxy_app
-from proxy.metrics import REQUEST_BUCKETS, Metrics
+from proxy.metrics import REQUEST_BUCKETS, Metrics, method_label, origin_failed
+from proxy.stats import LATENCY_BOUNDS, OUTCOMES, Window
 from tests.fakes import FakeClock, RecordingObserver
 from tests.ports import free_port
 from tests.proxy.conftest import MakeProxy, Origin, raw, settings_for
@@ -620,3 +625,204 @@ def test_counts_kept_aside_on_the_hit_path_read_as_direct_observations() -> None
         )
         == 2
     )
+
+
+# -- the hot path's counts, taken in lazily, read as if each had been counted at once ------------
+
+
+class CountedAtOnce:
+    """What ``Metrics`` must read like: each event counted when it happens, by prometheus_client
+    itself and by the window's one-event calls."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("requests", "", ["route", "method", "status"], registry=r)
+        self.duration = Histogram(
+            "duration", "", ["route", "outcome"], buckets=REQUEST_BUCKETS, registry=r
+        )
+        self.lookups = Counter("lookups", "", ["tier", "result"], registry=r)
+        self.window = Window(clock.time())
+
+    def request(self, route: str, method: str, status: int, outcome: str, seconds: float) -> None:
+        self.requests.labels(route, method_label(method), str(status)).inc()
+        self.duration.labels(route, outcome).observe(seconds)
+        self.window.request(outcome, seconds, self.clock.time())
+
+    def lookup(self, tier: str, hit: bool) -> None:
+        self.lookups.labels(tier, "hit" if hit else "miss").inc()
+        self.window.lookup(tier, hit, self.clock.time())
+
+    def origin(self, status: str, seconds: float) -> None:
+        self.window.origin(origin_failed(status), seconds, self.clock.time())
+
+
+# The families compared, by their name in each registry.
+COMPARED = {
+    "cachecar_requests": "requests",
+    "cachecar_request_duration_seconds": "duration",
+    "cachecar_cache_lookups": "lookups",
+}
+
+
+def counts_in(registry: CollectorRegistry) -> dict[tuple[str, frozenset[Any]], float]:
+    """Every sample of the compared families that is not 0, by one name for both registries."""
+    found = {}
+    for family in registry.collect():
+        name = COMPARED.get(family.name, family.name)
+        if name not in COMPARED.values():
+            continue
+        for sample in family.samples:
+            if sample.value and not sample.name.endswith("_created"):
+                suffix = sample.name[len(family.name) :]
+                found[name + suffix, frozenset(sample.labels.items())] = sample.value
+    return found
+
+
+def normalized(dumped: dict[str, Any]) -> dict[str, Any]:
+    """A window's dump, with the order things were first counted in left out."""
+    return {
+        **dumped,
+        "requests": {o: n for o, n in dumped["requests"].items() if n},
+        "lookups": sorted(dumped["lookups"]),
+        "seconds": [
+            {
+                **second,
+                "requests": {o: dict(bins) for o, bins in second["requests"].items()},
+                "lookups": sorted(second["lookups"]),
+                "origin_bins": dict(second["origin_bins"]),
+            }
+            for second in dumped["seconds"]
+        ],
+    }
+
+
+def assert_same_figures(metrics: Metrics, expected: CountedAtOnce, clock: FakeClock) -> None:
+    found, wanted = counts_in(metrics.registry), counts_in(expected.registry)
+    sums = {key for key in wanted if key[0] == "duration_sum"}
+    assert {k: v for k, v in found.items() if k not in sums} == {
+        k: v for k, v in wanted.items() if k not in sums
+    }
+    # Added in another order (per series, then into the child), so equal to rounding only.
+    assert {k: found.get(k) for k in sums} == {
+        k: pytest.approx(wanted[k], rel=1e-9, abs=1e-12) for k in sums
+    }
+    now = clock.time()
+    assert metrics.window.snapshot(now) == expected.window.snapshot(now)
+    assert normalized(metrics.window.dump()) == normalized(expected.window.dump())
+
+
+# Durations on either side of every bound, where a bucket or a bin could be off by one.
+EDGES = sorted(
+    {
+        edge
+        for bound in (*REQUEST_BUCKETS, *LATENCY_BOUNDS[::7], LATENCY_BOUNDS[-1])
+        for edge in (math.nextafter(bound, 0), bound, math.nextafter(bound, math.inf))
+    }
+)
+durations = st.one_of(
+    st.sampled_from([0.0, *EDGES]),
+    st.floats(min_value=0, max_value=20, allow_nan=False),
+    st.floats(min_value=1e-6, max_value=1e-3),
+)
+answers = st.tuples(
+    st.just("answer"),
+    st.sampled_from([USERS, "unmatched"]),
+    st.sampled_from(["GET", "HEAD", "PROPFIND"]),
+    st.sampled_from([200, 404, 502]),
+    st.sampled_from(OUTCOMES),
+    durations,
+    st.booleans(),  # through ``answered`` (else ``request``)
+)
+events = st.lists(
+    st.one_of(
+        answers,
+        st.tuples(st.just("lookup"), st.sampled_from(["l1", "l2"]), st.booleans()),
+        st.tuples(st.just("origin"), st.sampled_from(["200", "503", "timeout"]), durations),
+        # Mostly within a second or to the next; sometimes past the minute, or back (NTP).
+        st.tuples(
+            st.just("tick"),
+            st.one_of(
+                st.floats(min_value=0, max_value=1.5),
+                st.sampled_from([1.0, 61.0, -0.4, -2.0]),
+            ),
+        ),
+        st.tuples(st.just("read")),
+    ),
+    max_size=80,
+)
+
+
+@settings(deadline=None)
+@given(st.floats(min_value=0, max_value=0.999), events)
+def test_counts_taken_in_by_the_second_read_exactly_as_counted_at_once(
+    start: float, happened: list[tuple[Any, ...]]
+) -> None:
+    # Whatever the order of answers, lookups, origin requests, seconds passing, the clock
+    # stepping back, scrapes and snapshots: every figure equals counting each event at once.
+    clock = FakeClock(1_700_000_000.0 + start)
+    metrics = Metrics(clock)
+    expected = CountedAtOnce(clock)
+    for event in happened:
+        match event:
+            case ("answer", route, method, status, outcome, seconds, direct):
+                expected.request(route, method, status, outcome, seconds)
+                if direct:
+                    series = metrics.series(route, method, status, outcome)
+                    metrics.answered(series, seconds, clock.time())
+                else:
+                    metrics.request(route, method, status, outcome, seconds)
+            case ("lookup", tier, hit):
+                expected.lookup(tier, hit)
+                metrics.lookup(tier, hit)
+            case ("origin", status, seconds):
+                expected.origin(status, seconds)
+                metrics.origin_request(USERS, "GET", status, seconds)
+            case ("tick", seconds):
+                clock.advance(seconds)
+            case ("read",):
+                assert_same_figures(metrics, expected, clock)
+    assert_same_figures(metrics, expected, clock)
+
+
+def test_counts_taken_in_by_a_scrape_are_counted_once_beside_those_after_it() -> None:
+    clock = FakeClock(1_700_000_000.5)
+    metrics = Metrics(clock)
+    hit = metrics.series(USERS, "GET", 200, "hit_l1")
+    labels = {"route": USERS, "outcome": "hit_l1"}
+
+    def scraped() -> tuple[float | None, ...]:
+        read = metrics.registry.get_sample_value
+        return (
+            read("cachecar_requests_total", {"route": USERS, "method": "GET", "status": "200"}),
+            read("cachecar_request_duration_seconds_count", labels),
+            read("cachecar_request_duration_seconds_bucket", labels | {"le": "0.0001"}),
+            read("cachecar_cache_lookups_total", {"tier": "l1", "result": "hit"}),
+        )
+
+    def hits(n: int) -> None:
+        for _ in range(n):
+            metrics.lookup("l1", True)
+            metrics.answered(hit, 0.00005, clock.time())
+
+    hits(3)
+    assert scraped() == (3, 3, 3, 3)  # in the middle of a second
+    hits(2)  # the same second, after the scrape
+    assert scraped() == (5, 5, 5, 5)
+    assert scraped() == (5, 5, 5, 5)  # a second scrape takes nothing twice
+    clock.advance(1)
+    hits(1)  # the next second's first answer takes the last one's in
+    assert metrics.snapshot()["requests_total"]["hit_l1"] == 6
+    assert scraped() == (6, 6, 6, 6)
+    clock.advance(1)
+    history = metrics.snapshot()["history"]
+    assert [(p["t"], p["requests"]["hit_l1"]) for p in history] == [
+        (1_700_000_000, 5),
+        (1_700_000_001, 1),
+    ]
+
+
+def test_a_series_names_the_method_as_its_label_does() -> None:
+    assert Metrics.series(USERS, "PROPFIND", 200, "bypass") == (USERS, "other", 200, "bypass")
+    assert Metrics.series(USERS, "HEAD", 304, "hit_l1") == (USERS, "HEAD", 304, "hit_l1")

@@ -8,7 +8,7 @@ from collections import Counter
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.stats import Window, _bin, percentiles
+from proxy.stats import LATENCY_BOUNDS, Window, _bin, percentiles
 
 
 @given(st.lists(st.floats(min_value=1e-5, max_value=60.0), min_size=1, max_size=300))
@@ -78,3 +78,27 @@ def test_origin_errors_are_counted_apart() -> None:
     assert origin["requests_per_second"] == 2.0
     assert origin["errors_per_second"] == 1.0
     assert origin["latency_seconds"]["p99"] >= 4.75
+
+
+def test_each_bin_is_ten_percent_wider_and_holds_its_upper_bound() -> None:
+    assert LATENCY_BOUNDS[0] == 1e-6
+    for index, bound in enumerate(LATENCY_BOUNDS[1:], start=1):
+        assert math.isclose(bound / LATENCY_BOUNDS[index - 1], 1.1)
+        assert _bin(bound) == index
+        assert _bin(math.nextafter(LATENCY_BOUNDS[index - 1], math.inf)) == index
+    assert _bin(0.0) == _bin(1e-6) == 0
+    assert LATENCY_BOUNDS[-1] > 1e9  # past any duration a running process measures
+
+
+def test_counts_added_to_a_second_read_as_the_same_events_one_by_one() -> None:
+    by_one, at_once = Window(started=10.0), Window(started=10.0)
+    for seconds in (0.001, 0.001, 0.2):
+        by_one.request("hit_l1", seconds, now=10.5)
+    by_one.lookup("l1", True, now=10.5)
+    by_one.lookup("l1", False, now=10.7)
+    by_one.request("miss", 0.05, now=11.2)
+    at_once.add_requests(10, "hit_l1", {_bin(0.001): 2, _bin(0.2): 1})
+    at_once.add_lookups(10, "l1", hits=1, misses=1)
+    at_once.add_requests(11, "miss", {_bin(0.05): 1})
+    assert at_once.snapshot(now=12.0) == by_one.snapshot(now=12.0)
+    assert at_once.dump() == by_one.dump()
