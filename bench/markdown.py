@@ -139,8 +139,9 @@ def _zipf(report: Report) -> list[str]:
         f"#### Zipf(0.99) over {budget.keys:,} keys at one memory budget",
         "",
         f"Budget: {budget.entries:,} entries (10% of the keys) x {budget.entry_bytes:,} bytes "
-        f"(what cachecar's L1 counts for one of these entries: body, headers, 256 bytes of "
-        f"overhead) = **{budget.bytes:,} bytes**: cachecar `l1.max_bytes` = that and "
+        f"(what cachecar's L1 counts for one of these entries: the memory it takes, its body, "
+        f"header values and objects, the rendered response head and L1's bookkeeping) = "
+        f"**{budget.bytes:,} bytes**: cachecar `l1.max_bytes` = that and "
         f"`l1.max_entries` = {budget.entries:,}; nginx `max_size` = that; Varnish "
         f"`-s malloc,{max(budget.bytes, VARNISH_SMALLEST)}`{small}{fit}. Every target gets the "
         f"same {requests:,} requests to fill, then the same {requests:,} others, measured; the "

@@ -118,7 +118,7 @@ async def zipf(h: Harness) -> None:
     """(d): every cache at one byte budget, the same requests; origin requests counted."""
     p = h.params
     cached = max(1, round(CACHED_SHARE * p.zipf_keys))
-    entry = h.entry_size or wrk.BODY_SIZE + 400
+    entry = h.entry_size or wrk.BODY_SIZE + 2400  # about what L1 counts, when (b) did not run
     budget = cached * entry
     h.report.budget = results.Budget(p.zipf_keys, cached, entry, budget, h.nginx_file)
     launch = h.launch()
@@ -254,7 +254,7 @@ async def memory(h: Harness) -> None:
     if "cachecar" not in h.params.targets:
         return
     p = h.params
-    fill = min(h.populated_keys(), math.ceil(1.25 * p.memory / max(1, h.entry_size or 1400)))
+    fill = min(h.populated_keys(), math.ceil(1.25 * p.memory / max(1, h.entry_size or 3400)))
     # The same traffic through an L1 of 1/32 the size: what the process grows by besides L1.
     launch = h.launch()
     measured, small = await asyncio.gather(

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import struct
+import sys
 from dataclasses import dataclass
 
 from cache.errors import CorruptEntry
@@ -40,11 +41,18 @@ _FETCH = struct.Struct(">d")
 _HAS_FETCH = 0x01
 _MUST_REVALIDATE = 0x02
 _MAX_FIELD = 0xFFFF
-# What a stored entry costs beyond its bytes (object headers, the tier's bookkeeping); an estimate
-# that keeps many tiny entries from looking free against l1.max_bytes.
-_OVERHEAD = 256
 
 Headers = tuple[tuple[str, str], ...]
+
+
+def allocated(size: int) -> int:
+    """What the allocator really spends on an object ``sys.getsizeof`` puts at ``size`` bytes.
+
+    pymalloc serves requests up to 512 bytes from 16-byte size classes; larger ones go to glibc's
+    malloc, which adds an 8-byte chunk header and rounds to 16. (Its pools' and arenas' own
+    headers, and the page rounding of blocks it maps on their own, add well under 1 %.)
+    """
+    return (size + 15) & ~15 if size <= 512 else (size + 23) & ~15
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,10 +76,32 @@ class Entry:
         return max(0.0, now - self.stored_at)
 
     def size(self) -> int:
-        """Bytes this entry is accounted for in a size-bounded tier."""
-        return (
-            len(self.body) + sum(len(name) + len(value) for name, value in self.headers) + _OVERHEAD
+        """Bytes this entry takes in this process: the object, its body, its header table and
+        values, its numbers; what L1 counts against ``l1.max_bytes`` (computed when stored).
+
+        Header names are not counted: every path that builds entries shares them between entries
+        (aiohttp's parser hands out one object per name, ``decode`` interns them, the proxy's
+        own entries use literals), so one more entry costs only a pointer to each.
+        """
+        headers = self.headers
+        cost = (
+            _ENTRY + _FLOAT * (3 if self.fetch_seconds else 2) + allocated(sys.getsizeof(self.body))
         )
+        if not -5 <= self.status <= 256:  # CPython shares the objects of the small ints
+            cost += _INT
+        if headers:
+            cost += allocated(sys.getsizeof(headers)) + _PAIR * len(headers)
+            for _, value in headers:
+                cost += allocated(sys.getsizeof(value))
+        return cost
+
+
+# The fixed parts of ``Entry.size``, taken from this interpreter's own objects so that another
+# CPython version counts its own sizes (sys.getsizeof includes the garbage collector's header).
+_ENTRY = allocated(sys.getsizeof(Entry(200, (), b"", 0.0, 0.0)))
+_FLOAT = allocated(sys.getsizeof(0.5))  # stored_at, ttl, and fetch_seconds when measured
+_INT = allocated(sys.getsizeof(1 << 20))
+_PAIR = allocated(sys.getsizeof(("", "")))
 
 
 def encode(entry: Entry) -> bytes:
@@ -137,7 +167,9 @@ def decode(data: bytes) -> Entry:
                 raise CorruptEntry("a header runs past the end of the envelope")
             headers.append(
                 (
-                    str(view[offset:name_end], "utf-8", "surrogateescape"),
+                    # Interned, so that entries read from L2 share their header names as
+                    # entries from the origin do (what ``Entry.size`` counts on).
+                    sys.intern(str(view[offset:name_end], "utf-8", "surrogateescape")),
                     str(view[name_end:value_end], "utf-8", "surrogateescape"),
                 )
             )

@@ -3,30 +3,80 @@
 Each logical key holds its variants together, so dropping a key drops every variant in one step.
 Expiry is per variant; the LRU item of a key lives as long as its longest-lived variant, and a
 variant that is past its own expiry reads as a miss and is removed when read.
+
+``l1.max_bytes`` bounds the memory L1 really takes: each variant is counted, when stored, at what
+its objects cost in this process (``Entry.size``, plus its slot, plus the rendering the proxy may
+keep with it), and each key at its own objects plus cachetools' bookkeeping for it.
 """
 
 from __future__ import annotations
 
+import builtins
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from cachetools import TLRUCache
 
 from cache.clock import Clock
-from cache.entry import Entry
+from cache.entry import Entry, allocated
 from cache.observer import CacheObserver, Eviction, NullObserver
 from cache.tier import Stored
 
+# One variant: (entry, expiry on the monotonic clock, what ``peek_rendered`` rendered of it or
+# None, the bytes it is counted at). A plain tuple: the hit path unpacks it on every hit.
+_Slot = tuple[Entry, float, bytes | None, int]
+
 
 class _Variants:
-    """The variants of one key: variant → (entry, expiry on the monotonic clock)."""
+    """The variants of one key, by variant name."""
 
-    __slots__ = ("by_variant", "expires", "size")
+    __slots__ = ("by_variant", "expires", "key", "size")
 
-    def __init__(self, by_variant: dict[str, tuple[Entry, float]]) -> None:
+    def __init__(self, key: str, by_variant: dict[str, _Slot]) -> None:
+        # The key object the store holds: setting the item again with another (equal) string,
+        # as a caller's lookup key is, would keep both alive (cachetools' expiry heap holds it).
+        self.key = key
         self.by_variant = by_variant
-        self.expires = max(expires for _, expires in by_variant.values())
-        self.size = sum(entry.size() for entry, _ in by_variant.values())
+        self.expires = max(slot[1] for slot in by_variant.values())
+        self.size = _key_cost(key, by_variant) + sum(slot[3] for slot in by_variant.values())
+
+
+# What L1 spends besides the entries, in bytes. Object sizes come from sys.getsizeof on this
+# interpreter, rounded as the allocator rounds them (``allocated``):
+#   per variant: its slot tuple, its expiry float, its cost int, its name (unless "", shared);
+#   per key: the key string, the _Variants and its dict, the size int cachetools keeps, and
+#   _TLRU_ITEM for cachetools' TLRU itself, which cannot be asked: a slot in each of its three
+#   dicts (data, sizes, and the OrderedDict that orders the LRU, with its linked-list node), its
+#   _Item in the expiry heap, and the dead _Items (with their keys) that replaced, re-set and
+#   evicted keys leave in that heap until it holds twice the live ones and is cleaned.
+# Measured with tracemalloc on CPython 3.11 (64 bit), fresh key strings, over an octave of L1
+# sizes (8k-16k keys; 2k-150k gave the same picture): 290 bytes a key on average while L1 first
+# fills, 418 once it is full and evicting (366-474 by where the key count falls between two dict
+# resizes; 200-620 at single instants of the heap's clean-up cycle). 430 is the full L1's
+# average plus allocator rounding: a full L1 is what runs for hours. The first fill is counted
+# about 130 bytes a key high (L1 then holds up to 4 % less than it could, for 1 KB entries).
+_TLRU_ITEM = 430
+_SLOT = allocated(sys.getsizeof((None, None, None, None)))
+_FLOAT = allocated(sys.getsizeof(0.5))
+_INT = allocated(sys.getsizeof(1 << 20))
+_VARIANTS = allocated(sys.getsizeof(_Variants.__new__(_Variants)))
+
+
+def _slot(entry: Entry, expires: float, variant: str) -> _Slot:
+    """A variant as L1 keeps it, counted once, now."""
+    name = allocated(sys.getsizeof(variant)) if variant else 0
+    return (entry, expires, None, entry.size() + _SLOT + _FLOAT + _INT + name)
+
+
+def _key_cost(key: str, by_variant: dict[str, _Slot]) -> int:
+    return (
+        allocated(sys.getsizeof(key))
+        + _VARIANTS
+        + allocated(sys.getsizeof(by_variant))
+        + _INT
+        + _TLRU_ITEM
+    )
 
 
 def _time_to_use(_key: str, value: _Variants, _now: float) -> float:
@@ -62,7 +112,7 @@ class _Store(TLRUCache[str, _Variants]):
 
 
 class MemoryTier:
-    """L1. Bounded by ``max_entries`` (variants) and ``max_bytes`` (``Entry.size``)."""
+    """L1. Bounded by ``max_entries`` (variants) and ``max_bytes`` (the memory it takes)."""
 
     name = "l1"
 
@@ -96,7 +146,7 @@ class MemoryTier:
 
     @property
     def bytes(self) -> int:
-        """Bytes held, by ``Entry.size``."""
+        """Bytes of memory held: entries, renderings and bookkeeping (see the module's top)."""
         return int(self._store.currsize)
 
     # Every method freezes the store's clock (``with self._store.timer``) so that one call sees
@@ -116,11 +166,40 @@ class MemoryTier:
             slot = variants.by_variant.get(variant)
             if slot is None:
                 return None
-            entry, expires = slot
+            entry, expires, _, _ = slot
             if expires <= now:
                 self._drop_variant(key, variants, variant)
                 return None
             return Stored(entry, expires - now)
+
+    # ``builtins.bytes`` below: in this class ``bytes`` is the property.
+
+    def peek_rendered(
+        self, key: str, variant: str, render: Callable[[Entry], builtins.bytes]
+    ) -> tuple[Entry, float, builtins.bytes] | None:
+        """``peek`` for an answer that needs the entry in another form too: (entry, seconds
+        left in L1, ``render(entry)``), None when ``peek`` finds nothing.
+
+        ``render`` runs once per stored variant, on its first read here: its result is kept
+        with the variant, dies with it, and counts against ``max_bytes`` (making room for it
+        may evict other keys, least recently used first). It must be a pure function of the
+        entry: a variant is rendered once, whoever asks, whatever ``render`` they pass.
+        """
+        with self._store.timer as now:
+            try:
+                variants = self._store[key]  # by index, as in ``peek``
+            except KeyError:
+                return None
+            slot = variants.by_variant.get(variant)
+            if slot is None:
+                return None
+            entry, expires, rendered, _ = slot
+            if expires <= now:
+                self._drop_variant(key, variants, variant)
+                return None
+            if rendered is None:
+                rendered = self._keep_rendering(variants, variant, render(entry))
+            return entry, expires - now, rendered
 
     async def set(
         self,
@@ -141,9 +220,11 @@ class MemoryTier:
             if current is not None:
                 # A replacement is not an eviction: take the old item out quietly.
                 self._count -= len(current.by_variant)
-            by_variant[variant] = (entry, now + ttl)
+            by_variant[variant] = _slot(entry, now + ttl, variant)
             try:
-                self._store[key] = _Variants(by_variant)
+                # The key object already held, if any: the expiry heap may still hold it too.
+                held = key if current is None else current.key
+                self._store[held] = _Variants(held, by_variant)
             except ValueError:
                 # Larger than max_bytes on its own: L1 cannot hold it, and the old variants must
                 # not outlive the write that replaced them.
@@ -212,5 +293,22 @@ class MemoryTier:
         self._observer.evicted(Eviction.EXPIRED, 1)
         rest = {name: slot for name, slot in variants.by_variant.items() if name != variant}
         if rest:
-            self._store[key] = _Variants(rest)
+            self._store[variants.key] = _Variants(variants.key, rest)
             self._count += len(rest)
+
+    def _keep_rendering(
+        self, variants: _Variants, variant: str, rendered: builtins.bytes
+    ) -> builtins.bytes:
+        """Keep ``rendered`` with the variant, counted; called with the store's clock frozen,
+        the variant fresh and its key the most recently used (``peek_rendered`` just read it)."""
+        cost = allocated(sys.getsizeof(rendered))
+        if variants.size + cost > self._store.maxsize:
+            return rendered  # the key would no longer fit: rendered again on every read instead
+        entry, expires, _, counted = variants.by_variant[variant]
+        variants.by_variant[variant] = (entry, expires, rendered, counted + cost)
+        variants.size += cost
+        # Setting the same item again is how cachetools recounts its size: it evicts least
+        # recently used keys until the total fits. Never this one (the most recently used, and
+        # small enough alone), and neither its place in the LRU nor its expiry changes.
+        self._store[variants.key] = variants
+        return rendered

@@ -7,7 +7,7 @@ Most keys have one variant, ``""``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple, Protocol
 
 from cache.entry import Entry
@@ -74,6 +74,13 @@ class LocalTier(Tier, Protocol):
 
     def peek(self, key: str, variant: str = "") -> Stored | None:
         """``get``, answered at once."""
+        ...
+
+    def peek_rendered(
+        self, key: str, variant: str, render: Callable[[Entry], bytes]
+    ) -> tuple[Entry, float, bytes] | None:
+        """``peek``, with ``render(entry)``: rendered once per stored entry and kept (and
+        counted) with it; (entry, seconds left, rendering)."""
         ...
 
     async def delete_prefix(self, prefix: str) -> list[str]:

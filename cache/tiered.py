@@ -250,12 +250,18 @@ class TieredCache:
         return await flight.answer(self._usable(stale))
 
     def peek(
-        self, key: str, variant: str, stale: Staleness = NEVER, *, l1_ttl: float | None = None
-    ) -> Entry | asyncio.Future[Entry | None] | None:
-        """For an answer that must not wait on ``get`` (``proxy.fastpath``): a fresh L1 entry,
-        counted as an L1 hit. Not in L1 and ``l1_ttl`` given (the route's): L2's fresh entry, as
-        a future, counted as an L2 hit (and kept in L1 for ``l1_ttl`` at most) when it answers
-        with one.
+        self,
+        key: str,
+        variant: str,
+        render: Callable[[Entry], bytes],
+        stale: Staleness = NEVER,
+        *,
+        l1_ttl: float | None = None,
+    ) -> tuple[Entry, bytes] | asyncio.Future[Entry | None] | None:
+        """For an answer that must not wait on ``get`` (``proxy.fastpath``): a fresh L1 entry
+        with ``render(entry)`` (made once per entry and kept in L1 with it), counted as an L1
+        hit. Not in L1 and ``l1_ttl`` given (the route's): L2's fresh entry, as a future,
+        counted as an L2 hit (and kept in L1 for ``l1_ttl`` at most) when it answers with one.
 
         None, and nothing counted, when ``get`` must run instead: in L1 but not fresh or due
         for an early refresh (which ``get`` starts), no L2, a lookup of the key under way
@@ -263,17 +269,17 @@ class TieredCache:
         entry, failed, or it is due for an early refresh) counts nothing either: its read is
         kept for ``get``, which counts it and does not ask Redis again."""
         if self._l1_trusted:
-            stored = self._l1.peek(key, variant)
-            if stored is not None:
-                entry = stored.entry
-                time_left = entry.expires_at() - self._clock.time()
+            held = self._l1.peek_rendered(key, variant, render)
+            if held is not None:
+                entry, _, rendered = held
+                time_left = entry.stored_at + entry.ttl - self._clock.time()
                 if time_left <= 0:
                     return None
                 beta = stale.early_refresh
                 if beta and refresh_early(time_left, entry.fetch_seconds, beta, self._rand):
                     return None
                 self._observer.lookup("l1", True)
-                return entry
+                return entry, rendered
         shared = self._shared
         if l1_ttl is None or shared is None or key in self._flights:
             return None

@@ -58,6 +58,7 @@ _CONNECTION = re.compile(rb"\r\nconnection:([^\r\n]*)", re.IGNORECASE)
 _HANDED_OVER = re.compile(rb"\n(?:content-length|transfer-encoding|upgrade|expect)[ \t]*:", re.I)
 # Response headers the hit path sets itself (or that describe one delivery).
 _OWN = frozenset({"x-cache", "cache-status", "age", "content-length", "connection"})
+_DATED = b"\r\nDate: "  # in a serialized head: the entry has a Date of its own, kept
 MAX_HEAD = 16 << 10  # a head longer than this is aiohttp's to refuse
 
 Answer = tuple[bytes, bool]  # the whole answer, and whether the connection stays open
@@ -73,21 +74,30 @@ def _fields(head: bytes, start: int) -> CIMultiDictProxy[str]:
     return CIMultiDictProxy(fields)
 
 
-def _serialize(entry: Entry, cache_lines: bytes) -> tuple[bytes, bool]:
+def _serialize(entry: Entry, cache_lines: bytes) -> bytes:
     """The status line and the entry's headers, with ``cache_lines`` (X-Cache, Cache-Status)
-    and Content-Length; and whether the entry has a Date of its own."""
+    and Content-Length. A Date of the entry's own is written ``Date:`` (``_DATED`` finds it)."""
     try:
         reason = http.HTTPStatus(entry.status).phrase
     except ValueError:
         reason = ""
     lines = [f"HTTP/1.1 {entry.status} {reason}\r\n".encode()]
     for name, value in entry.headers:
-        if name.lower() not in _OWN:
-            lines.append(f"{name}: {value}\r\n".encode("utf-8", "surrogateescape"))
+        lowered = name.lower()
+        if lowered == "date":
+            name = "Date"
+        elif lowered in _OWN:
+            continue
+        lines.append(f"{name}: {value}\r\n".encode("utf-8", "surrogateescape"))
     lines.append(cache_lines)
     lines.append(b"Content-Length: %d\r\n" % len(entry.body))
-    dated = any(name.lower() == "date" for name, _ in entry.headers)
-    return b"".join(lines), dated
+    return b"".join(lines)
+
+
+def _l1_head(entry: Entry) -> bytes:
+    """What L1 keeps with an entry for the hit path (``TieredCache.peek``): the part of an L1
+    hit that is the same for every request."""
+    return _serialize(entry, HIT_L1)
 
 
 class Hits:
@@ -101,7 +111,6 @@ class Hits:
         *,
         clock: Callable[[], float] = time.time,
         max_key_length: int = 1024,
-        max_entries: int = 10_000,
         max_header_size: int = 8190,
         max_headers: int = 128,
     ) -> None:
@@ -114,8 +123,6 @@ class Hits:
         self._metrics = metrics
         self._clock = clock
         self._max_key_length = max_key_length
-        self._max_wired = 2 * max_entries
-        self._wired: dict[int, tuple[Entry, bytes, bool]] = {}
         self._date_second = -1
         self._date = b""
 
@@ -141,10 +148,10 @@ class Hits:
         path, _, query = target.partition("?")
         if "#" in query or not is_canonical(path):
             return None
-        found = self._router.match(path)
-        if found is None:
+        matched = self._router.match(path)
+        if matched is None:
             return None
-        route, params = found
+        route, params = matched
         if not route.cached:
             return None
         key = route.key_for(params, path, query)
@@ -162,22 +169,22 @@ class Hits:
                 keep_alive = False
             elif b"keep-alive" in value:
                 keep_alive = True
-        entry = self._cache.peek(key, variant, route.stale, l1_ttl=route.l1_ttl)
-        if entry is None:
+        found = self._cache.peek(key, variant, _l1_head, route.stale, l1_ttl=route.l1_ttl)
+        if found is None:
             return None
-        if not isinstance(entry, Entry):  # not in L1: L2 is being asked
+        if not isinstance(found, tuple):  # not in L1: L2 is being asked
             answered: Pending = asyncio.get_running_loop().create_future()
-            entry.add_done_callback(
+            found.add_done_callback(
                 partial(self._from_l2, answered, route.name, method, keep_alive, http_1_0, started)
             )
             return answered
-        wire, dated = self._wire(entry)
+        entry, wire = found
         now = self._clock()
         # GET and HEAD are their own method labels: the tuple Metrics.series would make.
         self._metrics.answered(
             (route.name, method, entry.status, "hit_l1"), time.perf_counter() - started, now
         )
-        return self._assemble(entry, wire, dated, method, keep_alive, http_1_0, now), keep_alive
+        return self._assemble(entry, wire, method, keep_alive, http_1_0, now), keep_alive
 
     def _from_l2(
         self,
@@ -195,10 +202,10 @@ class Hits:
         if entry is None:
             answered.set_result(None)
             return
-        # Not memoized: an entry read from L2 is a new object each time.
-        wire, dated = _serialize(entry, HIT_L2)
+        # Not kept: L1 keeps its own rendering, of its own entry, once it holds one.
+        wire = _serialize(entry, HIT_L2)
         now = self._clock()
-        whole = self._assemble(entry, wire, dated, method, keep_alive, http_1_0, now)
+        whole = self._assemble(entry, wire, method, keep_alive, http_1_0, now)
         self._metrics.answered(
             (route, method, entry.status, "hit_l2"), time.perf_counter() - started, now
         )
@@ -208,14 +215,13 @@ class Hits:
         self,
         entry: Entry,
         wire: bytes,
-        dated: bool,
         method: str,
         keep_alive: bool,
         http_1_0: bool,
         now: float,
     ) -> bytes:
         parts = [wire, b"Age: %d\r\n" % int(entry.age(now))]
-        if not dated:  # the origin's Date is kept, as the full path keeps it
+        if _DATED not in wire:  # the origin's Date is kept, as the full path keeps it
             parts.append(self._date_line(now))
         if not keep_alive:
             parts.append(b"Connection: close\r\n")
@@ -225,19 +231,6 @@ class Hits:
         if method == "GET":
             parts.append(entry.body)
         return b"".join(parts)
-
-    def _wire(self, entry: Entry) -> tuple[bytes, bool]:
-        """The status line and the entry's headers, with X-Cache and Content-Length: the part
-        of an L1 hit that is the same for every request, serialized once per entry; and whether
-        the entry has a Date of its own."""
-        found = self._wired.get(id(entry))
-        if found is not None and found[0] is entry:
-            return found[1], found[2]
-        wire, dated = _serialize(entry, HIT_L1)
-        if len(self._wired) >= self._max_wired:
-            self._wired.clear()  # entries come and go; a bounded memo, rebuilt as they are hit
-        self._wired[id(entry)] = (entry, wire, dated)
-        return wire, dated
 
     def _date_line(self, now: float) -> bytes:
         second = int(now)

@@ -183,7 +183,6 @@ def proxy_site(
         runtime.metrics,
         clock=runtime.proxy.clock.time,
         max_key_length=settings.server.max_key_length,
-        max_entries=settings.l1.max_entries,
         max_header_size=settings.server.max_header_size,
         max_headers=settings.server.max_headers,
     )

@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import gc
 import struct
+import sys
+import tracemalloc
 
 import pytest
 from hypothesis import given
@@ -81,11 +84,44 @@ def test_age_and_expiry_follow_stored_at_and_ttl() -> None:
     assert entry.age(90.0) == 0.0  # a clock behind the writer's never gives a negative Age
 
 
-def test_size_counts_body_headers_and_overhead() -> None:
-    small = Entry(200, (), b"", 0.0, 1.0)
-    big = Entry(200, (("Name", "value"),), b"x" * 1000, 0.0, 1.0)
-    assert big.size() - small.size() == 1000 + len("Name") + len("value")
-    assert small.size() > 0
+def realistic(n: int, body_size: int) -> Entry:
+    """An entry as the proxy stores one: shared header names, values and body of its own."""
+    return Entry(
+        200,
+        (
+            ("Content-Type", f"application/json; charset=utf-{n % 9}"),
+            ("ETag", f'"{n:016x}"'),
+            ("Date", f"Fri, 27 Nov 2026 14:{n % 60:02d}:07 GMT"),
+            ("Cache-Control", f"max-age={60 + n % 7}"),
+            ("X-Origin-Shard", f"shard-{n % 16}"),
+        ),
+        b"%d" % n + b" " * body_size,
+        1.7e9 + n,
+        60.0 + n,
+    )
+
+
+@pytest.mark.parametrize("body_size", [0, 1024, 100_000])
+def test_size_is_the_memory_an_entry_takes(body_size: int) -> None:
+    # tracemalloc sees each object at its requested size; size() adds what the allocator rounds
+    # up (up to 15 bytes an object, a dozen objects an entry), so it may be that much above.
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        kept = [realistic(n, body_size) for n in range(200)]
+        traced = tracemalloc.get_traced_memory()[0] - before - sys.getsizeof(kept)
+    finally:
+        tracemalloc.stop()
+    counted = sum(entry.size() for entry in kept)
+    assert traced <= counted <= traced + 16 * 14 * len(kept)
+
+
+def test_decoded_entries_share_their_header_names() -> None:
+    first = decode(encode(realistic(1, 10)))
+    second = decode(encode(realistic(2, 10)))
+    assert all(a is b for (a, _), (b, _) in zip(first.headers, second.headers, strict=True))
+    assert first.size() == realistic(1, 10).size()
 
 
 @pytest.mark.parametrize(

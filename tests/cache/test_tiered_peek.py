@@ -57,6 +57,10 @@ def origin(clock: FakeClock, body: bytes = b"from the origin") -> Loaded:
     return Loaded(entry(clock, body), l1_ttl=30, l2_ttl=60)
 
 
+def render(entry: Entry) -> bytes:
+    return b"rendered:" + entry.body
+
+
 async def settle() -> None:
     for _ in range(5):
         await asyncio.sleep(0)
@@ -70,7 +74,7 @@ async def test_an_l2_hit_is_answered_counted_once_and_kept_in_l1(
     observer: RecordingObserver,
 ) -> None:
     await l2.set("users:1", "", entry(clock), 600)
-    found = cache.peek("users:1", "", l1_ttl=30)
+    found = cache.peek("users:1", "", render, l1_ttl=30)
     assert isinstance(found, asyncio.Future)
     assert await found == entry(clock)
     assert observer.lookups == {("l1", False): 1, ("l2", True): 1}
@@ -78,7 +82,8 @@ async def test_an_l2_hit_is_answered_counted_once_and_kept_in_l1(
     kept = l1.peek("users:1")
     assert kept is not None
     assert kept.ttl_left == pytest.approx(30)
-    assert cache.peek("users:1", "", l1_ttl=30) == entry(clock)  # now from L1, at once
+    # Now from L1, at once, with its rendering.
+    assert cache.peek("users:1", "", render, l1_ttl=30) == (entry(clock), b"rendered:v1")
     assert observer.lookups[("l1", True)] == 1
 
 
@@ -86,14 +91,14 @@ async def test_without_the_route_s_l1_ttl_only_l1_is_looked_at(
     cache: TieredCache, l2: CountedTier, clock: FakeClock
 ) -> None:
     await l2.set("users:1", "", entry(clock), 600)
-    assert cache.peek("users:1", "") is None
+    assert cache.peek("users:1", "", render) is None
     assert l2.reads == 0
 
 
 async def test_an_l2_miss_is_left_to_get_which_counts_it_and_does_not_ask_again(
     cache: TieredCache, l2: CountedTier, clock: FakeClock, observer: RecordingObserver
 ) -> None:
-    found = cache.peek("users:1", "", l1_ttl=30)
+    found = cache.peek("users:1", "", render, l1_ttl=30)
     assert isinstance(found, asyncio.Future)
     assert await found is None
     assert observer.lookups == {}
@@ -110,7 +115,7 @@ async def test_an_l2_miss_is_left_to_get_which_counts_it_and_does_not_ask_again(
 async def test_a_read_left_over_is_not_trusted_for_long(
     cache: TieredCache, l2: CountedTier, clock: FakeClock
 ) -> None:
-    found = cache.peek("users:1", "", l1_ttl=30)
+    found = cache.peek("users:1", "", render, l1_ttl=30)
     assert isinstance(found, asyncio.Future)
     assert await found is None
     await l2.set("users:1", "", entry(clock, b"filled meanwhile"), 600)
@@ -130,7 +135,7 @@ async def test_a_write_while_l2_is_read_keeps_the_old_value_out_of_l1(
     change: str, cache: TieredCache, l1: MemoryTier, l2: CountedTier, clock: FakeClock
 ) -> None:
     await l2.set("users:1", "", entry(clock, b"old"), 600)
-    found = cache.peek("users:1", "", l1_ttl=30)
+    found = cache.peek("users:1", "", render, l1_ttl=30)
     assert isinstance(found, asyncio.Future)
     if change == "invalidate":
         await cache.invalidate("users:1")
@@ -153,7 +158,7 @@ async def test_a_stale_l1_entry_is_left_to_get(
 ) -> None:
     await l1.set("users:1", "", entry(clock, ttl=1), 60)
     clock.advance(2)
-    assert cache.peek("users:1", "", l1_ttl=30) is None  # stale serving is get's
+    assert cache.peek("users:1", "", render, l1_ttl=30) is None  # stale serving is get's
     assert l2.reads == 0
 
 
@@ -168,7 +173,7 @@ async def test_a_running_lookup_of_the_key_is_joined_by_get_not_read_again(
 
     first = asyncio.create_task(cache.get("users:1", "", l1_ttl=30, loader=slow))
     await settle()
-    assert cache.peek("users:1", "", l1_ttl=30) is None
+    assert cache.peek("users:1", "", render, l1_ttl=30) is None
     gate.set()
     await first
 
@@ -186,7 +191,7 @@ async def test_one_failed_round_trip_is_one_failure_however_many_reads_it_carrie
             observer=observer,
             breaker=breaker,
         )
-        reads = [cache.peek(f"users:{i}", "", l1_ttl=30) for i in range(10)]
+        reads = [cache.peek(f"users:{i}", "", render, l1_ttl=30) for i in range(10)]
         assert all(isinstance(read, asyncio.Future) for read in reads)
         assert await asyncio.gather(*reads) == [None] * 10  # type: ignore[arg-type]
         assert observer.errors == {("l2", "get"): 1}

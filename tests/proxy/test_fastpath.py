@@ -5,14 +5,23 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from email.utils import formatdate
 from typing import Any
 
 import pytest
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
+from cache.entry import Entry
+from cache.memory import MemoryTier
+from cache.tiered import TieredCache
 from proxy.app import RUNTIME, build_proxy_app
+from proxy.config import parse_settings
+from proxy.fastpath import Hits
+from proxy.metrics import Metrics
+from proxy.routes import Router
 from proxy.server import proxy_site
+from tests.fakes import FakeClock
 from tests.ports import free_port
 from tests.proxy.conftest import Origin, settings_for
 
@@ -284,3 +293,30 @@ async def test_a_connection_closed_while_l2_is_read_is_let_go(
     closing = await exchange(port, get("/shared/4", "Connection: close"), 1)
     assert closing[0][1]["x-cache"] == "HIT-L2"
     assert closing[0][1]["connection"] == "close"
+
+
+@pytest.mark.parametrize("date", ["Date", "date", None])
+async def test_an_l1_hit_keeps_the_origin_s_date_or_gets_one(date: str | None) -> None:
+    # The hit path keeps the head it serialized in L1 with the entry: a Date of the entry's
+    # own, however the origin spelled it, is kept once; an entry without one gets today's.
+    clock = FakeClock()
+    settings = parse_settings(
+        "upstream: {url: 'http://127.0.0.1:9'}\nroutes:\n  - path: /users/{id}\n"
+        "    key: 'users:{id}'\n",
+        env={},
+    )
+    cache = TieredCache(MemoryTier(max_entries=10, max_bytes=1 << 20, clock=clock), clock=clock)
+    headers: tuple[tuple[str, str], ...] = (("Content-Type", "application/json"),)
+    if date is not None:
+        headers += ((date, "Tue, 01 Jan 2030 00:00:00 GMT"),)
+    await cache.l1.set("users:1", "", Entry(200, headers, b"{}", clock.time(), 60), 60)
+    hits = Hits(Router.from_settings(settings), cache, Metrics(clock), clock=clock.time)
+    for _ in range(2):  # rendered, then read as L1 keeps it
+        answer = hits.answer(b"GET /users/1 HTTP/1.1\r\nHost: x")
+        assert isinstance(answer, tuple)
+        whole = answer[0]
+        dates = [line for line in whole.split(b"\r\n") if line.lower().startswith(b"date:")]
+        if date is None:
+            assert dates == [b"Date: " + formatdate(clock.time(), usegmt=True).encode()]
+        else:
+            assert dates == [b"Date: Tue, 01 Jan 2030 00:00:00 GMT"]
