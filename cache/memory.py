@@ -158,18 +158,10 @@ class MemoryTier:
     def peek(self, key: str, variant: str = "") -> Stored | None:
         """``get`` without a wait: what an answer that must not yield (a hit) reads."""
         with self._store.timer as now:
-            try:
-                # Indexing, not ``get``: get asks ``in`` first, which does the expiry check twice.
-                variants = self._store[key]
-            except KeyError:
+            found = self._live(key, variant, now)
+            if found is None:
                 return None
-            slot = variants.by_variant.get(variant)
-            if slot is None:
-                return None
-            entry, expires, _, _ = slot
-            if expires <= now:
-                self._drop_variant(key, variants, variant)
-                return None
+            entry, expires, _, _ = found[1]
             return Stored(entry, expires - now)
 
     # ``builtins.bytes`` below: in this class ``bytes`` is the property.
@@ -186,20 +178,29 @@ class MemoryTier:
         entry: a variant is rendered once, whoever asks, whatever ``render`` they pass.
         """
         with self._store.timer as now:
-            try:
-                variants = self._store[key]  # by index, as in ``peek``
-            except KeyError:
+            found = self._live(key, variant, now)
+            if found is None:
                 return None
-            slot = variants.by_variant.get(variant)
-            if slot is None:
-                return None
-            entry, expires, rendered, _ = slot
-            if expires <= now:
-                self._drop_variant(key, variants, variant)
-                return None
+            variants, (entry, expires, rendered, _) = found
             if rendered is None:
                 rendered = self._keep_rendering(variants, variant, render(entry))
             return entry, expires - now, rendered
+
+    def _live(self, key: str, variant: str, now: float) -> tuple[_Variants, _Slot] | None:
+        """The key's variants and the variant's slot, unless it is missing or past its expiry
+        (then dropped); called with the store's clock frozen at ``now``."""
+        try:
+            # Indexing, not ``get``: get asks ``in`` first, which does the expiry check twice.
+            variants = self._store[key]
+        except KeyError:
+            return None
+        slot = variants.by_variant.get(variant)
+        if slot is None:
+            return None
+        if slot[1] <= now:
+            self._drop_variant(key, variants, variant)
+            return None
+        return variants, slot
 
     async def set(
         self,
