@@ -2,6 +2,8 @@
 
 `cachecar origin` + `cachecar serve` (/wb/{id} write-behind, /wt/{id} write-through, L2 and
 the queue on the real Redis under a key prefix of this run, flush_interval 1s)
+-> a warm-up, not counted: PUTs to other keys on both routes, until the queue is empty, so
+   that neither mode pays for the proxy's first Redis and origin connections
 -> A, coalescing: N PUTs round-robin over K keys, paced over S seconds, to /wb/; wait for an
    empty queue; the same to /wt/. The origin's /_stats counts the PUTs that reached it, and
    every key's value there must be its last acknowledged write.
@@ -54,6 +56,7 @@ from proxy.settings import WriteBehindSettings
 from proxy.units import parse_duration
 
 IN_FLIGHT = 32  # PUTs the benchmark keeps in flight at once
+WARM_UP = 4 * IN_FLIGHT  # PUTs per route before anything is measured
 WAIT_LIMIT = 60.0  # no wait (a process starting, a queue draining) lasts longer than this
 POLL = 0.05  # how often the queue depth is read while it drains
 PILE_UP_INTERVAL = "10m"  # workload B's flush interval: nothing is flushed until the stop
@@ -231,6 +234,18 @@ class Bench:
         await wait_http(self._session, proxy.admin + "/healthz", process, within=WAIT_LIMIT)
         await wait_http(self._session, proxy.url + "/", process, within=WAIT_LIMIT)
         return proxy
+
+    async def warm_up(self, proxy: Proxy, problems: list[str]) -> None:
+        """PUTs on both routes to keys no workload uses, sent as the workload sends them: the
+        connection pools a fresh proxy fills on its first burst are filled here, not in
+        whichever mode runs first."""
+        for mode in (WRITE_BEHIND, WRITE_THROUGH):
+            sender = Sender(self._session, proxy.url, mode)
+            for n in range(WARM_UP):
+                await sender.submit(f"warm-{n}", n)
+            await sender.finish()
+            problems.extend(_refusals(mode, sender))
+        await self._queue_empties(proxy, problems)
 
     async def coalescing(self, proxy: Proxy, mode: Mode, problems: list[str]) -> Coalescing:
         """Workload A for one mode: paced PUTs round-robin over the keys, then the count."""
@@ -429,6 +444,8 @@ async def _workloads(
         workload = Bench(report.params, processes, logs, session)
         await workload.start_origin()
         proxy = await workload.start_proxy("serve", redis_url, run_prefix + "coalescing:", "1s")
+        _progress(f"warm-up: {WARM_UP} PUTs per route, not counted")
+        await workload.warm_up(proxy, report.problems)
         for mode in (WRITE_BEHIND, WRITE_THROUGH):
             _progress(f"{mode.name}: {report.params.puts:,} PUTs over {report.params.keys:,} keys")
             report.coalescing.append(await workload.coalescing(proxy, mode, report.problems))
@@ -453,7 +470,8 @@ def render(report: Report) -> str:
         f"- software: cachecar {cachecar_version()}, Python {platform.python_version()}, "
         f"Redis {report.redis_version}; every process on 127.0.0.1",
         f"- parameters: {p.puts:,} PUTs per mode, round-robin over {p.keys:,} keys, paced over "
-        f"{p.seconds:g}s, at most {IN_FLIGHT} in flight; origin latency {p.latency}; "
+        f"{p.seconds:g}s, at most {IN_FLIGHT} in flight, after a warm-up of {WARM_UP} PUTs per "
+        f"route to other keys; origin latency {p.latency}; "
         f"write_behind flush_interval 1s, batch_size {defaults.batch_size}, concurrency "
         f"{defaults.concurrency} (the defaults); {p.distinct:,} distinct keys for the flush",
         "",

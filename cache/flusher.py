@@ -4,7 +4,9 @@
       claim up to batch_size ready keys (each leased to this replica; a key is ready
       flush_interval after its first unsent write, the queue's coalescing window)
       -> send each key's newest write, at most ``concurrency`` at a time
-           ok         -> ack: the key leaves the queue (or goes again at once if rewritten)
+           ok         -> (an unsettled write: ``on_stale(key)`` first, so caches drop what may
+                         predate it) ack, the batch's in one call once its sends are done: the
+                         key leaves the queue (or goes again at once if rewritten)
            retry      -> fail: ready again after an exponential backoff with jitter
            permanent,
            or the last
@@ -14,7 +16,8 @@
 Order per key holds because a key is leased to one flusher at a time, each send carries the
 newest value at claim time, and a send is only started while at least ``send_timeout`` of the
 lease is left: a replica that stalls past its lease does not send, so it cannot land an old
-value after a newer one sent by the replica that took the key over.
+value after a newer one sent by the replica that took the key over. The claims of a batch share
+one lease, so the batch's last send ends within it too, and so does the one ack that follows.
 """
 
 from __future__ import annotations
@@ -81,8 +84,12 @@ class Flusher:
         backoff: Backoff,
         send_timeout: float,
         on_dead: Callable[[str], Awaitable[None]] | None = None,
+        on_stale: Callable[[str], Awaitable[None]] | None = None,
         observer: CacheObserver | None = None,
     ) -> None:
+        """``on_dead(key)``: the origin refused the key's write for good. ``on_stale(key)``:
+        the origin took a write the tiers may not hold (its writer died before it gave it to
+        them), so they may hold an older value; ``cache.write_behind`` sets it."""
         self._queue = queue
         self._sink = sink
         self._clock = clock
@@ -95,6 +102,7 @@ class Flusher:
         # Long enough for any send to finish, with room for a slow claim round trip.
         self.lease = 2 * send_timeout + interval
         self._on_dead = on_dead
+        self.on_stale = on_stale
         self._observer: CacheObserver = observer or NullObserver()
         self._wake = asyncio.Event()
         self._queue_ok = True
@@ -150,36 +158,67 @@ class Flusher:
         """Claim one batch and send it; returns how many writes were claimed."""
         claims = await self._queue.claim(self._batch_size, self.lease, early=early)
         if claims:
-            await asyncio.gather(*(self._flush(claim) for claim in claims))
+            said = await asyncio.gather(*(self._send(claim) for claim in claims))
+            sent = [(claim, s) for claim, s in zip(claims, said, strict=True) if s is not None]
+            # One call records every write the origin took: a script call per write would
+            # cost the flusher more than the origin's answer does.
+            await asyncio.gather(
+                self._recorded(
+                    self._acked([claim for claim, s in sent if s.outcome is Outcome.OK])
+                ),
+                *(self._failed(claim, s) for claim, s in sent if s.outcome is not Outcome.OK),
+            )
         if not self._queue_ok:
             self._queue_ok = True
             logger.info("write-behind queue answers again")
         return len(claims)
 
-    async def _flush(self, claim: Claim) -> None:
+    async def _send(self, claim: Claim) -> Sent | None:
+        """What the origin said of ``claim``'s write; None when it was not sent."""
         async with self._limit:
             # A claim that waited its turn too long may have been taken over already.
             if self._clock.time() + self._send_timeout > claim.lease / 1000:
-                return
+                return None
             try:
                 async with asyncio.timeout(self._send_timeout):
-                    sent = await self._sink.send(claim.write)
+                    return await self._sink.send(claim.write)
             except TimeoutError:
-                sent = Sent(Outcome.RETRY, f"no answer within {self._send_timeout:g}s")
+                return Sent(Outcome.RETRY, f"no answer within {self._send_timeout:g}s")
             except Exception as exc:
                 logger.exception("write-behind: sending %s failed", claim.write.target)
-                sent = Sent(Outcome.RETRY, f"{type(exc).__name__}: {exc}")
-            try:
-                await self._settle(claim, sent)
-            except CacheError as exc:
-                # The lease runs out and the write is sent again: at least once, never lost.
-                logger.warning("write-behind: could not record %s: %s", claim.write.key, exc)
+                return Sent(Outcome.RETRY, f"{type(exc).__name__}: {exc}")
+
+    async def _acked(self, claims: list[Claim]) -> None:
+        if claims:
+            stale = [claim.write.key for claim in claims if claim.unsettled]
+            if stale and self.on_stale is not None:
+                # Before the ack: a stop or a crash in between sends the write again, and drops
+                # the key again, rather than leave the older value cached for good.
+                await asyncio.gather(*(self._limited(self.on_stale(key)) for key in stale))
+            await self._queue.ack_all(claims)
+            for _ in claims:
+                self._observer.flushed("ok")
+
+    async def _failed(self, claim: Claim, sent: Sent) -> None:
+        await self._limited(self._recorded(self._settle(claim, sent)))
+
+    async def _limited(self, call: Awaitable[None]) -> None:
+        # Calls made per write go as many at once as sends do (a batch the origin refused
+        # whole would otherwise take a Redis connection per write).
+        async with self._limit:
+            await call
+
+    async def _recorded(self, settling: Awaitable[None]) -> None:
+        try:
+            await settling
+        except CacheError as exc:
+            # The lease runs out and the writes are sent again: at least once, never lost.
+            logger.warning("write-behind: could not record what the origin said: %s", exc)
 
     async def _settle(self, claim: Claim, sent: Sent) -> None:
         key = claim.write.key
         if sent.outcome is Outcome.OK:
-            await self._queue.ack(claim)
-            self._observer.flushed("ok")
+            await self._acked([claim])
             return
         attempt = claim.tries + 1
         if sent.outcome is Outcome.RETRY and attempt < self._max_attempts:

@@ -14,17 +14,28 @@ Layout (every key shares the hash tag ``{wb}``, so each script touches one Clust
     {prefix}{wb}:dead     hash    key -> dead letter: JSON (key, method, path, attempts,
                                   last_error, failed_at)
     {prefix}{wb}:corpses  hash    key -> the dead write's bytes, for replay
+    {prefix}{wb}:unsettled hash   key -> the sequence number of its newest write while the tiers
+                                  may not hold it yet (see below)
 
     enqueue  -> values/seqs replaced (a newer write coalesces an unflushed one);
-                ready NX now + coalesce_for: the key's coalescing window
-    claim    -> keys ready by now: ready = now + lease (the lease), their newest value returned
-    ack      -> (only by the lease holder: ready still holds its lease)
+                ready NX now + coalesce_for: the key's coalescing window; unsettled = seq
+                (the writes of concurrent callers share one script call: a group commit,
+                which also carries ``settled`` news: unsettled dropped if still that seq)
+    claim    -> keys ready by now: ready = now + lease (the lease), their newest value returned,
+                and whether it is unsettled
+    ack      -> (a flusher's batch in one script call; per key only by the lease holder: ready
+                still holds its lease)
                 sent seq is still the newest: key leaves the queue
                 a newer write arrived meanwhile: ready = now + coalesce_for (a new window)
     fail     -> (only by the lease holder) retry: ready = now + backoff; dead: moved to
                 dead/corpses, key leaves the queue (unless a newer write is waiting: that one
                 stays and is tried at once, and the dead one cannot be replayed over it)
     enqueue also drops the key's dead letter: a replay must never undo a newer write
+
+Unsettled: a write is queued before the tiers are given it (``cache.write_behind``), so a
+process that dies in between leaves the tiers holding an older value. Its write stays
+unsettled, and the flusher that sends it has the key dropped from the tiers before the ack:
+the old value cannot outlive the write's arrival at the origin.
 
 Every step is one Lua script, so a crash between two steps leaves the queue consistent: a
 claimed key whose holder died becomes ready again when its lease runs out. Times come from the
@@ -37,11 +48,13 @@ out the queue's timeout and never acknowledged; a queue call may be the half-ope
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import json
 import logging
 import struct
+from collections.abc import Sequence
 from typing import Any, NamedTuple, cast
 
 from cache.breaker import Guard
@@ -52,6 +65,9 @@ from cache.queue_scripts import ACK, CLAIM, ENQUEUE, FAIL, REPLAY
 from cache.redis_tier import RedisClient, bounded, close_quietly
 
 logger = logging.getLogger("cachecar.write_behind")
+
+# Writes one enqueue call takes at most: the script runs alone in Redis, so it stays short.
+COMMIT_MAX = 256
 
 
 class QueueFull(CacheError):
@@ -86,6 +102,7 @@ class Claim:
     seq: int
     tries: int  # failed attempts of the key's pending write before this one
     lease: int  # the lease's end (ms): also its token, which ack and fail must show
+    unsettled: bool = False  # the tiers may hold an older value than this write's
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -164,9 +181,24 @@ class WriteQueue:
         self._max_pending = max_pending
         self._window_ms = round(coalesce_for * 1000)
         self._guard = guard or Guard()
-        names = ("seq", "values", "seqs", "ready", "since", "tries", "dead", "corpses")
+        names = (
+            "seq",
+            "values",
+            "seqs",
+            "ready",
+            "since",
+            "tries",
+            "dead",
+            "corpses",
+            "unsettled",
+        )
         self._keys = {name: f"{key_prefix}{{wb}}:{name}" for name in names}
         self._enqueue = client.register_script(ENQUEUE)
+        # The group commit: writes waiting for the next enqueue call, settled writes to report
+        # with it, and the task making it.
+        self._waiting: list[tuple[QueuedWrite, asyncio.Future[Queued]]] = []
+        self._settled: list[tuple[str, int]] = []
+        self._committing: asyncio.Task[None] | None = None
         self._claim = client.register_script(CLAIM)
         self._ack = client.register_script(ACK)
         self._fail = client.register_script(FAIL)
@@ -187,16 +219,86 @@ class WriteQueue:
         Raises ``TierUnavailable`` when Redis does not take it (the write is then not
         acknowledged; ``CircuitOpen``: Redis was not even asked, the breaker is open) and
         ``QueueFull`` past ``max_pending`` keys.
+
+        Writes that arrive while an enqueue call is under way go together in the next one (a
+        group commit): a script call costs the event loop far more than the bytes of a write,
+        so under load one call carries many writes. Each write is answered once Redis has it.
         """
+        taken: asyncio.Future[Queued] = asyncio.get_running_loop().create_future()
+        self._waiting.append((write, taken))
+        self._commit_soon()
+        return await taken
+
+    def settled(self, key: str, seq: int) -> None:
+        """The tiers hold write ``seq`` of ``key`` (or a newer one): it is settled. Sent with
+        the next enqueue call; lost with the process, which costs the key one needless drop
+        from the tiers when it is flushed."""
+        self._settled.append((key, seq))
+        self._commit_soon()
+
+    def _commit_soon(self) -> None:
+        if self._committing is None:
+            self._committing = asyncio.create_task(self._commit())
+
+    async def _commit(self) -> None:
+        """Send the waiting writes and settlements, one call at a time, until none wait."""
+        try:
+            while self._waiting or self._settled:
+                batch = self._waiting[:COMMIT_MAX]
+                del self._waiting[:COMMIT_MAX]
+                settled, self._settled = self._settled, []
+                # A caller that gave up before its write left is not queued at all.
+                batch = [(write, taken) for write, taken in batch if not taken.done()]
+                if batch or settled:
+                    await self._commit_batch(batch, settled)
+        except asyncio.CancelledError:
+            # The loop is going away: nobody may wait for a call that will never be made.
+            for _, taken in self._waiting:
+                taken.cancel()
+            self._waiting.clear()
+            raise
+        finally:
+            self._committing = None
+
+    async def _commit_batch(
+        self,
+        batch: list[tuple[QueuedWrite, asyncio.Future[Queued]]],
+        settled: list[tuple[str, int]],
+    ) -> None:
         now = self._now_ms()
-        async with self._bounded("enqueue"):
-            result = await self._enqueue(
-                keys=self._k("seq", "values", "seqs", "ready", "since", "dead", "corpses"),
-                args=[write.key, _dump(write), now, self._max_pending, now + self._window_ms],
-            )
-        if result == -1:
-            raise QueueFull(f"{self._max_pending} keys are waiting for the origin")
-        return Queued(int(result[0]), bool(result[1]))
+        args: list[Any] = [now, self._max_pending, now + self._window_ms, len(batch)]
+        for write, _ in batch:
+            args += [write.key, _dump(write)]
+        for key, seq in settled:
+            args += [key, seq]
+        try:
+            async with self._bounded("enqueue"):
+                flat = await self._enqueue(
+                    keys=self._k(
+                        "seq", "values", "seqs", "ready", "since", "dead", "corpses", "unsettled"
+                    ),
+                    args=args,
+                )
+        except asyncio.CancelledError:
+            for _, taken in batch:
+                taken.cancel()
+            raise
+        except Exception as exc:  # every caller of the call hears why (the loop must go on)
+            # Settlements are dropped: each costs its key one needless drop when flushed.
+            for _, taken in batch:
+                if not taken.done():
+                    taken.set_exception(exc)
+            return
+        for i, (_, taken) in enumerate(batch):
+            if taken.done():
+                continue
+            seq, present = int(flat[2 * i]), int(flat[2 * i + 1])
+            if seq == -1:
+                taken.set_exception(
+                    QueueFull(f"{self._max_pending} keys are waiting for the origin")
+                )
+            else:
+                taken.set_result(Queued(seq, bool(present)))
 
     async def pending(self, key: str) -> QueuedWrite | None:
         """The newest unflushed write of ``key``, if any."""
@@ -213,12 +315,12 @@ class WriteQueue:
         now = self._now_ms()
         async with self._bounded("claim"):
             flat = await self._claim(
-                keys=self._k("ready", "values", "seqs", "tries"),
+                keys=self._k("ready", "values", "seqs", "tries", "unsettled"),
                 args=[now, round(lease * 1000), limit, now + round(early * 1000)],
             )
         until = now + round(lease * 1000)
         claims = []
-        for i in range(0, len(flat), 4):
+        for i in range(0, len(flat), 5):
             key, seq, tries, record = flat[i].decode(), int(flat[i + 1]), flat[i + 2], flat[i + 3]
             try:
                 write = _load(key, record)
@@ -227,7 +329,7 @@ class WriteQueue:
                 logger.error("write-behind: queued write of %r is unreadable (%s)", key, exc)
                 await self._bury(key, seq, record, int(tries), until, f"unreadable: {exc}")
                 continue
-            claims.append(Claim(write, seq, int(tries), until))
+            claims.append(Claim(write, seq, int(tries), until, unsettled=flat[i + 4] == 1))
         return claims
 
     async def _bury(
@@ -247,25 +349,38 @@ class WriteQueue:
         )
         async with self._bounded("fail"):
             await self._fail(
-                keys=self._k("ready", "values", "seqs", "since", "tries", "dead", "corpses"),
+                keys=self._k(
+                    "ready", "values", "seqs", "since", "tries", "dead", "corpses", "unsettled"
+                ),
                 args=[key, seq, now, now, 1, letter, record, lease],
             )
 
     async def ack(self, claim: Claim) -> bool:
-        """The origin has ``claim``'s write; True when the key left the queue.
+        """The origin has ``claim``'s write; True when the key left the queue (``ack_all``)."""
+        (done,) = await self.ack_all([claim])
+        return done
+
+    async def ack_all(self, claims: Sequence[Claim]) -> list[bool]:
+        """The origin has every one of ``claims``' writes, recorded in one call; for each,
+        True when its key left the queue.
 
         A newer write that arrived during the send goes out ``coalesce_for`` from now. A claim
         whose lease was taken over changes nothing: the new holder settles the key.
         """
+        if not claims:
+            return []
         now = self._now_ms()
+        args: list[Any] = [now, now + self._window_ms]
+        for claim in claims:
+            args += [claim.write.key, claim.seq, claim.lease]
         async with self._bounded("ack"):
             done = await self._ack(
-                keys=self._k("ready", "values", "seqs", "since", "tries"),
-                args=[claim.write.key, claim.seq, now, now + self._window_ms, claim.lease],
+                keys=self._k("ready", "values", "seqs", "since", "tries", "unsettled"), args=args
             )
-        if done == -1:
-            logger.warning("write-behind: lost the lease of %r before its ack", claim.write.key)
-        return bool(done == 1)
+        for claim, result in zip(claims, done, strict=True):
+            if result == -1:
+                logger.warning("write-behind: lost the lease of %r before its ack", claim.write.key)
+        return [result == 1 for result in done]
 
     async def fail(self, claim: Claim, error: str, *, retry_in: float | None) -> bool:
         """The send failed: retry after ``retry_in`` seconds, or (None) dead-letter it.
@@ -286,7 +401,9 @@ class WriteQueue:
         )
         async with self._bounded("fail"):
             gone = await self._fail(
-                keys=self._k("ready", "values", "seqs", "since", "tries", "dead", "corpses"),
+                keys=self._k(
+                    "ready", "values", "seqs", "since", "tries", "dead", "corpses", "unsettled"
+                ),
                 args=[
                     claim.write.key,
                     claim.seq,
@@ -331,6 +448,9 @@ class WriteQueue:
         return QueueStats(depth=depth, oldest_age=age, dead=dead)
 
     async def aclose(self) -> None:
+        if self._committing is not None:
+            # Writes on their way in are answered before the client goes.
+            await asyncio.wait([self._committing])
         await close_quietly(self._client)
 
     def _bounded(self, op: str) -> contextlib.AbstractAsyncContextManager[None]:

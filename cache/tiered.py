@@ -363,9 +363,9 @@ class TieredCache:
         await self._replace(key, None)
 
     async def drop(self, key: str) -> None:
-        """Drop ``key`` as ``invalidate`` does, without counting an invalidation: the caller is
-        about to write it (a write-behind write clears the old value before the queue takes
-        the new one, so a crash in between cannot leave the old value cached)."""
+        """Drop ``key`` as ``invalidate`` does, without counting an invalidation: what the
+        tiers hold no longer stands for the origin's answer (a refresh found it gone, or not
+        to be kept), and no write replaced it."""
         await self._replace(key, None)
 
     async def put(

@@ -1,13 +1,19 @@
 """Write-behind: a write is acknowledged once it is durable, and reads see it from then on.
 
-write(w)  -> the key's cached value is dropped (L1, L2, every replica's L1): were the process to
-             die between the queue and the tiers, the old value must not outlive the write
-          -> the queue takes it (Redis), one write of a key at a time in this process
+write(w)  -> the queue takes it (Redis), unsettled; one write of a key at a time in this process;
+             the writes of concurrent callers share one Redis call
              refused -> the caller answers 503 (and the key is dropped from L1 and L2 when Redis
              timed out: it may have taken the write all the same; not when the L2 breaker is
              open: Redis was not asked, so the write is surely nowhere)
           -> L1 and L2 hold it as the key's value (a DELETE: a 404 tombstone), L2 ordered by
              the queue's sequence number across replicas
+          -> settled (news sent with a later queue call) once L2 surely took it
+crash     -> were the process to die between the queue and the tiers, the tiers would keep the
+             old value: the write stays unsettled, and the flusher that sends it drops the key
+             from the tiers (every replica's L1 too) before it acks it, so the old value cannot
+             outlive the write's arrival at the origin. Until then the write was never
+             acknowledged (the answer comes after the tiers), so reads of the old value are
+             reads from before it.
 read miss -> L1, L2 as usual; then, before the origin, the key's unflushed write if there is
              one: read-your-writes even after both tiers dropped the value
 flusher   -> sends each key's newest write to the origin (``cache.flusher``); a write the
@@ -47,6 +53,8 @@ class WriteBehind:
         self._observer: CacheObserver = observer or NullObserver()
         self._task: asyncio.Task[None] | None = None
         self._locks = KeyLocks()
+        # A write the flusher sends unsettled: the tiers may hold what it replaced.
+        flusher.on_stale = cache.invalidate
 
     async def write(
         self,
@@ -61,10 +69,12 @@ class WriteBehind:
 
         Writes of one key are made one at a time here, so the tiers end with the write the
         queue holds last; across replicas, the queue's sequence number orders L2.
+
+        The tiers are not emptied of the key first (a Redis call, and an announcement to every
+        replica, per write): a process dying before it gives them the write leaves it
+        unsettled, which the flusher mends (see the module docstring).
         """
         async with self._locks.hold(write.key):
-            if self._cache.l2_healthy:  # an open breaker refuses the write below at once
-                await self._cache.drop(write.key)
             try:
                 queued = await self.queue.enqueue(write)
             except CircuitOpen:
@@ -84,6 +94,10 @@ class WriteBehind:
                 version=queued.seq,
                 tags=tags,
             )
+            # An L2 that failed the put (now or for another key: which is not told) keeps the
+            # key remembered for a drop; until that is done, the flusher is to drop it too.
+            if self._cache.pending_deletes == 0:
+                self.queue.settled(write.key, queued.seq)
 
     async def replay(self) -> int:
         """Queue the dead letters again; the caches drop their keys (they hold what the origin

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import Counter
+from collections.abc import Sequence
 
 import fakeredis
 import pytest
 
 from cache.entry import Entry
 from cache.flusher import Backoff, Flusher, Outcome, Sent
-from cache.queue import QueuedWrite, WriteQueue
+from cache.queue import Claim, QueuedWrite, WriteQueue
 from tests.fakes import FakeClock, RecordingObserver
 
 
@@ -100,6 +101,48 @@ async def test_batches_are_bounded_and_sends_run_at_bounded_concurrency(
     assert origin.most_in_flight == 3
 
 
+async def test_a_batch_the_origin_took_is_recorded_in_one_call(
+    queue: WriteQueue, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A script call per write would cost the flusher more than the origin's answer."""
+    origin = Origin()
+    origin.answers["k3"] = Sent(Outcome.RETRY, "the origin answered 503")
+    for n in range(10):
+        await queue.enqueue(put(f"k{n}", b"x"))
+    recorded: list[int] = []
+    ack_all = queue.ack_all
+
+    async def counted(claims: Sequence[Claim]) -> list[bool]:
+        recorded.append(len(claims))
+        return await ack_all(claims)
+
+    monkeypatch.setattr(queue, "ack_all", counted)
+    flusher = flusher_for(queue, origin, clock, batch_size=10, concurrency=3)
+    assert await flusher.flush_once() == 10
+    assert recorded == [9]
+    assert (await queue.stats()).depth == 1  # k3, waiting out its backoff
+
+
+async def test_an_unsettled_write_has_its_key_dropped_before_the_ack(
+    queue: WriteQueue, clock: FakeClock
+) -> None:
+    """Its writer may have died before the tiers had it: they may hold an older value."""
+    origin = Origin()
+    settled = await queue.enqueue(put("settled", b"x"))
+    queue.settled("settled", settled.seq)
+    await queue.enqueue(put("unsettled", b"x"))
+    dropped: list[tuple[str, int]] = []
+
+    async def on_stale(key: str) -> None:
+        dropped.append((key, (await queue.stats()).depth))
+
+    flusher = flusher_for(queue, origin, clock)
+    flusher.on_stale = on_stale
+    assert await flusher.flush_once() == 2
+    assert dropped == [("unsettled", 2)]  # while both were still queued
+    assert (await queue.stats()).depth == 0
+
+
 async def test_a_failing_write_is_retried_after_a_backoff_and_then_succeeds(
     queue: WriteQueue, clock: FakeClock, observer: RecordingObserver
 ) -> None:
@@ -181,7 +224,7 @@ async def test_a_claim_whose_lease_ran_short_is_not_sent(
     await queue.enqueue(put("k", b"v"))
     [claim] = await queue.claim(10, flusher.lease)
     clock.advance(flusher.lease - 0.5)  # less than send_timeout (1s) left
-    await flusher._flush(claim)
+    assert await flusher._send(claim) is None
     assert origin.received == []
 
 

@@ -3,6 +3,7 @@ Cluster (every script's keys in one slot, or the cluster refuses it) and behind 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import fakeredis
@@ -12,7 +13,7 @@ from redis.asyncio import Redis
 from cache.breaker import Breaker, CircuitOpen, Guard
 from cache.entry import Entry
 from cache.errors import CorruptEntry, TierUnavailable
-from cache.queue import QueuedWrite, QueueFull, WriteQueue
+from cache.queue import Queued, QueuedWrite, QueueFull, WriteQueue
 from cache.redis_tier import RedisClient, client_from_url
 from tests.conftest import deployment_of
 from tests.fakes import FakeClock
@@ -65,6 +66,59 @@ async def test_a_queued_write_is_pending_until_acked(queue: WriteQueue) -> None:
     assert await queue.ack(claim) is True
     assert await queue.pending("users:1") is None
     assert (await queue.stats()).depth == 0
+
+
+async def test_concurrent_writes_share_one_call_and_each_gets_its_own_answer(
+    client: RedisClient, key_prefix: str, clock: FakeClock
+) -> None:
+    """A group commit: writes arriving while a call is under way go together in the next."""
+    queue = queue_on(client, key_prefix, clock, max_pending=3)
+    calls: list[int] = []
+    script = queue._enqueue
+
+    async def counted(keys: list[str], args: list[bytes | str | int]) -> object:
+        calls.append((len(args) - 3) // 2)
+        return await script(keys=keys, args=args)
+
+    queue._enqueue = counted  # type: ignore[assignment]
+    writes = [put("a", b"1"), put("b", b"1"), put("a", b"2"), put("c", b"1"), put("d", b"1")]
+    answers = await asyncio.gather(*map(queue.enqueue, writes), return_exceptions=True)
+    assert calls == [5]
+    *answered, refused = answers
+    taken = [answer for answer in answered if isinstance(answer, Queued)]
+    assert len(taken) == 4
+    assert [answer.seq for answer in taken] == sorted(answer.seq for answer in taken)
+    assert [answer.coalesced for answer in taken] == [False, False, True, False]
+    assert isinstance(refused, QueueFull)  # past max_pending; the others were taken
+    pending = await queue.pending("a")
+    assert pending is not None
+    assert pending.entry.body == b"2"
+
+
+async def test_a_caller_gone_before_its_write_left_is_not_queued(queue: WriteQueue) -> None:
+    first = asyncio.ensure_future(queue.enqueue(put("a", b"1")))
+    gone = asyncio.ensure_future(queue.enqueue(put("b", b"1")))
+    await asyncio.sleep(0)  # both wait; the call has not left yet
+    gone.cancel()
+    await first
+    assert await queue.pending("b") is None
+    assert await queue.pending("a") is not None
+
+
+async def test_a_write_is_claimed_unsettled_until_the_tiers_are_said_to_hold_it(
+    queue: WriteQueue,
+) -> None:
+    """A crash between the queue and the tiers leaves the write unsettled: its flusher must
+    drop the key from the tiers. News of an older write settles nothing."""
+    first = await queue.enqueue(put("a", b"1"))
+    await queue.enqueue(put("b", b"1"))
+    queue.settled("a", first.seq)
+    newer = await queue.enqueue(put("c", b"1"))
+    await queue.enqueue(put("c", b"2"))
+    queue.settled("c", newer.seq)  # an older write of c than the one queued
+    await queue.enqueue(put("d", b"1"))  # carries the news above
+    claims = {claim.write.key: claim.unsettled for claim in await queue.claim(10, LEASE)}
+    assert claims == {"a": False, "b": True, "c": True, "d": True}
 
 
 async def test_writes_to_one_key_coalesce_into_the_newest(queue: WriteQueue) -> None:

@@ -13,7 +13,9 @@ happen), L2 and the queue on one shared Redis (fakeredis: one server that outliv
 three steps: claimed, arrived at the origin (within the send timeout, else it timed out and
 was not applied), settled (ack or retry). Between them a replica can stall past its lease while
 the other takes the key over and a newer write is sent. A restart drops a process (L1, its
-sends in flight) and builds a new one on the same Redis.
+sends in flight) and builds a new one on the same Redis; a crash mid-write kills it between the
+queue and the tiers, the write queued and never acknowledged: until it has reached the origin,
+reads of its key may see it or what it replaced, and from then on they must see it.
 """
 
 from __future__ import annotations
@@ -78,6 +80,13 @@ class Origin:
         return Loaded(Entry(status, (), body or b"", 0.0, TTL), TTL, TTL)
 
 
+def _write(key: str, n: int, value: bytes | None) -> QueuedWrite:
+    now = 1_700_000_000.0
+    if value is None:
+        return QueuedWrite(key, "DELETE", f"/{key}?n={n}", Entry(404, (), b"", now, TTL))
+    return QueuedWrite(key, "PUT", f"/{key}?n={n}", Entry(200, (), value, now, TTL))
+
+
 class Replica:
     """One process: its own L1 and clients, sharing the Redis server and the clock."""
 
@@ -113,13 +122,11 @@ class Replica:
         self.unsettled: list[tuple[Claim, Sent]] = []  # arrived (or timed out), not settled
 
     async def write(self, key: str, n: int, value: bytes | None) -> None:
-        now = 1_700_000_000.0
-        if value is None:
-            entry = Entry(404, (), b"", now, TTL)
-            write = QueuedWrite(key, "DELETE", f"/{key}?n={n}", entry)
-        else:
-            write = QueuedWrite(key, "PUT", f"/{key}?n={n}", Entry(200, (), value, now, TTL))
-        await self.write_behind.write(write, "", l1_ttl=TTL, l2_ttl=TTL)
+        await self.write_behind.write(_write(key, n, value), "", l1_ttl=TTL, l2_ttl=TTL)
+
+    async def crash_mid_write(self, key: str, n: int, value: bytes) -> None:
+        """Die once the queue has the write, before the tiers are given it."""
+        await self.queue.enqueue(_write(key, n, value))
 
     async def read(self, key: str) -> bytes | None:
         async def from_origin() -> Loaded:
@@ -170,6 +177,8 @@ class World:
     replicas: list[Replica]
     acknowledged: dict[str, bytes | None]
     written_by: dict[str, int] = field(default_factory=dict)  # which replica wrote a key last
+    # Keys whose last write was queued by a replica that died before the tiers had it.
+    uncertain: set[str] = field(default_factory=set)
     n: int = 0
 
     async def write(self, r: int, key: str, put: bool) -> None:
@@ -178,6 +187,24 @@ class World:
         await self.replicas[r].write(key, self.n, value)
         self.acknowledged[key] = value
         self.written_by[key] = r
+        self.uncertain.discard(key)
+
+    async def crash_mid_write(self, r: int, key: str) -> None:
+        self.n += 1
+        value = f"{key}={self.n}".encode()
+        await self.replicas[r].crash_mid_write(key, self.n, value)
+        await self.replicas[r].close()
+        self.replicas[r] = Replica(self.server, self.origin, self.clock)
+        self.acknowledged[key] = value  # queued: it reaches the origin (unless refused)
+        self.written_by[key] = -1  # whoever flushes it drops it from the tiers
+        self.uncertain.add(key)
+
+    async def certain(self, key: str) -> bool:
+        """Whether reads of ``key`` must see its last write: one not cut short by a crash, or
+        one that has reached the origin since."""
+        if key in self.uncertain and await self.replicas[0].queue.pending(key) is None:
+            self.uncertain.discard(key)
+        return key not in self.uncertain
 
     async def read(self, r: int, key: str) -> bytes | None:
         replica = self.replicas[r]
@@ -219,6 +246,7 @@ operations = st.lists(
         st.tuples(st.just("lose_l2"), st.just(0), st.none()),
         st.tuples(st.just("restart"), replica, st.none()),
         st.tuples(st.just("crash_mid_flush"), replica, st.none()),
+        st.tuples(st.just("crash_mid_write"), replica, key),
     ),
     min_size=10,
     max_size=80,
@@ -251,7 +279,7 @@ async def play(steps: list[tuple[str, int, object]], initial: dict[str, bytes]) 
         elif op == "read":
             assert isinstance(arg, str)
             found = await world.read(r, arg)
-            if not await world.dead(arg):
+            if not await world.dead(arg) and await world.certain(arg):
                 assert found == world.acknowledged.get(arg), f"read of {arg} on replica {r}"
         elif op == "flush":
             await replica.flusher.flush_once()
@@ -276,6 +304,9 @@ async def play(steps: list[tuple[str, int, object]], initial: dict[str, bytes]) 
             client = fakeredis.FakeAsyncRedis(server=server)
             for name in KEYS:
                 await client.delete(PREFIX + name)
+        elif op == "crash_mid_write":
+            assert isinstance(arg, str)
+            await world.crash_mid_write(r, arg)
         elif op in {"restart", "crash_mid_flush"}:
             if op == "crash_mid_flush":
                 await replica.crash_mid_flush()
@@ -325,6 +356,16 @@ REPLAY_AFTER_A_NEWER_WRITE = [
     ("tick", 0, 2.0),
     ("flush", 0, None),  # the newer write reaches the origin; the end replays dead letters
 ]
+# The old value is in L2 when the crash leaves the new one queued and unsettled.
+CRASH_BETWEEN_THE_QUEUE_AND_THE_TIERS = [
+    ("put", 0, "a"),
+    ("crash_mid_write", 0, "a"),
+    ("read", 1, "a"),  # either value: the write was never acknowledged
+    ("tick", 0, 2.0),
+    ("flush", 1, None),
+    ("read", 1, "a"),  # the origin has it: so must every read
+    ("read", 0, "a"),
+]
 SETTLE_AFTER_THE_LEASE_WAS_TAKEN_OVER = [
     ("put", 0, "a"),
     ("tick", 0, 2.0),
@@ -344,6 +385,7 @@ SETTLE_AFTER_THE_LEASE_WAS_TAKEN_OVER = [
 @example(steps=READ_AFTER_BOTH_TIERS_DROPPED, initial={})
 @example(steps=WRITE_DURING_A_SEND, initial={})
 @example(steps=REPLAY_AFTER_A_NEWER_WRITE, initial={})
+@example(steps=CRASH_BETWEEN_THE_QUEUE_AND_THE_TIERS, initial={})
 @example(steps=SETTLE_AFTER_THE_LEASE_WAS_TAKEN_OVER, initial={})
 @given(
     steps=operations,

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
+from pathlib import Path
+
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
-from proxy.demo_origin import build_origin_app
+from proxy.demo_origin import Store, build_origin_app
 
 Client = TestClient[web.Request, web.Application]
 
@@ -93,3 +97,21 @@ async def test_writes_lists_every_applied_write_in_order(aiohttp_client: Aiohttp
     assert [w["method"] for w in one["writes"]] == ["PUT", "PATCH"]
     await store.post("/_stats/reset")
     assert (await (await store.get("/_writes")).json())["count"] == 0
+
+
+async def test_a_file_store_keeps_writes_in_wal_without_a_sync_per_commit(
+    aiohttp_client: AiohttpClient, tmp_path: Path
+) -> None:
+    db = tmp_path / "origin.db"
+    store: Client = await aiohttp_client(build_origin_app(str(db)))
+    assert (await store.put("/users/1", json={"v": 1})).status == 201
+    assert (await store.put("/users/1", json={"v": 2})).status == 200
+    assert (await store.delete("/users/1")).status == 204
+    assert (await store.put("/users/1", json={"v": 3})).status == 201  # new again
+    assert (await store.get("/users/1")).headers["ETag"] == '"1"'
+    with contextlib.closing(sqlite3.connect(db)) as reader:
+        assert reader.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        assert reader.execute("SELECT body FROM items").fetchall() == [(b'{"v": 3}',)]
+    with contextlib.closing(Store(str(db))) as own:
+        # 1 = NORMAL: synced at checkpoints, not at every commit
+        assert own._db.execute("PRAGMA synchronous").fetchone() == (1,)
