@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -133,3 +134,24 @@ async def test_sentinel_finds_the_master_and_closing_closes_the_sentinels_too(
     await client.aclose()
     assert asked.connection_pool._in_use_connections == set()
     assert all(not c.is_connected for c in asked.connection_pool._available_connections)
+
+
+@pytest.mark.redis
+async def test_new_connections_do_not_look_up_package_metadata(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # redis-py reads its version from the package metadata for each connection it opens unless
+    # told it: about a millisecond of the event loop per connection, paid all at once when a
+    # burst grows the pool. cachecar tells it once.
+    client = client_from_url(redis_url, timeout=1.0)
+
+    def looked_up() -> str:
+        raise AssertionError("package metadata read for a new connection")
+
+    monkeypatch.setattr("redis.utils.get_lib_version", looked_up)
+    monkeypatch.setattr("redis.driver_info.get_lib_version", looked_up, raising=False)
+    try:
+        # At once: one connection each.
+        assert await asyncio.gather(*(client.ping() for _ in range(20))) == [True] * 20
+    finally:
+        await client.aclose()
