@@ -155,8 +155,9 @@ class Hits:
         if not route.cached:
             return None
         key = route.key_for(params, path, query)
-        tags = route.tags_for(params) if route.tags else ()
-        if route.too_long(key, tags, self._max_key_length):
+        if len(key) > self._max_key_length or (
+            route.tags and route.too_long(key, route.tags_for(params), self._max_key_length)
+        ):
             return None
         variant = ""
         if route.vary or route.unkeyed or (route.key is not None and query):
@@ -220,7 +221,8 @@ class Hits:
         http_1_0: bool,
         now: float,
     ) -> bytes:
-        parts = [wire, b"Age: %d\r\n" % int(entry.age(now))]
+        age = now - entry.stored_at  # Entry.age, without the call
+        parts = [wire, b"Age: %d\r\n" % (age if age > 0 else 0)]
         if _DATED not in wire:  # the origin's Date is kept, as the full path keeps it
             parts.append(self._date_line(now))
         if not keep_alive:

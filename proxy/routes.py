@@ -17,8 +17,8 @@ import hashlib
 import re
 import string
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, cast
 
 from multidict import CIMultiDictProxy
 
@@ -103,6 +103,9 @@ class KeyTemplate:
     template: str
     fields: frozenset[str]
     escapes: dict[int, str]  # str.translate table for parameter values
+    # The common template with one parameter, as (text before, its name, text after): rendered
+    # by concatenation, without a format call (keys are rendered on every hit).
+    single: tuple[str, str, str] | None = None
 
     @classmethod
     def compile(cls, template: str, params: Sequence[str]) -> KeyTemplate:
@@ -133,9 +136,20 @@ class KeyTemplate:
                 raise TemplateError(f"{{{name}}} takes no format spec or conversion")
         escapes = {ord(char): _percent(char) for char in escaped | {"%"}}
         names = frozenset(name for _, name, _, _ in fields if name is not None)
-        return cls(template, names, escapes)
+        single = None
+        if sum(name is not None for _, name, _, _ in fields) == 1:
+            # The parser's literal text is the template's with "{{" and "}}" undone; each
+            # literal comes with the field that follows it, if any.
+            at = next(i for i, (_, name, _, _) in enumerate(fields) if name is not None)
+            before = "".join(literal for literal, _, _, _ in fields[: at + 1])
+            after = "".join(literal for literal, _, _, _ in fields[at + 1 :])
+            single = (before, cast(str, fields[at][1]), after)
+        return cls(template, names, escapes, single)
 
     def render(self, params: Mapping[str, str]) -> str:
+        single = self.single
+        if single is not None:
+            return single[0] + params[single[1]].translate(self.escapes) + single[2]
         return self.template.format_map(
             {name: value.translate(self.escapes) for name, value in params.items()}
         )
@@ -167,6 +181,7 @@ class Route:
     tags: tuple[KeyTemplate, ...] = ()
     coalesce: Coalesce = Coalesce.LOCAL
     stale: Staleness = NEVER
+    cached: bool = field(init=False)  # mode is not bypass
 
     @classmethod
     def from_settings(cls, route: RouteSettings, settings: Settings) -> Route:
@@ -191,9 +206,9 @@ class Route:
             ),
         )
 
-    @property
-    def cached(self) -> bool:
-        return self.mode is not Mode.BYPASS
+    def __post_init__(self) -> None:
+        # A field, not a property: the hit path asks on every request.
+        object.__setattr__(self, "cached", self.mode is not Mode.BYPASS)
 
     def tags_for(self, params: Mapping[str, str]) -> tuple[str, ...]:
         """The tags an entry of this route is indexed under, for purge by tag."""

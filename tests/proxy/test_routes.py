@@ -137,6 +137,18 @@ def test_a_parameter_cannot_render_another_resource_s_key() -> None:
     assert plain.render({"id": "a:b%20"}) == "users:a%3Ab%2520"
 
 
+@pytest.mark.parametrize(
+    "template",
+    ["users:{id}", "{id}", "{id}:x", "x:{id}:y", "a{{b}}:{id}:c{{d}}", "{{{id}}}", "u/{id}/{{x}}"],
+)
+@pytest.mark.parametrize("value", ["42", "a:b%20", "{}", "x}y{z"])
+def test_a_one_parameter_key_renders_as_the_format_string_would(template: str, value: str) -> None:
+    compiled = KeyTemplate.compile(template, ["id"])
+    assert compiled.single is not None  # the quick form is the one under test
+    escaped = value.translate(compiled.escapes)
+    assert compiled.render({"id": value}) == template.format(id=escaped)
+
+
 def test_path_parameters_a_key_template_leaves_out_select_variants() -> None:
     route = Router.from_settings(SETTINGS).routes[4]
     assert route.unkeyed == ("post",)
