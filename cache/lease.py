@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable
 
 from cache.breaker import Guard
 from cache.errors import CorruptEntry, TierUnavailable
-from cache.redis_tier import RedisClient, bounded, close_quietly
+from cache.redis_tier import RedisClient, bounded, close_quietly, connect_quietly
 from cache.tier import Stored
 
 LEASE = "!lease:"
@@ -109,6 +109,10 @@ class Leases:
             if stored is not None or not held:
                 return stored
         return None
+
+    async def connect(self) -> None:
+        """``connect_quietly``: the first lease of a start must not pay for the set-up."""
+        await connect_quietly(self._client)
 
     async def aclose(self) -> None:
         await close_quietly(self._client)

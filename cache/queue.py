@@ -62,7 +62,7 @@ from cache.clock import Clock
 from cache.entry import Entry, decode, encode
 from cache.errors import CacheError, CorruptEntry
 from cache.queue_scripts import ACK, CLAIM, ENQUEUE, FAIL, REPLAY
-from cache.redis_tier import RedisClient, bounded, close_quietly
+from cache.redis_tier import RedisClient, bounded, close_quietly, connect_quietly
 
 logger = logging.getLogger("cachecar.write_behind")
 
@@ -446,6 +446,10 @@ class WriteQueue:
             depth, oldest, dead = await pipe.execute()
         age = max(0.0, self._clock.time() - oldest[0][1] / 1000) if oldest else 0.0
         return QueueStats(depth=depth, oldest_age=age, dead=dead)
+
+    async def connect(self) -> None:
+        """``connect_quietly``: the first write of a start must not pay for the set-up."""
+        await connect_quietly(self._client)
 
     async def aclose(self) -> None:
         if self._committing is not None:

@@ -146,7 +146,20 @@ return out
 _WRONG_TYPE = -2
 # Reads sent in one round trip at most; more wait for the next one, sent at the same time.
 MAX_BATCH = 128
-_Read = tuple[str, str, "asyncio.Future[Stored | None]"]
+# One read to send: (Redis name, variant), and every future waiting for it.
+_Read = tuple[tuple[str, str], list["asyncio.Future[Stored | None]"]]
+
+
+def _answer(
+    waiting: list[asyncio.Future[Stored | None]], outcome: Stored | Exception | None
+) -> None:
+    for future in waiting:
+        if future.done():
+            continue
+        if isinstance(outcome, Exception):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
 
 
 class RedisTier:
@@ -179,7 +192,8 @@ class RedisTier:
         self._store = client.register_script(_STORE)
         self._get_many = client.register_script(_GET_MANY)
         self._cluster = isinstance(client, RedisCluster)
-        self._reads: list[_Read] = []  # asked for in this round of the event loop
+        # Asked for in this round of the event loop, by (Redis name, variant).
+        self._reads: dict[tuple[str, str], list[asyncio.Future[Stored | None]]] = {}
         self._reading: set[asyncio.Task[None]] = set()
 
     async def get(self, key: str, variant: str = "") -> Stored | None:
@@ -187,7 +201,8 @@ class RedisTier:
 
     def get_soon(self, key: str, variant: str = "") -> asyncio.Future[Stored | None]:
         """``get``, as a future: the reads asked for while the event loop runs one round of
-        callbacks go to Redis together, in one round trip (auto-pipelining).
+        callbacks go to Redis together, in one round trip (auto-pipelining), and reads of the
+        same key and variant among them as one.
 
         The future fails with ``TierUnavailable`` (one exception shared by every read of a
         failed round trip: one failure of Redis, however many reads it carried) or
@@ -195,20 +210,21 @@ class RedisTier:
         """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Stored | None] = loop.create_future()
-        self._reads.append((self.entry_name(key), variant, future))
-        if len(self._reads) == 1:
+        if not self._reads:
             loop.call_soon(self._send_reads)
+        self._reads.setdefault((self.entry_name(key), variant), []).append(future)
         return future
 
     def _send_reads(self) -> None:
-        reads, self._reads = self._reads, []
+        reads, self._reads = list(self._reads.items()), {}
         for start in range(0, len(reads), MAX_BATCH):
             task = asyncio.create_task(self._read(reads[start : start + MAX_BATCH]))
             self._reading.add(task)
             task.add_done_callback(self._reading.discard)
 
     async def _read(self, reads: list[_Read]) -> None:
-        reads = [read for read in reads if not read[2].done()]  # a caller may have left
+        # A caller may have left meanwhile: a read nobody waits for is not sent.
+        reads = [(at, waiting) for at, waiting in reads if not all(f.done() for f in waiting)]
         if not reads:
             return
         try:
@@ -217,36 +233,34 @@ class RedisTier:
                     # Keys of a batch live in many slots, and a script may touch one only: a
                     # pipeline, which redis-py splits by node.
                     pipe = self._client.pipeline(transaction=False)
-                    for name, variant, _ in reads:
+                    for (name, variant), _ in reads:
                         pipe.hget(name, variant)
                         pipe.pttl(name)
                     replies = await pipe.execute(raise_on_error=False)
                 else:
                     replies = await self._get_many(
-                        keys=[name for name, _, _ in reads], args=[v for _, v, _ in reads]
+                        keys=[name for (name, _), _ in reads],
+                        args=[variant for (_, variant), _ in reads],
                     )
         except (TierUnavailable, CorruptEntry) as exc:
-            for _, _, future in reads:
-                if not future.done():
-                    future.set_exception(exc)
+            for _, waiting in reads:
+                _answer(waiting, exc)
             return
-        for i, (_, _, future) in enumerate(reads):
-            if future.done():
-                continue
+        for i, (_, waiting) in enumerate(reads):
             raw, pttl = replies[2 * i], replies[2 * i + 1]
             if raw is None:
-                future.set_result(None)
+                _answer(waiting, None)
             elif raw == _WRONG_TYPE or isinstance(raw, ResponseError):
-                future.set_exception(CorruptEntry("get: the key holds another Redis type"))
+                _answer(waiting, CorruptEntry("get: the key holds another Redis type"))
             else:
                 try:
                     entry = decode(raw)
                 except CorruptEntry as exc:
-                    future.set_exception(exc)
+                    _answer(waiting, exc)
                     continue
                 # -1: no expiry on the key (written by something else); the envelope still
                 # bounds it.
-                future.set_result(Stored(entry, pttl / 1000 if pttl >= 0 else entry.ttl))
+                _answer(waiting, Stored(entry, pttl / 1000 if pttl >= 0 else entry.ttl))
 
     async def set(
         self,
@@ -376,6 +390,10 @@ class RedisTier:
             return rest[1:]
         return None if rest.startswith(OWN) else rest
 
+    async def connect(self) -> None:
+        """``connect_quietly``: the first reads of a start must not pay for the set-up."""
+        await connect_quietly(self._client)
+
     async def ping(self) -> None:
         """Raises ``TierUnavailable`` unless Redis answers within the timeout."""
         async with self._bounded("ping"):
@@ -421,6 +439,13 @@ async def _translated(op: str, within: float) -> AsyncIterator[None]:
     except (RedisError, RedisClusterException, OSError) as exc:
         # RedisClusterException is no RedisError: a cluster no seed of which answers, say.
         raise TierUnavailable(op, _describe(exc)) from exc
+
+
+async def connect_quietly(client: RedisClient) -> None:
+    """Open a connection (on a Cluster: learn its slots and nodes) before traffic needs one;
+    a Redis that does not answer is no error here (the calls that need it will say)."""
+    with contextlib.suppress(RedisError, RedisClusterException, OSError):
+        await client.ping()
 
 
 async def close_quietly(client: RedisClient) -> None:

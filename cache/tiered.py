@@ -179,6 +179,10 @@ class TieredCache:
         return self._l2
 
     @property
+    def leases(self) -> Leases | None:
+        return self._leases
+
+    @property
     def l2_healthy(self) -> bool:
         """False while L2's breaker is open (Redis failing): callers may skip Redis too."""
         return self._breaker is None or not self._breaker.is_open

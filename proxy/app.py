@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -150,12 +150,27 @@ class Runtime:
     async def start(self) -> None:
         if self.coherence is not None:
             self.coherence.start()
-            # With Redis up, L1 is in use from the first request; without, it waits for Redis.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(SUBSCRIBE_WAIT):
-                    await self.coherence.first_attempt()
+        # Each Redis client connects (a Cluster client learns its slots) before traffic comes:
+        # a first burst would otherwise pay for that inside l2.timeout, and a call that runs
+        # out of it counts against the breaker, or loses a cluster lease. With Redis up, L1 is
+        # in use from the first request; without, it waits for Redis.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(SUBSCRIBE_WAIT):
+                await asyncio.gather(*self._connections())
         if self.write_behind is not None and self.flushes:
             self.write_behind.start()
+
+    def _connections(self) -> list[Awaitable[object]]:
+        waits: list[Awaitable[object]] = []
+        if self.coherence is not None:
+            waits.append(self.coherence.first_attempt())
+        if self.l2 is not None:
+            waits.append(self.l2.connect())
+        if self.cache.leases is not None:
+            waits.append(self.cache.leases.connect())
+        if self.write_behind is not None:
+            waits.append(self.write_behind.queue.connect())
+        return waits
 
     async def aclose(self) -> None:
         if self.write_behind is not None and not self.flushes:
@@ -248,7 +263,7 @@ def _write_behind(
 
 
 RUNTIME = web.AppKey("runtime", Runtime)
-SUBSCRIBE_WAIT = 2.0  # seconds a start waits for the coherence subscription
+SUBSCRIBE_WAIT = 2.0  # seconds a start waits for Redis: its connections, the subscription
 
 
 def build_proxy_app(

@@ -80,6 +80,11 @@ async def test_reads_asked_for_in_one_round_of_the_loop_take_one_round_trip(
     calls.clear()
     await asyncio.gather(*(tier.get(f"users:{i}") for i in range(300)))
     assert calls == [128, 128, 44]  # at most MAX_BATCH a round trip, sent together
+    calls.clear()
+    # A stampede on one key (a cold L1): read once, every caller answered.
+    found = await asyncio.gather(*(tier.get("users:1") for _ in range(200)), tier.get("users:2"))
+    assert calls == [2]
+    assert all(stored is not None and stored.entry == ENTRY for stored in found)
 
 
 @pytest.mark.redis
