@@ -1,4 +1,5 @@
-"""Redis URLs, and the clients they make: every one bounded by a timeout and without retries.
+"""Redis URLs, and the clients they make: every one bounded by a timeout, and retried only once,
+on a new connection, after a broken one.
 
     memory://                                     fakeredis in this process, a server per client
     redis://host:port/db   rediss://...  unix://  one Redis (rediss: TLS)
@@ -36,6 +37,7 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.driver_info import DriverInfo
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 MEMORY_URL = "memory://"
 # What a tier, the write-behind queue and coherence are given.
@@ -164,6 +166,22 @@ class SentinelClient(Redis):
 _DRIVER = DriverInfo(name="redis-py", lib_version=version("redis"))
 
 
+def _reconnect_once() -> Retry:
+    """One more try, on a new connection, after a connection error; never after a timeout.
+
+    A pooled connection whose server went away (a Redis restart, a failover) fails its next
+    call: redis-py does not notice the close before it uses the connection. Without this, every
+    idle connection of the pool fails once after a restart, each failure counting towards the
+    breaker, and a probe landing on one costs another ``reset_after``. A Redis that is down
+    refuses the new connection at once; a slow one is not asked twice (the caller's bound holds
+    anyway). A call whose answer was lost to a broken connection may run twice: every call
+    cachecar makes is a read, a write of a whole value, or a script whose second run changes
+    nothing the first did not (a lease taken twice is seen as another's: waited for, then
+    fetched without).
+    """
+    return Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
+
+
 def _no_retries() -> Retry:
     return Retry(NoBackoff(), 0)
 
@@ -181,11 +199,11 @@ def client_from_url(url: str, *, timeout: float) -> RedisClient:
         client: Redis = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
         return client
     # The tier bounds each call itself; redis-py retrying underneath would only spend the budget
-    # reconnecting to a server that is down.
+    # reconnecting to a server that is down: one new connection after a broken one, no more.
     bounded: dict[str, Any] = {
         "socket_timeout": timeout,
         "socket_connect_timeout": timeout,
-        "retry": _no_retries(),
+        "retry": _reconnect_once(),
         "health_check_interval": 30,
         "driver_info": _DRIVER,
     }
@@ -246,7 +264,7 @@ def subscriber_factory(url: str, *, name: str, timeout: float) -> Callable[[], R
         # 10 + 3 x 5 seconds, not the kernel's default two hours: until then the replica
         # trusts an L1 it may no longer be told about.
         "socket_keepalive_options": _KEEPALIVE,
-        "retry": _no_retries(),
+        "retry": _no_retries(),  # a lost subscription is coherence's to handle
         "driver_info": _DRIVER,
     }
     if parsed.kind is Kind.SENTINEL:

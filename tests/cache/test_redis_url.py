@@ -9,6 +9,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import SSLConnection
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from cache.entry import Entry
 from cache.errors import TierUnavailable
@@ -49,12 +50,14 @@ def test_a_bad_url_says_what_is_wrong(url: str, problem: str) -> None:
         parse_redis_url(url)
 
 
-async def test_a_cluster_client_knows_every_seed_and_has_no_retries() -> None:
+async def test_a_cluster_client_knows_every_seed_and_only_reconnects_once() -> None:
     client = client_from_url("rediss+cluster://a:7000,b:7001", timeout=0.25)
     assert isinstance(client, RedisCluster)
     seeds = {(node.host, node.port) for node in client.nodes_manager.startup_nodes.values()}
     assert seeds == {("a", 7000), ("b", 7001)}
-    assert client.retry.get_retries() == 0
+    # One more try on a new connection after a broken one; never after a timeout.
+    assert client.retry.get_retries() == 1
+    assert client.retry._supported_errors == (RedisConnectionError,)
     assert client.connection_kwargs["connection_class"] is SSLConnection
     assert client.connection_kwargs["socket_timeout"] == 0.25
     await client.aclose()
