@@ -342,6 +342,11 @@ class Harness:
         while True:
             async with self.session.get(target.admin + "/admin/write-behind") as response:
                 state = await response.json()
+            if response.status != 200:  # the queue unreadable for now (the L2 breaker open)
+                if time.monotonic() > deadline:
+                    raise BenchError(f"the write-behind queue stayed unreadable: {state}")
+                await asyncio.sleep(0.25)
+                continue
             if state["queue_depth"] == 0:
                 if state.get("dead_letter_count"):
                     self.report.problems.append(
