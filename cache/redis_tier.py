@@ -29,6 +29,9 @@ The tier itself knows no breaker: the tiered cache asks the process's L2 breaker
 call and tells it the outcome (a guard here as well would count every call twice).
 A key that holds something else (another Redis type, bytes that are not an envelope) is a
 ``CorruptEntry``: Redis is healthy, the key is dropped.
+
+Reads are auto-pipelined (``cache.pipelined_reads``): those of one round of the event loop share
+one round trip.
 """
 
 from __future__ import annotations
@@ -43,8 +46,9 @@ from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from cache.breaker import Guard
 from cache.clock import Clock, SystemClock
-from cache.entry import Entry, decode, encode
+from cache.entry import Entry, encode
 from cache.errors import CorruptEntry, TierUnavailable
+from cache.pipelined_reads import PipelinedReads
 
 # Re-exported: the callers of a tier build its client from a URL here.
 from cache.redis_url import MEMORY_URL as MEMORY_URL
@@ -128,40 +132,6 @@ redis.call('PEXPIRE', KEYS[1], ARGV[3])
 """
 
 
-# KEYS: the keys   ARGV: their variants   -> per key: the envelope (or nil), the key's PTTL
-# A key of another Redis type answers -2 in place of its envelope: one foreign key must not fail
-# the reads of the others.
-_GET_MANY = """
-local out = {}
-for i = 1, #KEYS do
-  local value = redis.pcall('HGET', KEYS[i], ARGV[i])
-  if type(value) == 'table' and value.err then
-    value = -2
-  end
-  out[2 * i - 1] = value
-  out[2 * i] = redis.call('PTTL', KEYS[i])
-end
-return out
-"""
-_WRONG_TYPE = -2
-# Reads sent in one round trip at most; more wait for the next one, sent at the same time.
-MAX_BATCH = 128
-# One read to send: (Redis name, variant), and every future waiting for it.
-_Read = tuple[tuple[str, str], list["asyncio.Future[Stored | None]"]]
-
-
-def _answer(
-    waiting: list[asyncio.Future[Stored | None]], outcome: Stored | Exception | None
-) -> None:
-    for future in waiting:
-        if future.done():
-            continue
-        if isinstance(outcome, Exception):
-            future.set_exception(outcome)
-        else:
-            future.set_result(outcome)
-
-
 class RedisTier:
     """L2 over ``redis.asyncio``, one Redis or a Cluster; the client must return bytes
     (``decode_responses=False``)."""
@@ -190,77 +160,16 @@ class RedisTier:
         self._drop = client.register_script(_DROP)
         self._replace = client.register_script(_REPLACE)
         self._store = client.register_script(_STORE)
-        self._get_many = client.register_script(_GET_MANY)
-        self._cluster = isinstance(client, RedisCluster)
-        # Asked for in this round of the event loop, by (Redis name, variant).
-        self._reads: dict[tuple[str, str], list[asyncio.Future[Stored | None]]] = {}
-        self._reading: set[asyncio.Task[None]] = set()
+        self._reads = PipelinedReads(client, lambda: self._bounded("get"))
 
     async def get(self, key: str, variant: str = "") -> Stored | None:
         return await self.get_soon(key, variant)
 
     def get_soon(self, key: str, variant: str = "") -> asyncio.Future[Stored | None]:
-        """``get``, as a future: the reads asked for while the event loop runs one round of
-        callbacks go to Redis together, in one round trip (auto-pipelining), and reads of the
-        same key and variant among them as one.
-
-        The future fails with ``TierUnavailable`` (one exception shared by every read of a
-        failed round trip: one failure of Redis, however many reads it carried) or
-        ``CorruptEntry`` (that key alone).
-        """
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Stored | None] = loop.create_future()
-        if not self._reads:
-            loop.call_soon(self._send_reads)
-        self._reads.setdefault((self.entry_name(key), variant), []).append(future)
-        return future
-
-    def _send_reads(self) -> None:
-        reads, self._reads = list(self._reads.items()), {}
-        for start in range(0, len(reads), MAX_BATCH):
-            task = asyncio.create_task(self._read(reads[start : start + MAX_BATCH]))
-            self._reading.add(task)
-            task.add_done_callback(self._reading.discard)
-
-    async def _read(self, reads: list[_Read]) -> None:
-        # A caller may have left meanwhile: a read nobody waits for is not sent.
-        reads = [(at, waiting) for at, waiting in reads if not all(f.done() for f in waiting)]
-        if not reads:
-            return
-        try:
-            async with self._bounded("get"):
-                if self._cluster:
-                    # Keys of a batch live in many slots, and a script may touch one only: a
-                    # pipeline, which redis-py splits by node.
-                    pipe = self._client.pipeline(transaction=False)
-                    for (name, variant), _ in reads:
-                        pipe.hget(name, variant)
-                        pipe.pttl(name)
-                    replies = await pipe.execute(raise_on_error=False)
-                else:
-                    replies = await self._get_many(
-                        keys=[name for (name, _), _ in reads],
-                        args=[variant for (_, variant), _ in reads],
-                    )
-        except (TierUnavailable, CorruptEntry) as exc:
-            for _, waiting in reads:
-                _answer(waiting, exc)
-            return
-        for i, (_, waiting) in enumerate(reads):
-            raw, pttl = replies[2 * i], replies[2 * i + 1]
-            if raw is None:
-                _answer(waiting, None)
-            elif raw == _WRONG_TYPE or isinstance(raw, ResponseError):
-                _answer(waiting, CorruptEntry("get: the key holds another Redis type"))
-            else:
-                try:
-                    entry = decode(raw)
-                except CorruptEntry as exc:
-                    _answer(waiting, exc)
-                    continue
-                # -1: no expiry on the key (written by something else); the envelope still
-                # bounds it.
-                _answer(waiting, Stored(entry, pttl / 1000 if pttl >= 0 else entry.ttl))
+        """``get``, as a future, sent with the other reads of this round of the event loop
+        (``cache.pipelined_reads``): ``TierUnavailable`` shared by every read of a failed round
+        trip, ``CorruptEntry`` for that key alone."""
+        return self._reads.get_soon(self.entry_name(key), variant)
 
     async def set(
         self,
@@ -400,8 +309,7 @@ class RedisTier:
             await self._client.ping()
 
     async def aclose(self) -> None:
-        if self._reading:  # each is bounded by the timeout
-            await asyncio.wait(self._reading)
+        await self._reads.settle()
         await close_quietly(self._client)
 
     def _bounded(self, op: str) -> contextlib.AbstractAsyncContextManager[None]:
