@@ -1,4 +1,5 @@
-"""The hit path: an L1 hit answered straight from the connection's bytes, without aiohttp.
+"""The hit path: a cache hit (L1, or L2 at one round trip) answered straight from the
+connection's bytes, without aiohttp.
 
     bytes -> FastPath (one per connection, in front of aiohttp's protocol)
       a whole request head: GET or HEAD, no body, a canonical path on a cached route, no
@@ -101,7 +102,7 @@ def _l1_head(entry: Entry) -> bytes:
 
 
 class Hits:
-    """Answers L1 hits from request heads; shared by a runtime's connections."""
+    """Answers L1 and L2 hits from request heads; shared by a runtime's connections."""
 
     def __init__(
         self,

@@ -261,11 +261,7 @@ class Metrics:
 
     def request(self, route: str, method: str, status: int, outcome: str, seconds: float) -> None:
         """A request on the proxy listener was answered."""
-        self.answered(
-            (route, method if method in METHODS else "other", status, outcome),
-            seconds,
-            self._time(),
-        )
+        self.answered(self.series(route, method, status, outcome), seconds, self._time())
 
     def _next_second(self, now: float) -> None:
         """An event in a later second than the one counted so far: that one is over."""
