@@ -90,6 +90,9 @@ async def test_l1_at_max_bytes_takes_max_bytes(body_size: int, headers: int) -> 
     finally:
         tracemalloc.stop()
     assert tier.bytes <= MAX_BYTES
-    assert tier.entries >= fits - 1
+    # Full: the budget left would not hold one more entry. Not "fits - 1 entries": entries of
+    # one shape differ by a size class with the length of a key or value, and which lengths
+    # cross a class is the interpreter's (a str is 16 bytes smaller on CPython 3.12 than 3.11).
+    assert MAX_BYTES - tier.bytes < 1.02 * tier.bytes / tier.entries
     assert peak <= BOUND * MAX_BYTES
     assert FLOOR * MAX_BYTES <= held <= BOUND * MAX_BYTES
