@@ -221,7 +221,8 @@ def client_from_url(url: str, *, timeout: float) -> RedisClient:
 
 def _sentinel_master(parsed: RedisUrl, timeout: float, options: dict[str, Any]) -> SentinelClient:
     """A client of the master; the sentinels are asked within ``timeout``, without retries."""
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+    # redis-py before 8.2 leaves Sentinel.__init__ unannotated; 8.2 annotates it.
+    sentinel = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
         list(parsed.seeds),
         sentinel_kwargs={
             "socket_timeout": timeout,
