@@ -110,11 +110,16 @@ def port_is_closed(port: int) -> bool:
 
 
 async def test_the_demo_answers_miss_then_hit_and_ctrl_c_stops_everything(spawn: Spawn) -> None:
+    await check_the_demo(spawn, [CACHECAR, "demo", "--concurrency", "2"], cwd=REPO)
+
+
+async def check_the_demo(spawn: Spawn, command: list[str], cwd: Path) -> None:
+    """``command`` runs the demo: it answers MISS then HIT-L1, and Ctrl-C stops all of it."""
     # The demo runs the embedded default: proxy 8080, admin 8081, origin 9000.
     for port in (8080, 8081, 9000):
         assert port_is_closed(port), f"port {port} is taken; the demo needs it"
-    demo = spawn("demo", [CACHECAR, "demo", "--concurrency", "2"], cwd=REPO)
-    await wait_http("http://127.0.0.1:8081/healthz", demo, within=30)
+    demo = spawn("demo", command, cwd=cwd)
+    await wait_http("http://127.0.0.1:8081/healthz", demo, within=120)
     for _ in range(300):
         if "Ctrl-C stops everything" in demo.output():
             break
