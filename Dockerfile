@@ -6,11 +6,11 @@
 #   docker build -t cachecar:0.1.0 .
 #   docker run --rm -p 8081:8081 -v "$PWD/my.yaml:/etc/cachecar/cachecar.yaml:ro" cachecar:0.1.0
 #
-# The build stage turns the checkout into wheels (cachecar's and every dependency's) and installs
-# them into a virtualenv; the runtime stage copies that virtualenv alone: no source tree, no
-# wheels, no pip cache, no build tools, no dev extras. tests/test_deploy.py replays the build
-# stage and runs the result, and keeps the ports, paths and user here in step with the config
-# defaults and the Kubernetes example.
+# The build stage turns the checkout into cachecar's wheel and installs it, with the locked
+# dependencies, into a virtualenv; the runtime stage copies that virtualenv alone: no source
+# tree, no wheels, no pip cache, no build tools, no dev extras. tests/test_deploy.py replays the
+# build stage and runs the result, and keeps the ports, paths and user here in step with the
+# config defaults and the Kubernetes example.
 
 ARG PYTHON_IMAGE=python:3.11-slim
 
@@ -19,19 +19,23 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 # What the wheel is built from (pyproject.toml: the packages, the readme, the license, and the
-# embedded default config); .dockerignore keeps everything else out of the build context.
+# embedded default config), and the lock's views that the image installs; .dockerignore keeps
+# everything else out of the build context.
 COPY pyproject.toml README.md LICENSE ./
+COPY requirements/runtime.txt requirements/build.txt requirements/
 COPY config/cachecar.yaml config/
 COPY cache/ cache/
 COPY proxy/ proxy/
-# Every dependency publishes manylinux wheels for amd64 and arm64, so no compiler is needed here;
-# on a platform without them, install build-essential in this stage only. The dependencies'
-# versions are pyproject.toml's ranges, resolved when the image is built; the install takes
-# cachecar from /wheels alone (--no-index), so there is nothing to pin there.
-# hadolint ignore=DL3013
-RUN pip wheel --wheel-dir /wheels . \
+# The same versions the tests ran on: the build backend and every dependency come from the lock
+# (requirements/*.txt, written from uv.lock by scripts/lock), hash-checked, as wheels. Every
+# dependency publishes manylinux wheels for amd64 and arm64, so no compiler is needed here.
+# cachecar itself is built without build isolation, from the locked backend.
+RUN pip install --require-hashes --only-binary :all: -r requirements/build.txt \
+ && pip wheel --no-deps --no-build-isolation --wheel-dir /wheels . \
  && python -m venv --without-pip /opt/cachecar \
- && pip --python /opt/cachecar/bin/python install --no-index --find-links /wheels cachecar
+ && pip --python /opt/cachecar/bin/python install --require-hashes --only-binary :all: \
+        -r requirements/runtime.txt \
+ && pip --python /opt/cachecar/bin/python install --no-index --no-deps /wheels/cachecar-*.whl
 
 FROM ${PYTHON_IMAGE}
 LABEL org.opencontainers.image.title="cachecar" \
