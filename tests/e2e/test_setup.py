@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,12 @@ from tests.e2e.conftest import Spawn
 from tests.e2e.test_cli import check_the_demo
 
 REPO = Path(__file__).resolve().parents[2]
-SUPPORTED = ("3.11", "3.12", "3.13")  # the README says so; pyproject.toml's requires-python
+# The supported Pythons, as pyproject.toml's classifiers (and the README) name them.
+SUPPORTED = [
+    c.rpartition(" :: ")[2]
+    for c in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["classifiers"]
+    if re.fullmatch(r"Programming Language :: Python :: 3\.\d+", c)
+]
 # `name==version ; marker \` as uv export writes it; the hashes follow on lines of their own.
 PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)\s*(?:;\s*(.+?))?\s*\\?$")
 INSTALL = 600  # seconds: a fresh machine downloads every wheel
@@ -177,3 +183,8 @@ def test_bootstrap_makes_the_venv_anew_when_the_lock_changes(checkout: Path) -> 
     assert installed(checkout) == locked(
         checkout, ["runtime", "build"], checkout / ".venv/bin/python"
     )
+
+
+def test_the_readme_names_the_supported_pythons() -> None:
+    named = ", ".join(SUPPORTED[:-1]) + " and " + SUPPORTED[-1]
+    assert f"supports CPython {named}" in (REPO / "README.md").read_text()
