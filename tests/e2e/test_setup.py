@@ -43,8 +43,8 @@ INSTALL = 600  # seconds: a fresh machine downloads every wheel
 
 
 def clone(into: Path) -> Path:
-    """A clone of this repository as its next commit would be: HEAD, plus the files the working
-    tree adds or changes (deleted ones left out), as a user gets it from ``git clone``."""
+    """A clone of this repository, as a user gets it from ``git clone``, with the files the
+    working tree adds or changes laid over HEAD (a file deleted but not committed stays)."""
     subprocess.run(["git", "clone", "--quiet", "--no-hardlinks", str(REPO), str(into)], check=True)
     listed = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
