@@ -28,18 +28,10 @@ import logging
 from collections.abc import AsyncIterator, Callable
 
 from cache.clock import Clock
-from cache.errors import CorruptEntry, TierUnavailable
+from cache.errors import CircuitOpen, CorruptEntry, TierUnavailable
 from cache.observer import CacheObserver, NullObserver
 
 logger = logging.getLogger("cachecar.cache")
-
-
-class CircuitOpen(TierUnavailable):
-    """The call was not made: the breaker in front of the tier is open (or another call is
-    its probe)."""
-
-    def __init__(self, op: str) -> None:
-        super().__init__(op, "circuit breaker open")
 
 
 class Breaker:
@@ -108,7 +100,7 @@ class Guard:
     """The calls to a tier made beside the tiered cache, behind the tier's shared ``breaker``.
 
     ``async with guard.call(op):`` around one call (already bounded and translated, see
-    ``redis_tier.bounded``): refused at once with ``CircuitOpen`` while the breaker is open,
+    ``cache.redis.tier.bounded``): refused at once with ``CircuitOpen`` while the breaker is open,
     and its outcome told to the breaker; a failure is also counted (``tier_error``). Without a
     breaker a guard only counts. A call that never ends (cancelled) reports nothing: the
     breaker gives up on such a probe after ``reset_after``.

@@ -1,13 +1,18 @@
 """Errors raised by the cache engine.
 
-    CacheError          root: everything the engine raises on purpose
-    ├── TierUnavailable a tier did not answer (L2 down, slow or refusing); ``op`` names the call
-    │   └── CircuitOpen (cache.breaker) not even asked: the tier's circuit breaker is open
-    └── CorruptEntry    bytes that are not a valid envelope (foreign, truncated, a newer version)
-    LoadDeclined        raised by a loader: an answer not for the cache (too large to keep)
+    CacheError              root: everything the engine raises on purpose
+    ├── TierError           a tier gave no usable answer: what callers catch to carry on
+    │   ├── TierUnavailable a tier did not answer (L2 down, slow or refusing); ``op`` names the call
+    │   │   └── CircuitOpen not even asked: the tier's circuit breaker is open
+    │   └── CorruptEntry    bytes that are no valid envelope (foreign, truncated, a newer version)
+    └── QueueFull           the write-behind queue holds ``max_pending`` keys: a write to another
+                            is refused
+    LoadDeclined            raised by a loader: an answer not for the cache (too large to keep)
 
 Foreign errors (redis-py's, OSError, timeouts) are translated into these once, where a tier calls
-its client, and chained with ``raise ... from exc``. The tiered cache turns both into a miss.
+its client, and chained with ``raise ... from exc``. The tiered cache turns a ``TierError`` into a
+miss; where the two must be told apart (a failure feeds the breaker, a corrupt entry is dropped
+and says Redis is fine), the two subclasses are caught one by one.
 """
 
 from __future__ import annotations
@@ -17,7 +22,11 @@ class CacheError(Exception):
     """Root of every error the engine raises on purpose."""
 
 
-class TierUnavailable(CacheError):
+class TierError(CacheError):
+    """A tier gave no usable answer: it failed, or what it holds cannot be read."""
+
+
+class TierUnavailable(TierError):
     """A tier did not answer within its timeout, or answered with an error."""
 
     def __init__(self, op: str, reason: str) -> None:
@@ -26,8 +35,20 @@ class TierUnavailable(CacheError):
         self.reason = reason
 
 
-class CorruptEntry(CacheError):
+class CircuitOpen(TierUnavailable):
+    """The call was not made: the breaker in front of the tier is open (or another call is
+    its probe)."""
+
+    def __init__(self, op: str) -> None:
+        super().__init__(op, "circuit breaker open")
+
+
+class CorruptEntry(TierError):
     """Bytes read from a tier are not an entry this version can decode."""
+
+
+class QueueFull(CacheError):
+    """``max_pending`` keys are waiting for the origin; a write to another key is refused."""
 
 
 class LoadDeclined(Exception):

@@ -19,9 +19,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from cache.breaker import Guard
-from cache.coherence import Coherence
 from cache.observer import Invalidation
-from cache.redis_tier import RedisTier
+from cache.redis.coherence import Coherence
+from cache.redis.tier import RedisTier
 from cache.tiered import TieredCache
 
 

@@ -28,7 +28,7 @@
 
 An L2 failure is never the caller's problem: it is counted, logged once per change of state, fed
 to the breaker, and the read carries on as a miss. That side of L2 (reads, fills, writes in
-order, deletes remembered through an outage) is ``cache.shared_tier``'s.
+order, deletes remembered through an outage) is ``cache.l2``'s.
 """
 
 from __future__ import annotations
@@ -46,9 +46,9 @@ from cache.breaker import Breaker
 from cache.clock import Clock
 from cache.entry import Entry
 from cache.errors import LoadDeclined, TierUnavailable
-from cache.lease import Leases
+from cache.l2 import Announce, SharedTier, Written
 from cache.observer import CacheObserver, Invalidation, NullObserver
-from cache.shared_tier import Announce, SharedTier, Written
+from cache.redis.lease import Leases
 from cache.stale import NEVER, Staleness, refresh_early
 from cache.tier import LocalTier, Stored, Tier
 

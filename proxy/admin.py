@@ -27,10 +27,10 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
-from cache.breaker import CircuitOpen, Guard
-from cache.errors import CacheError, CorruptEntry, TierUnavailable
-from cache.queue import describe
-from cache.redis_tier import RedisTier
+from cache.breaker import Guard
+from cache.errors import CacheError, CircuitOpen, TierError, TierUnavailable
+from cache.redis.tier import RedisTier
+from cache.write_behind.queue import describe
 from proxy.app import RUNTIME
 
 PROXY_APP = web.AppKey("proxy_app", web.Application)
@@ -219,7 +219,7 @@ async def purge(request: web.Request) -> web.Response:
             purged = await purger.prefix(value)
         else:
             purged = await purger.tag(value)
-    except (TierUnavailable, CorruptEntry) as exc:
+    except TierError as exc:
         return _error(503, "purge incomplete", f"{exc}; what was dropped stays dropped: retry")
     return web.json_response({"purged": purged})
 
@@ -240,7 +240,7 @@ async def write_behind(request: web.Request) -> web.Response:
     try:
         stats = await wb.queue.stats()
         letters = await wb.queue.dead_letters(DEAD_LETTERS_SHOWN)
-    except (TierUnavailable, CorruptEntry) as exc:
+    except TierError as exc:
         return _error(503, "write-behind queue unavailable", str(exc))
     return web.json_response({"enabled": True, **describe(stats, letters)})
 

@@ -25,16 +25,16 @@ from prometheus_client import CollectorRegistry
 
 from cache.breaker import Breaker, Guard, breaker_logger
 from cache.clock import Clock, SystemClock
-from cache.coherence import Coherence, listener_client, replica_name
-from cache.flusher import Backoff, Flusher
-from cache.lease import Leases
 from cache.memory import MemoryTier
 from cache.observer import CacheObserver, Observers
 from cache.purge import Purger
-from cache.queue import WriteQueue
-from cache.redis_tier import MEMORY_URL, RedisTier, client_from_url
+from cache.redis.coherence import Coherence, listener_client, replica_name
+from cache.redis.lease import Leases
+from cache.redis.tier import MEMORY_URL, RedisTier, client_from_url
 from cache.tiered import TieredCache
-from cache.write_behind import WriteBehind
+from cache.write_behind.flusher import Backoff, Flusher
+from cache.write_behind.queue import WriteQueue
+from cache.write_behind.writer import WriteBehind
 from proxy.handler import Proxy
 from proxy.metrics import Metrics
 from proxy.origin import OriginClient

@@ -27,11 +27,11 @@ from multidict import CIMultiDict
 
 from cache.clock import Clock
 from cache.entry import Entry
-from cache.errors import CacheError, CorruptEntry, TierUnavailable
+from cache.errors import CacheError, TierError
 from cache.locks import KeyLocks
-from cache.queue import QueuedWrite
 from cache.tiered import REVALIDATING, Loaded, Loader, Lookup, Source, TieredCache
-from cache.write_behind import WriteBehind
+from cache.write_behind.queue import QueuedWrite
+from cache.write_behind.writer import WriteBehind
 from proxy import headers as forwarding
 from proxy.answers import CLIENT_GONE, error_response
 from proxy.metrics import Metrics
@@ -450,7 +450,7 @@ class Proxy:
         assert self._write_behind is not None
         try:
             pending = await self._write_behind.queue.pending(key)
-        except (TierUnavailable, CorruptEntry) as exc:
+        except TierError as exc:
             response = error_response(
                 503,
                 "write-behind queue unavailable",

@@ -43,10 +43,10 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from cache.clock import Clock, SystemClock
-from cache.errors import CorruptEntry, TierUnavailable
+from cache.errors import TierError
 from cache.memory import MemoryTier
 from cache.observer import Eviction, Invalidation
-from cache.queue import QueueStats, WriteQueue
+from cache.write_behind.queue import QueueStats, WriteQueue
 from proxy.routes import UNMATCHED
 from proxy.stats import LATENCY_BOUNDS, OUTCOMES, Window
 
@@ -393,7 +393,7 @@ class Metrics:
             return
         try:
             stats = await self._queue.stats()
-        except (TierUnavailable, CorruptEntry) as exc:
+        except TierError as exc:
             if not self._queue_failing:
                 logger.warning("write-behind queue figures unavailable: %s", exc)
             self._queue_failing = True

@@ -24,7 +24,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import disable_created_metrics
 
-from cache.redis_tier import MEMORY_URL
+from cache.redis.tier import MEMORY_URL
 from proxy.admin import build_admin_app, build_worker_app
 from proxy.app import RUNTIME, build_proxy_app
 from proxy.fastpath import FastSite, Hits

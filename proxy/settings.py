@@ -24,7 +24,7 @@ from pydantic import (
 )
 from yarl import URL
 
-from cache.redis_url import parse_redis_url
+from cache.redis.client import parse_redis_url
 from proxy.headers import CREDENTIALS, HOP_BY_HOP
 from proxy.routes import Coalesce, KeyTemplate, Mode, PathTemplate, TemplateError
 from proxy.units import format_duration, format_size, parse_duration, parse_size

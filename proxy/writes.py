@@ -25,8 +25,8 @@ from collections.abc import Callable
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from cache.entry import Entry
-from cache.flusher import Outcome, Sent
-from cache.queue import QueuedWrite
+from cache.write_behind.flusher import Outcome, Sent
+from cache.write_behind.queue import QueuedWrite
 from proxy.headers import Pairs, find
 from proxy.origin import OriginClient, OriginError
 

@@ -11,7 +11,7 @@ import pytest
 import redis
 from redis.asyncio import Redis
 
-from cache.redis_tier import RedisClient, client_from_url
+from cache.redis.tier import RedisClient, client_from_url
 from tests import redis_servers
 from tests.fakes import FakeClock, RecordingObserver
 from tests.redis_keys import drop_prefix

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cache.redis_tier import RedisClient
+from cache.redis.tier import RedisClient
 
 
 async def drop_prefix(client: RedisClient, prefix: str) -> int:

@@ -4,8 +4,8 @@ import asyncio
 
 import pytest
 
-from cache.breaker import Breaker, CircuitOpen, Guard
-from cache.errors import CorruptEntry, TierUnavailable
+from cache.breaker import Breaker, Guard
+from cache.errors import CircuitOpen, CorruptEntry, TierUnavailable
 from tests.fakes import FakeClock, RecordingObserver
 
 

@@ -20,10 +20,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from cache.breaker import Breaker, Guard
 from cache.clock import SystemClock
-from cache.coherence import Coherence, listener_client
 from cache.entry import Entry
 from cache.memory import MemoryTier
-from cache.redis_tier import RedisClient, RedisTier, client_from_url
+from cache.redis.coherence import Coherence, listener_client
+from cache.redis.tier import RedisClient, RedisTier, client_from_url
 from cache.tiered import Loaded, Source, TieredCache
 from tests.fakes import FakeClock, RecordingObserver, until
 from tests.ports import free_port

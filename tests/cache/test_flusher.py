@@ -11,8 +11,8 @@ import fakeredis
 import pytest
 
 from cache.entry import Entry
-from cache.flusher import Backoff, Flusher, Outcome, Sent
-from cache.queue import Claim, QueuedWrite, WriteQueue
+from cache.write_behind.flusher import Backoff, Flusher, Outcome, Sent
+from cache.write_behind.queue import Claim, QueuedWrite, WriteQueue
 from tests.fakes import FakeClock, RecordingObserver
 
 

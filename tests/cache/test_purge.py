@@ -12,7 +12,7 @@ from cache.clock import SystemClock
 from cache.entry import Entry
 from cache.memory import MemoryTier
 from cache.purge import Purger
-from cache.redis_tier import RedisTier, client_from_url
+from cache.redis.tier import RedisTier, client_from_url
 from cache.tiered import TieredCache
 from tests.conftest import deployment_of
 from tests.redis_keys import drop_prefix

@@ -10,11 +10,11 @@ import fakeredis
 import pytest
 from redis.asyncio import Redis
 
-from cache.breaker import Breaker, CircuitOpen, Guard
+from cache.breaker import Breaker, Guard
 from cache.entry import Entry
-from cache.errors import CorruptEntry, TierUnavailable
-from cache.queue import Queued, QueuedWrite, QueueFull, WriteQueue
-from cache.redis_tier import RedisClient, client_from_url
+from cache.errors import CircuitOpen, CorruptEntry, QueueFull, TierUnavailable
+from cache.redis.tier import RedisClient, client_from_url
+from cache.write_behind.queue import Queued, QueuedWrite, WriteQueue
 from tests.conftest import deployment_of
 from tests.fakes import FakeClock
 from tests.ports import free_port

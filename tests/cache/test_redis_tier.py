@@ -11,7 +11,7 @@ from redis.asyncio import Redis
 
 from cache.entry import Entry
 from cache.errors import CorruptEntry, TierUnavailable
-from cache.redis_tier import RedisTier, client_from_url
+from cache.redis.tier import RedisTier, client_from_url
 from cache.tier import Stored
 from tests.fakes import FakeClock
 from tests.ports import free_port, silent_port

@@ -13,8 +13,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from cache.entry import Entry
 from cache.errors import TierUnavailable
-from cache.redis_tier import RedisTier, client_from_url
-from cache.redis_url import Kind, SentinelClient, parse_redis_url, subscriber_factory
+from cache.redis.client import Kind, SentinelClient, parse_redis_url, subscriber_factory
+from cache.redis.tier import RedisTier, client_from_url
 from tests.ports import free_port, silent_port
 from tests.redis_servers import Deployment
 

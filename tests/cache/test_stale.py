@@ -10,7 +10,7 @@ import pytest
 
 from cache.entry import Entry
 from cache.memory import MemoryTier
-from cache.redis_tier import RedisTier
+from cache.redis.tier import RedisTier
 from cache.stale import Staleness, refresh_early
 from cache.tiered import ORIGIN_FAILED, REVALIDATING, Loaded, Source, TieredCache
 from tests.fakes import FakeClock, RecordingObserver

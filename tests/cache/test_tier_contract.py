@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 
 from cache.entry import Entry
 from cache.memory import MemoryTier
-from cache.redis_tier import RedisClient, RedisTier, client_from_url
+from cache.redis.tier import RedisClient, RedisTier, client_from_url
 from cache.tier import Tier
 from tests.conftest import deployment_of
 from tests.fakes import FakeClock

@@ -12,7 +12,7 @@ from cache.breaker import Breaker
 from cache.entry import Entry
 from cache.memory import MemoryTier
 from cache.observer import Eviction
-from cache.redis_tier import RedisTier, client_from_url
+from cache.redis.tier import RedisTier, client_from_url
 from cache.tiered import Loaded, Source, TieredCache
 from tests.fakes import FakeClock, FlakyTier, RecordingObserver
 from tests.ports import free_port

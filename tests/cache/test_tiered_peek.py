@@ -10,9 +10,9 @@ import pytest
 
 from cache.breaker import Breaker
 from cache.entry import Entry
+from cache.l2 import KEEP_READ
 from cache.memory import MemoryTier
-from cache.redis_tier import RedisTier, client_from_url
-from cache.shared_tier import KEEP_READ
+from cache.redis.tier import RedisTier, client_from_url
 from cache.tier import Stored
 from cache.tiered import Loaded, Source, TieredCache
 from tests.fakes import FakeClock, RecordingObserver

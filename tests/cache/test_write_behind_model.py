@@ -31,12 +31,12 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from cache.entry import Entry
-from cache.flusher import Backoff, Flusher, Outcome, Sent
 from cache.memory import MemoryTier
-from cache.queue import Claim, QueuedWrite, WriteQueue
-from cache.redis_tier import RedisTier
+from cache.redis.tier import RedisTier
 from cache.tiered import Loaded, TieredCache
-from cache.write_behind import WriteBehind
+from cache.write_behind.flusher import Backoff, Flusher, Outcome, Sent
+from cache.write_behind.queue import Claim, QueuedWrite, WriteQueue
+from cache.write_behind.writer import WriteBehind
 from tests.fakes import FakeClock
 
 KEYS = ["a", "b"]

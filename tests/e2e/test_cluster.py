@@ -12,7 +12,7 @@ from pathlib import Path
 import aiohttp
 from redis.asyncio.cluster import RedisCluster
 
-from cache.redis_tier import client_from_url
+from cache.redis.tier import client_from_url
 from tests.e2e.conftest import Spawn, start_origin, start_proxy, until, write_config
 from tests.redis_keys import drop_prefix
 from tests.redis_servers import Deployment

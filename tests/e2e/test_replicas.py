@@ -18,7 +18,7 @@ import aiohttp
 import pytest
 from redis.asyncio import Redis
 
-from cache.redis_tier import RedisClient
+from cache.redis.tier import RedisClient
 from tests.conftest import deployment_of
 from tests.e2e.conftest import (
     Origin,

@@ -3,7 +3,7 @@
     config text   -> proxy.config.parse_settings -> Settings | ConfigError
     request target -> normalize_path -> Router.match -> key_for / variant_for / tags_for
                                      -> a key | BadPath
-    stored bytes  -> cache.entry.decode / cache.queue._load -> Entry / QueuedWrite | CorruptEntry
+    stored bytes  -> cache.entry.decode / cache.write_behind.queue._load -> Entry / QueuedWrite | CorruptEntry
 
 Bounded (a few hundred examples per property, no deadline) so the file runs in seconds.
 """
@@ -27,7 +27,7 @@ from pydantic import BaseModel
 
 from cache.entry import Entry, decode, encode
 from cache.errors import CorruptEntry
-from cache.queue import QueuedWrite, _dump, _load
+from cache.write_behind.queue import QueuedWrite, _dump, _load
 from proxy.config import ConfigError, load_settings, parse_settings
 from proxy.paths import BadPath, normalize_path, sorted_query
 from proxy.routes import Route, Router

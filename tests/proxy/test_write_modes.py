@@ -10,7 +10,7 @@ from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 from redis.asyncio import Redis
 
-from cache.write_behind import WriteBehind
+from cache.write_behind.writer import WriteBehind
 from proxy.admin import build_admin_app
 from proxy.app import RUNTIME
 from tests.fakes import FakeClock

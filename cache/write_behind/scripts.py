@@ -1,18 +1,18 @@
 """The write-behind queue's steps, each one Lua script that Redis applies whole or not at all.
 
 Every script touches only keys under one ``{wb}`` hash tag (one Redis Cluster slot); the
-layout and what each step does are drawn in ``cache.queue``. Times are milliseconds from the
-caller's clock.
+layout and what each step does are drawn in ``cache.write_behind.queue``. Times are milliseconds
+from the caller's clock.
 """
 
 # KEYS: seq values seqs ready since dead corpses unsettled
 # ARGV: now_ms max_pending ready_at_ms count, then key record for each of ``count`` writes in
 #       the order taken, then key seq for each write whose value the tiers now hold
 # Returns seq, present for each write (-1, 0: refused, max_pending keys are waiting). The writes
-# of many callers share one call (``cache.queue`` commits them together); each is taken as if
-# alone, so a key written twice in one call keeps the later record. A write is unsettled until
-# its caller says the tiers hold it; a settlement of an older write than the key's newest is
-# no news.
+# of many callers share one call (``cache.write_behind.queue`` commits them together); each is
+# taken as if alone, so a key written twice in one call keeps the later record. A write is
+# unsettled until its caller says the tiers hold it; a settlement of an older write than the
+# key's newest is no news.
 # A new write supersedes the key's dead letter: replaying it later would undo this write.
 ENQUEUE = """
 local max = tonumber(ARGV[2])

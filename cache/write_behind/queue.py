@@ -32,7 +32,7 @@ Layout (every key shares the hash tag ``{wb}``, so each script touches one Clust
                 stays and is tried at once, and the dead one cannot be replayed over it)
     enqueue also drops the key's dead letter: a replay must never undo a newer write
 
-Unsettled: a write is queued before the tiers are given it (``cache.write_behind``), so a
+Unsettled: a write is queued before the tiers are given it (``cache.write_behind.writer``), so a
 process that dies in between leaves the tiers holding an older value. Its write stays
 unsettled, and the flusher that sends it has the key dropped from the tiers before the ack:
 the old value cannot outlive the write's arrival at the origin.
@@ -60,18 +60,14 @@ from typing import Any, NamedTuple, cast
 from cache.breaker import Guard
 from cache.clock import Clock
 from cache.entry import Entry, decode, encode
-from cache.errors import CacheError, CorruptEntry
-from cache.queue_scripts import ACK, CLAIM, ENQUEUE, FAIL, REPLAY
-from cache.redis_tier import RedisClient, bounded, close_quietly, connect_quietly
+from cache.errors import CorruptEntry, QueueFull
+from cache.redis.tier import RedisClient, bounded, close_quietly, connect_quietly
+from cache.write_behind.scripts import ACK, CLAIM, ENQUEUE, FAIL, REPLAY
 
 logger = logging.getLogger("cachecar.write_behind")
 
 # Writes one enqueue call takes at most: the script runs alone in Redis, so it stays short.
 COMMIT_MAX = 256
-
-
-class QueueFull(CacheError):
-    """``max_pending`` keys are waiting for the origin; a write to another key is refused."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -25,8 +25,8 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
 from cache.entry import decode
-from cache.errors import CorruptEntry, TierUnavailable
-from cache.redis_url import RedisClient
+from cache.errors import CorruptEntry, TierError
+from cache.redis.client import RedisClient
 from cache.tier import Stored
 
 # KEYS: the keys   ARGV: their variants   -> per key: the envelope (or nil), the key's PTTL
@@ -116,7 +116,7 @@ class PipelinedReads:
                         keys=[name for (name, _), _ in reads],
                         args=[variant for (_, variant), _ in reads],
                     )
-        except (TierUnavailable, CorruptEntry) as exc:
+        except TierError as exc:
             for _, waiting in reads:
                 _answer(waiting, exc)
             return

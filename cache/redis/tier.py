@@ -30,7 +30,7 @@ call and tells it the outcome (a guard here as well would count every call twice
 A key that holds something else (another Redis type, bytes that are not an envelope) is a
 ``CorruptEntry``: Redis is healthy, the key is dropped.
 
-Reads are auto-pipelined (``cache.pipelined_reads``): those of one round of the event loop share
+Reads are auto-pipelined (``cache.redis.reads``): those of one round of the event loop share
 one round trip.
 """
 
@@ -48,12 +48,12 @@ from cache.breaker import Guard
 from cache.clock import Clock, SystemClock
 from cache.entry import Entry, encode
 from cache.errors import CorruptEntry, TierUnavailable
-from cache.pipelined_reads import PipelinedReads
 
 # Re-exported: the callers of a tier build its client from a URL here.
-from cache.redis_url import MEMORY_URL as MEMORY_URL
-from cache.redis_url import RedisClient as RedisClient
-from cache.redis_url import client_from_url as client_from_url
+from cache.redis.client import MEMORY_URL as MEMORY_URL
+from cache.redis.client import RedisClient as RedisClient
+from cache.redis.client import client_from_url as client_from_url
+from cache.redis.reads import PipelinedReads
 from cache.tier import Stored
 
 MARK = "!w"
@@ -167,7 +167,7 @@ class RedisTier:
 
     def get_soon(self, key: str, variant: str = "") -> asyncio.Future[Stored | None]:
         """``get``, as a future, sent with the other reads of this round of the event loop
-        (``cache.pipelined_reads``): ``TierUnavailable`` shared by every read of a failed round
+        (``cache.redis.reads``): ``TierUnavailable`` shared by every read of a failed round
         trip, ``CorruptEntry`` for that key alone."""
         return self._reads.get_soon(self.entry_name(key), variant)
 

@@ -24,8 +24,8 @@ import secrets
 from collections.abc import Awaitable, Callable
 
 from cache.breaker import Guard
-from cache.errors import CorruptEntry, TierUnavailable
-from cache.redis_tier import RedisClient, bounded, close_quietly, connect_quietly
+from cache.errors import TierError
+from cache.redis.tier import RedisClient, bounded, close_quietly, connect_quietly
 from cache.tier import Stored
 
 LEASE = "!lease:"
@@ -72,7 +72,7 @@ class Leases:
                 won = await self._client.set(
                     self._name(key, variant), token, nx=True, px=self._hold_ms
                 )
-        except (TierUnavailable, CorruptEntry):
+        except TierError:
             return ""  # no lease to be had: fetch, as without leases
         return token if won else None
 
@@ -82,7 +82,7 @@ class Leases:
         try:
             async with bounded("lease", self._timeout, self._guard):
                 await self._release(keys=[self._name(key, variant)], args=[token])
-        except (TierUnavailable, CorruptEntry):
+        except TierError:
             pass  # it expires after ``hold``; the waiters fetch themselves by then
 
     async def wait_for_fill(
@@ -104,7 +104,7 @@ class Leases:
                 # ``look`` is a bare read of the tier (bounded, but reported to no breaker).
                 async with self._guard.call("lease"):
                     stored = await look()
-            except (TierUnavailable, CorruptEntry):
+            except TierError:
                 return None
             if stored is not None or not held:
                 return stored

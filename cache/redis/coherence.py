@@ -46,8 +46,8 @@ from cache.breaker import Guard
 from cache.clock import Clock
 from cache.errors import TierUnavailable
 from cache.observer import CacheObserver, NullObserver
-from cache.redis_tier import RedisClient, bounded, close_quietly
-from cache.redis_url import subscriber_factory
+from cache.redis.client import subscriber_factory
+from cache.redis.tier import RedisClient, bounded, close_quietly
 
 logger = logging.getLogger("cachecar.coherence")
 

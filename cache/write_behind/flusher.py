@@ -33,7 +33,7 @@ from typing import NamedTuple, Protocol
 from cache.clock import Clock
 from cache.errors import CacheError
 from cache.observer import CacheObserver, NullObserver
-from cache.queue import Claim, QueuedWrite, WriteQueue
+from cache.write_behind.queue import Claim, QueuedWrite, WriteQueue
 
 logger = logging.getLogger("cachecar.write_behind")
 
@@ -89,7 +89,7 @@ class Flusher:
     ) -> None:
         """``on_dead(key)``: the origin refused the key's write for good. ``on_stale(key)``:
         the origin took a write the tiers may not hold (its writer died before it gave it to
-        them), so they may hold an older value; ``cache.write_behind`` sets it."""
+        them), so they may hold an older value; ``cache.write_behind.writer`` sets it."""
         self._queue = queue
         self._sink = sink
         self._clock = clock

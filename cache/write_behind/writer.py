@@ -16,9 +16,9 @@ crash     -> were the process to die between the queue and the tiers, the tiers 
              reads from before it.
 read miss -> L1, L2 as usual; then, before the origin, the key's unflushed write if there is
              one: read-your-writes even after both tiers dropped the value
-flusher   -> sends each key's newest write to the origin (``cache.flusher``); a write the
-             origin refuses for good is dead-lettered and the key dropped from the tiers,
-             so reads go back to what the origin holds
+flusher   -> sends each key's newest write to the origin (``cache.write_behind.flusher``); a
+             write the origin refuses for good is dead-lettered and the key dropped from the
+             tiers, so reads go back to what the origin holds
 """
 
 from __future__ import annotations
@@ -28,13 +28,12 @@ import contextlib
 import logging
 from collections.abc import Sequence
 
-from cache.breaker import CircuitOpen
-from cache.errors import CacheError, CorruptEntry, TierUnavailable
-from cache.flusher import Flusher
+from cache.errors import CacheError, CircuitOpen, TierError
 from cache.locks import KeyLocks
 from cache.observer import CacheObserver, Invalidation, NullObserver
-from cache.queue import QueuedWrite, WriteQueue
 from cache.tiered import Loaded, Loader, TieredCache
+from cache.write_behind.flusher import Flusher
+from cache.write_behind.queue import QueuedWrite, WriteQueue
 
 logger = logging.getLogger("cachecar.write_behind")
 
@@ -79,7 +78,7 @@ class WriteBehind:
                 queued = await self.queue.enqueue(write)
             except CircuitOpen:
                 raise  # refused before Redis was asked: nothing to undo
-            except (TierUnavailable, CorruptEntry):
+            except TierError:
                 # Redis may have run the script and lost only its answer: the write may be
                 # queued after all, so nothing may keep serving the value it would replace.
                 await self._cache.invalidate(write.key)
@@ -126,7 +125,7 @@ class WriteBehind:
                 # Redis is failing (the L2 breaker is open): the queue was not asked, and the
                 # origin's value is the best left, as below.
                 return await origin()
-            except (TierUnavailable, CorruptEntry) as exc:
+            except TierError as exc:
                 # Without the queue there is no knowing; the origin's value is the best left.
                 logger.warning(
                     "write-behind queue unreadable for %r (%s); asking the origin", key, exc
