@@ -38,8 +38,8 @@ from cache.write_behind.writer import WriteBehind
 from proxy.handler import Proxy
 from proxy.metrics import Metrics
 from proxy.origin import OriginClient
-from proxy.routes import Coalesce, Mode, Router
-from proxy.settings import Settings
+from proxy.routes import Router
+from proxy.settings import Coalesce, Mode, Settings
 from proxy.writes import OriginSink
 
 

@@ -39,7 +39,8 @@ from proxy.origin import OriginClient, OriginError, Oversized
 from proxy.passthrough import ClientGone, PassThrough, relay
 from proxy.paths import BadPath, normalize_path
 from proxy.policy import bypass_reason, decide, delta_seconds, not_modified, stale_allowed
-from proxy.routes import UNMATCHED, Coalesce, Mode, Route, Router
+from proxy.routes import UNMATCHED, Route, Router
+from proxy.settings import Coalesce, Mode
 from proxy.writes import tombstone, validators_of, written_entry
 
 logger = logging.getLogger("cachecar.proxy")

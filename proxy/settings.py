@@ -1,13 +1,15 @@
 """The settings: immutable, validated models of the one YAML file.
 
 Durations and sizes are numbers here (seconds, bytes), parsed once at load time; templates are
-checked here and compiled by ``proxy.routes``. Reading the file (YAML, ``${VAR}``, error
-wording) is ``proxy.config``'s.
+checked here with ``proxy.templates`` and compiled by ``proxy.routes``. ``Mode`` and ``Coalesce``
+are the words a user writes in a route. Reading the file (YAML, ``${VAR}``, error wording) is
+``proxy.config``'s.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import re
 from typing import Annotated
 
@@ -26,8 +28,23 @@ from yarl import URL
 
 from cache.redis.client import parse_redis_url
 from proxy.headers import CREDENTIALS, HOP_BY_HOP
-from proxy.routes import Coalesce, KeyTemplate, Mode, PathTemplate, TemplateError
+from proxy.templates import KeyTemplate, PathTemplate, TemplateError
 from proxy.units import format_duration, format_size, parse_duration, parse_size
+
+# -- the words of a route ------------------------------------------------------------------------
+
+
+class Coalesce(enum.StrEnum):
+    LOCAL = "local"  # concurrent misses of a key in one process make one origin fetch
+    CLUSTER = "cluster"  # ... across every replica too: a lease in Redis (``cache.redis.lease``)
+
+
+class Mode(enum.StrEnum):
+    CACHE_ASIDE = "cache-aside"  # reads cached; writes go to the origin, then drop the key
+    WRITE_THROUGH = "write-through"  # reads cached; a written value becomes the cached one
+    WRITE_BEHIND = "write-behind"  # writes land in the cache and a durable queue at once
+    BYPASS = "bypass"  # proxied, never cached
+
 
 # -- value types ---------------------------------------------------------------------------------
 

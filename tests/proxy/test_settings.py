@@ -7,9 +7,8 @@ from pathlib import Path
 import pytest
 
 from proxy.config import ConfigError, effective_yaml, load_settings, parse_settings
-from proxy.routes import Mode
 from proxy.server import redact
-from proxy.settings import Address
+from proxy.settings import Address, Mode
 
 MINIMAL = "upstream: {url: http://127.0.0.1:9000}\n"
 REPO = Path(__file__).resolve().parents[2]
