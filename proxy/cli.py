@@ -116,7 +116,8 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from proxy.server import ListenError, serve
+    from proxy.listen import ListenError
+    from proxy.server import serve
 
     settings = _load(args)
     if settings is None:

@@ -35,7 +35,6 @@ from email.utils import formatdate
 from functools import partial
 from typing import Any, cast
 
-from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from cache.entry import Entry
@@ -357,32 +356,3 @@ class FastPath(asyncio.Protocol):
     def _hand_over(self, buffer: bytes) -> None:
         self._handed_over = True
         self._inner.data_received(buffer)
-
-
-class FastSite(web.TCPSite):
-    """A TCP site whose connections go through ``FastPath`` first."""
-
-    def __init__(self, runner: web.BaseRunner, hits: Hits, *args: Any, **kwargs: Any) -> None:
-        super().__init__(runner, *args, **kwargs)
-        self._hits = hits
-
-    async def start(self) -> None:
-        await web.BaseSite.start(self)
-        server = self._runner.server
-        assert server is not None
-        hits = self._hits
-
-        def connection() -> FastPath:
-            return FastPath(server(), hits)
-
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            connection,
-            self._host,
-            self._port,
-            backlog=self._backlog,
-            reuse_address=self._reuse_address,
-            reuse_port=self._reuse_port,
-        )
-        sockets = self._server.sockets
-        self._bound_port = sockets[0].getsockname()[1] if sockets else self._port

@@ -27,17 +27,11 @@ from prometheus_client import disable_created_metrics
 from cache.redis.tier import MEMORY_URL
 from proxy.admin import build_admin_app, build_worker_app
 from proxy.app import RUNTIME, build_proxy_app
-from proxy.fastpath import FastSite, Hits
+from proxy.listen import WORKER_SOCKET, listen_on, proxy_site
 from proxy.settings import Settings
+from proxy.workers import supervise
 
 logger = logging.getLogger("cachecar")
-
-# Set by the supervisor in a worker's environment: the Unix socket its figures are read on.
-WORKER_SOCKET = "CACHECAR_WORKER_SOCKET"
-
-
-class ListenError(Exception):
-    """A listener could not bind its address."""
 
 
 async def serve(
@@ -60,8 +54,6 @@ async def serve(
     _quiet_malformed_requests()
     worker = os.environ.get(WORKER_SOCKET)
     if settings.server.workers > 1 and worker is None:
-        from proxy.workers import supervise
-
         await supervise(settings, config, stop)
         logger.info("stopped")
         return
@@ -109,19 +101,10 @@ async def _run(settings: Settings, stop: asyncio.Event, worker: str | None) -> N
     await admin_runner.setup()
     try:
         address = settings.server.listen
-        site: web.BaseSite = proxy_site(proxy_app, proxy_runner, settings, worker is not None)
-        try:
-            await site.start()
-        except OSError as exc:
-            raise ListenError(f"cannot listen on {address}: {exc.strerror or exc}") from exc
+        await listen_on(proxy_site(proxy_app, proxy_runner, settings, worker is not None), address)
         if worker is None:
-            site = web.TCPSite(admin_runner, settings.admin.listen.host, settings.admin.listen.port)
-            try:
-                await site.start()
-            except OSError as exc:
-                raise ListenError(
-                    f"cannot listen on {settings.admin.listen}: {exc.strerror or exc}"
-                ) from exc
+            admin = settings.admin.listen
+            await listen_on(web.TCPSite(admin_runner, admin.host, admin.port), admin)
             cached = sum(route.cached for route in proxy_app[RUNTIME].proxy.routes)
             _announce(settings, cached, proxy_app[RUNTIME].write_behind is not None)
         else:
@@ -166,27 +149,6 @@ def _announce(settings: Settings, routes: int, write_behind: bool) -> None:
         logger.info(
             "write-behind queue in Redis: acknowledged writes survive a crash of this process"
         )
-
-
-def proxy_site(
-    app: web.Application, runner: web.AppRunner, settings: Settings, reuse_port: bool
-) -> web.BaseSite:
-    """The proxy port: L1 hits answered by ``proxy.fastpath``, the rest by the app. With the
-    access log on, every request goes through the app (it writes the log lines)."""
-    address = settings.server.listen
-    if settings.server.access_log:
-        return web.TCPSite(runner, address.host, address.port, backlog=1024, reuse_port=reuse_port)
-    runtime = app[RUNTIME]
-    hits = Hits(
-        runtime.proxy.router,
-        runtime.cache,
-        runtime.metrics,
-        clock=runtime.proxy.clock.time,
-        max_key_length=settings.server.max_key_length,
-        max_header_size=settings.server.max_header_size,
-        max_headers=settings.server.max_headers,
-    )
-    return FastSite(runner, hits, address.host, address.port, backlog=1024, reuse_port=reuse_port)
 
 
 class _MalformedRequest(logging.Filter):

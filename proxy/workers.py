@@ -39,9 +39,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.admin import build_admin_app
 from proxy.app import RUNTIME, build_proxy_app
+from proxy.listen import WORKER_SOCKET, check_free, listen_on
 from proxy.metrics import Metrics
-from proxy.server import WORKER_SOCKET, ListenError
-from proxy.settings import Address, Settings
+from proxy.settings import Settings
 from proxy.stats import Window
 
 logger = logging.getLogger("cachecar.workers")
@@ -390,7 +390,7 @@ async def supervise(settings: Settings, config: Path | None, stop: asyncio.Event
     if config is None:
         raise ValueError("workers are started with the config file's path")
     for address in (settings.server.listen, settings.admin.listen):
-        _free(address)
+        check_free(address)
     # Serves no traffic: purges and the queue's admin act through Redis from it. The workers
     # flush the queue; this one does not.
     control_app = build_proxy_app(settings, flushes=False)
@@ -405,10 +405,7 @@ async def supervise(settings: Settings, config: Path | None, stop: asyncio.Event
         await workers.start()
         # Once the workers serve: whoever waits for the admin listener finds the port ready.
         address = settings.admin.listen
-        try:
-            await web.TCPSite(admin_runner, address.host, address.port).start()
-        except OSError as exc:
-            raise ListenError(f"cannot listen on {address}: {exc.strerror or exc}") from exc
+        await listen_on(web.TCPSite(admin_runner, address.host, address.port), address)
         logger.info(
             "cachecar: %d workers serving http://%s; admin on http://%s",
             settings.server.workers,
@@ -421,15 +418,3 @@ async def supervise(settings: Settings, config: Path | None, stop: asyncio.Event
         await workers.stop(settings.server.shutdown_grace + 5.0)
         await admin_runner.cleanup()
         await control_runner.cleanup()
-
-
-def _free(address: Address) -> None:
-    """Refuse to start when something holds ``address``: workers bind the proxy port with
-    SO_REUSEPORT, which would let them share it with another cachecar's, silently."""
-    family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((address.host, address.port))
-        except OSError as exc:
-            raise ListenError(f"cannot listen on {address}: {exc.strerror or exc}") from exc

@@ -18,9 +18,9 @@ from cache.tiered import TieredCache
 from proxy.app import RUNTIME, build_proxy_app
 from proxy.config import parse_settings
 from proxy.fastpath import Hits
+from proxy.listen import proxy_site
 from proxy.metrics import Metrics
 from proxy.routes import Router
-from proxy.server import proxy_site
 from tests.fakes import FakeClock
 from tests.ports import free_port
 from tests.proxy.conftest import Origin, settings_for
