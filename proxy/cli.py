@@ -134,7 +134,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _origin(args: argparse.Namespace) -> int:
     from aiohttp import web
 
-    from proxy.demo_origin import build_origin_app
+    from proxy.demo.origin import build_origin_app
 
     log = logging.getLogger("cachecar.origin")
     loop: asyncio.AbstractEventLoop
@@ -166,7 +166,7 @@ def _origin(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from proxy.demo import Demo
+    from proxy.demo.runner import Demo
 
     path = default_config()
     settings = _load(argparse.Namespace(config=path))

@@ -10,7 +10,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
-from proxy.demo_origin import Store, build_origin_app
+from proxy.demo.origin import Store, build_origin_app
 
 Client = TestClient[web.Request, web.Application]
 
