@@ -1,5 +1,5 @@
-"""What every side-by-side workload stands on: its parameters, the one origin, the targets'
-launcher, wrk, and one measured run.
+"""What every side-by-side workload stands on: the one origin, the targets' launcher, wrk, and
+one measured run (the parameters are ``bench.params``'s).
 
     start_origin: `cachecar origin`, pinned beside wrk -> populate: every key a workload reads,
     1 KiB each, PUT through wrk, then checked (and copied to Redis for bench.bare_redis)
@@ -16,7 +16,6 @@ import secrets
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ import aiohttp
 from redis.asyncio import Redis
 
 from bench import peers, wrk
+from bench.params import Params
 from bench.processes import (
     BenchError,
     Processes,
@@ -39,53 +39,6 @@ WAIT_LIMIT = 60.0  # no wait (a fill, a queue draining) lasts longer than this
 SETTLE = 0.3  # seconds between a stopped wrk and the origin's count
 HOT = "/items/hot"
 IDLE = "/items/idle"  # "{}": what a fill asks for once it has asked for every key
-
-
-@dataclass(frozen=True)
-class Params:
-    seconds: float  # each measured run
-    connections: int
-    warm_keys: int  # (b) and (c)
-    zipf_keys: int  # (d)
-    zipf_requests: int  # (d): requests of the fill, and of the measured run
-    stampede: int  # (e): connections per cold key
-    rounds: int  # (e): cold keys per target
-    unloaded: float  # seconds of wrk -c1
-    write_keys: int  # (f)
-    distinct: int  # (f): writes piled up for the flush
-    memory: int  # (g): l1.max_bytes
-    latency: str  # the origin's
-    targets: tuple[str, ...]
-    quick: bool
-    workloads: tuple[str, ...] = ("hits", "l2", "zipf", "writes", "memory")
-
-
-FULL: dict[str, Any] = {
-    "seconds": 5.0,
-    "connections": 64,
-    "warm_keys": 10_000,
-    "zipf_keys": 100_000,
-    "zipf_requests": 30_000,
-    "stampede": 500,
-    "rounds": 5,
-    "unloaded": 2.0,
-    "write_keys": 100,
-    "distinct": 20_000,
-    "memory": 32 << 20,
-}
-QUICK: dict[str, Any] = {
-    **FULL,
-    "seconds": 0.3,
-    "connections": 16,
-    "warm_keys": 500,
-    "zipf_keys": 2_000,
-    "zipf_requests": 1_000,
-    "stampede": 50,
-    "rounds": 2,
-    "unloaded": 0.3,
-    "distinct": 300,
-    "memory": 2 << 20,
-}
 
 
 class Harness:

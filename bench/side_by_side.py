@@ -43,8 +43,9 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from bench import markdown, peers, results, workloads, wrk
-from bench.harness import FULL, QUICK, Harness, Params, progress
+from bench.harness import Harness, progress
 from bench.machine import cachecar_version
+from bench.params import FULL, QUICK, Params
 from bench.processes import BenchError, Processes, wind_down
 from bench.results import Report
 from bench.targets import cpus
