@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from proxy.config import ConfigError, effective_yaml, load_settings, parse_settings
-from proxy.server import redact
+from proxy.logs import redact
 from proxy.settings import Address, Mode
 
 MINIMAL = "upstream: {url: http://127.0.0.1:9000}\n"
