@@ -27,7 +27,7 @@ RECENT = 10  # seconds a req/s figure is averaged over
 
 OUTCOMES = ("hit_l1", "hit_l2", "miss", "stale", "bypass", "write")
 CACHEABLE = frozenset({"hit_l1", "hit_l2", "miss", "stale"})  # reads the cache could answer
-HITS = frozenset({"hit_l1", "hit_l2"})  # STALE counts as a read, not a hit, as in DESIGN
+HITS = frozenset({"hit_l1", "hit_l2"})  # STALE is a read, not a hit (docs/observability.md)
 PERCENTILES = (("p50", 0.50), ("p95", 0.95), ("p99", 0.99))
 
 _BIN_GROWTH = math.log(1.1)

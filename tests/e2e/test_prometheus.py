@@ -561,7 +561,7 @@ async def test_every_dashboard_query_returns_cachecar_data_from_a_real_prometheu
     assert proxy.process.stop() == 0, proxy.process.output()
 
 
-# The hit ratios of DESIGN.md, as PromQL over a window that holds every scrape of the test.
+# The hit ratios of docs/observability.md, as PromQL over a window that holds every scrape of the test.
 OVERALL = (
     'sum(increase(cachecar_request_duration_seconds_count{{outcome=~"hit_l1|hit_l2"}}[{w}]))'
     " / sum(increase(cachecar_request_duration_seconds_count"
