@@ -13,7 +13,7 @@ a raw path; ``unmatched`` stands for every path no route matches; methods outsid
 ones are ``other``.
 
 Gauges that live elsewhere are read when asked for: L1's size from the tier, the write-behind
-queue from Redis (``refresh`` before each scrape or snapshot, bounded by the queue's timeout).
+queue from Redis (``proxy.queue_gauges``: ``refresh`` before each scrape or snapshot).
 
 The calls every hit makes (``answered`` or ``request``, and the engine's ``lookup``) only count
 into plain lists, for the wall-clock second running: a request's duration goes into one slot,
@@ -24,6 +24,13 @@ read (a collector registered first, ``snapshot``, ``window``), so a scrape, a sn
 reading a sample see every count once. A Prometheus child's update takes a lock, and the window's
 per-event bookkeeping a logarithm and a few dictionaries: counted one by one, the two cost a hit
 about a sixth of its time.
+
+prometheus_client has no public call that adds many observations to a histogram at once, so
+``_take_in`` uses two internals of a ``Histogram`` child, each pinned by
+``tests/proxy/test_metrics.py::test_the_histogram_internals_metrics_py_adds_counts_into_behave_as_it_relies_on``:
+
+- ``_sum``: the sum of the durations, a value with ``inc``;
+- ``_buckets``: one value with ``inc`` per bucket bound and one for +Inf, not cumulative.
 """
 
 from __future__ import annotations
