@@ -23,20 +23,20 @@ class QueueGauges:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self._registry = registry
-        self._depth = Gauge(
+
+        def gauge(name: str, documentation: str) -> Gauge:
+            return Gauge(name, documentation, registry=registry)
+
+        self._depth = gauge(
             "cachecar_write_behind_queue_depth",
             "Keys with a write not yet at the origin (the shared queue, as every replica sees it).",
-            registry=registry,
         )
-        self._age = Gauge(
+        self._age = gauge(
             "cachecar_write_behind_oldest_age_seconds",
             "Seconds since the oldest write not yet at the origin was acknowledged.",
-            registry=registry,
         )
-        self._dead_letters = Gauge(
-            "cachecar_write_behind_dead_letters",
-            "Writes the origin refused for good.",
-            registry=registry,
+        self._dead_letters = gauge(
+            "cachecar_write_behind_dead_letters", "Writes the origin refused for good."
         )
         self.queue: WriteQueue | None = None
         self.stats: QueueStats | None = None  # the last figures read
