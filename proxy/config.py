@@ -25,11 +25,12 @@ import yaml
 from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
+from proxy.errors import ProxyError
 from proxy.settings import Settings
 from proxy.units import format_duration
 
 
-class ConfigError(Exception):
+class ConfigError(ProxyError):
     """An invalid config; ``problems`` holds one ``key.path: reason`` line per problem."""
 
     def __init__(self, source: str, problems: list[str]) -> None:
@@ -95,8 +96,8 @@ _TOO_DEEP = "the document nests too deeply, or an alias (*name) refers to itself
 MAX_VALUES = 100_000  # a config is a few hundred; aliases could make a few bytes billions
 
 
-class _TooMany(Exception):
-    pass
+class _TooMany(ProxyError):
+    """The budget of values is spent: ``parse_settings`` turns it into a ``ConfigError``."""
 
 
 _VARIABLE = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")

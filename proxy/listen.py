@@ -20,6 +20,7 @@ from aiohttp import web
 from yarl import URL
 
 from proxy.app import RUNTIME
+from proxy.errors import ProxyError
 from proxy.fastpath import FastPath, Hits
 from proxy.settings import Address, Settings
 
@@ -29,7 +30,7 @@ WORKER_SOCKET = "CACHECAR_WORKER_SOCKET"
 BACKLOG = 1024  # the proxy port's: bursts of new connections wait rather than fail
 
 
-class ListenError(Exception):
+class ListenError(ProxyError):
     """A listener could not bind its address."""
 
     @classmethod

@@ -13,7 +13,7 @@ a raw path; ``unmatched`` stands for every path no route matches; methods outsid
 ones are ``other``.
 
 Gauges that live elsewhere are read when asked for: L1's size from the tier, the write-behind
-queue from Redis (``refresh`` before each scrape or snapshot, bounded by the queue's timeout).
+queue from Redis (``proxy.queue_gauges``: ``refresh`` before each scrape or snapshot).
 
 The calls every hit makes (``answered`` or ``request``, and the engine's ``lookup``) only count
 into plain lists, for the wall-clock second running: a request's duration goes into one slot,
@@ -24,11 +24,17 @@ read (a collector registered first, ``snapshot``, ``window``), so a scrape, a sn
 reading a sample see every count once. A Prometheus child's update takes a lock, and the window's
 per-event bookkeeping a logarithm and a few dictionaries: counted one by one, the two cost a hit
 about a sixth of its time.
+
+prometheus_client has no public call that adds many observations to a histogram at once, so
+``_take_in`` uses two internals of a ``Histogram`` child, each pinned by
+``tests/proxy/test_metrics.py::test_the_histogram_internals_metrics_py_adds_counts_into_behave_as_it_relies_on``:
+
+- ``_sum``: the sum of the durations, a value with ``inc``;
+- ``_buckets``: one value with ``inc`` per bucket bound and one for +Inf, not cumulative.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from bisect import bisect_left
@@ -43,18 +49,15 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from cache.clock import Clock, SystemClock
-from cache.errors import TierError
 from cache.memory import MemoryTier
 from cache.observer import Eviction, Invalidation
-from cache.write_behind.queue import QueueStats, WriteQueue
+from cache.write_behind.queue import WriteQueue
+from proxy.queue_gauges import QueueGauges
 from proxy.routes import UNMATCHED
-from proxy.stats import LATENCY_BOUNDS, OUTCOMES, Window
-
-logger = logging.getLogger("cachecar.metrics")
+from proxy.stats import FLUSH_RESULTS, LATENCY_BOUNDS, OUTCOMES, Figures, Window, document
 
 METHODS = frozenset({"GET", "HEAD", "PUT", "PATCH", "POST", "DELETE", "OPTIONS"})
 L2_OPS = ("get", "set", "replace", "delete", "decode", "publish")
-FLUSH_RESULTS = ("ok", "retry", "dead")
 READ_OUTCOMES = ("hit_l1", "hit_l2", "miss", "stale", "write")  # the outcomes of a cached route
 
 # A hit answers in well under a millisecond, an origin fetch in tens of them.
@@ -161,16 +164,7 @@ class Metrics:
             "cachecar_invalidations", "Keys dropped from the tiers, by who asked.",
             ["source"], registry=r,
         )  # fmt: skip
-        self._queue_depth = Gauge(
-            "cachecar_write_behind_queue_depth",
-            "Keys with a write not yet at the origin (the shared queue, as every replica sees it).",
-            registry=r,
-        )
-        self._queue_age = Gauge(
-            "cachecar_write_behind_oldest_age_seconds",
-            "Seconds since the oldest write not yet at the origin was acknowledged.",
-            registry=r,
-        )
+        self._queue = QueueGauges(r)
         self._flushed = Counter(
             "cachecar_write_behind_flushed", "Writes this process sent to the origin, by result.",
             ["result"], registry=r,
@@ -179,9 +173,6 @@ class Metrics:
             "cachecar_write_behind_coalesced",
             "Queued writes that replaced an unflushed write of the same key.",
             registry=r,
-        )
-        self._dead_letters = Gauge(
-            "cachecar_write_behind_dead_letters", "Writes the origin refused for good.", registry=r
         )
         self._coherence = Gauge(
             "cachecar_coherence_subscribed",
@@ -218,10 +209,6 @@ class Metrics:
         self._l2_enabled = False
         self._coherence_enabled = False
         self._coherence_subscribed = False
-        self._queue: WriteQueue | None = None
-        self._queue_stats: QueueStats | None = None
-        self._queue_failing = False  # the last read failed (logged once per outage)
-        self._queue_readable: Gauge | None = None  # exported with a write-behind queue only
         self._breaker_open = False
 
     def routes(self, cached: list[str]) -> None:
@@ -376,82 +363,38 @@ class Metrics:
         self._l1 = l1
         self._l2_enabled = l2
         self._coherence_enabled = coherence
-        self._queue = queue
-        if queue is not None and self._queue_readable is None:
-            self._queue_readable = Gauge(
-                "cachecar_write_behind_queue_readable",
-                "1 when the last read of the write-behind queue's figures succeeded; while 0 "
-                "the queue gauges hold the last figures read.",
-                registry=self.registry,
-            )
+        self._queue.watch(queue)
         self._l1_entries.set_function(lambda: l1.entries)
         self._l1_bytes.set_function(lambda: l1.bytes)
 
     async def refresh(self) -> None:
         """Read the write-behind queue's figures from Redis; on failure keep the last ones."""
-        if self._queue is None:
-            return
-        try:
-            stats = await self._queue.stats()
-        except TierError as exc:
-            if not self._queue_failing:
-                logger.warning("write-behind queue figures unavailable: %s", exc)
-            self._queue_failing = True
-            self._readable(False)
-            return
-        if self._queue_failing:
-            logger.info("write-behind queue figures available again")
-        self._queue_failing = False
-        self._readable(True)
-        self._queue_stats = stats
-        self._queue_depth.set(stats.depth)
-        self._queue_age.set(stats.oldest_age)
-        self._dead_letters.set(stats.dead)
+        await self._queue.refresh()
 
-    def _readable(self, readable: bool) -> None:
-        if self._queue_readable is not None:
-            self._queue_readable.set(1 if readable else 0)
+    def figures(self) -> Figures:
+        """What ``/admin/stats`` says beside the window (call ``refresh`` first)."""
+        l1, queue = self._l1, self._queue.stats
+        return Figures(
+            totals=self._totals.copy(),
+            l1_entries=l1.entries if l1 else 0,
+            l1_bytes=l1.bytes if l1 else 0,
+            l1_max_entries=l1.max_entries if l1 else 0,
+            l1_max_bytes=l1.max_bytes if l1 else 0,
+            l2_enabled=self._l2_enabled,
+            breaker_open=self._breaker_open,
+            coherence_enabled=self._coherence_enabled,
+            subscribed=self._coherence_subscribed,
+            write_behind=self._queue.queue is not None,
+            queue_available=self._queue.available,
+            queue_depth=queue.depth if queue else 0,
+            oldest_pending_age=queue.oldest_age if queue else 0.0,
+            dead_letters=queue.dead if queue else 0,
+        )
 
     def snapshot(self) -> dict[str, Any]:
         """The ``/admin/stats`` document (call ``refresh`` first for fresh queue figures)."""
         now = self._clock.time()
-        stats = self.window.snapshot(now)
-        l1 = self._l1
-        queue = self._queue_stats
-        totals = self._totals
-        return {
-            "version": 1,
-            "time": now,
-            **stats,
-            "coalesced_total": totals["coalesced"],
-            "l1": {
-                "entries": l1.entries if l1 else 0,
-                "bytes": l1.bytes if l1 else 0,
-                "max_entries": l1.max_entries if l1 else 0,
-                "max_bytes": l1.max_bytes if l1 else 0,
-                "evictions_total": {
-                    reason.value: totals[f"evicted:{reason.value}"] for reason in Eviction
-                },
-            },
-            "l2": {
-                "enabled": self._l2_enabled,
-                "breaker": "open" if self._breaker_open else "closed",
-                "errors_total": totals["l2_errors"],
-            },
-            "coherence": {
-                "enabled": self._coherence_enabled,
-                "subscribed": self._coherence_subscribed,
-            },
-            "write_behind": {
-                "enabled": self._queue is not None,
-                "available": self._queue_stats is not None and not self._queue_failing,
-                "queue_depth": queue.depth if queue else 0,
-                "oldest_pending_age_seconds": queue.oldest_age if queue else 0.0,
-                "dead_letters": queue.dead if queue else 0,
-                "flushed_total": {r: totals[f"flushed:{r}"] for r in FLUSH_RESULTS},
-                "coalesced_total": totals["wb_coalesced"],
-            },
-        }
+        return document(self.window, now, self.figures())
 
 
 __all__ = ["OUTCOMES", "UNMATCHED", "Metrics", "Series", "method_label", "origin_failed"]

@@ -27,17 +27,18 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from cache.errors import LoadDeclined
+from proxy.errors import ProxyError
 from proxy.units import format_duration, format_size
 
 
-class OriginError(Exception):
+class OriginError(ProxyError):
     """The origin did not give an answer; ``status`` is what cachecar answers instead."""
 
     status = 502
     title = "origin unreachable"
 
 
-class RequestBodyError(Exception):
+class RequestBodyError(ProxyError):
     """The body being sent failed on the client's side: not the origin's failure."""
 
 
@@ -59,7 +60,7 @@ class OriginBusy(OriginError):
     title = "origin connections busy"
 
 
-class Oversized(LoadDeclined):
+class Oversized(LoadDeclined, ProxyError):
     """An answer larger than the ``limit`` a fetch was given, still open: the first caller to
     ``take`` it relays it and then ``close``s it. One nobody takes is closed after ``grace``."""
 

@@ -18,6 +18,7 @@ from aiohttp import web
 
 from proxy import headers as forwarding
 from proxy.answers import error_response
+from proxy.errors import ProxyError
 from proxy.origin import OriginClient, OriginError, RequestBodyError
 from proxy.units import format_duration, format_size
 
@@ -34,7 +35,7 @@ class BodyStalled(RequestBodyError):
     """A request body that stopped arriving for ``server.body_timeout``."""
 
 
-class ClientGone(Exception):
+class ClientGone(ProxyError):
     """The client went away before its request was whole; nothing reached the origin whole."""
 
 

@@ -43,6 +43,8 @@ from __future__ import annotations
 
 import re
 
+from proxy.errors import ProxyError
+
 _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 # pchar (RFC 3986 §3.3) and "/", the characters a canonical path holds besides escapes.
 _CANONICAL = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@/]*")
@@ -54,7 +56,7 @@ _ENCODED_SEPARATORS = {"2F": "an encoded slash", "5C": "an encoded backslash"}
 _DOUBLE_HINT = "a back end that decodes twice would read another path (%252e%252e%252f is ../)"
 
 
-class BadPath(ValueError):
+class BadPath(ProxyError, ValueError):
     """A request target that cannot be normalized; answered 400."""
 
 

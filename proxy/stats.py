@@ -12,6 +12,9 @@ read), which is what keeps a hit's share of this small.
 
 A figure with nothing to compute it from is None (JSON null), never 0: a hit ratio of 0 % with
 no traffic would be a lie an alert could act on.
+
+``document`` builds the ``/admin/stats`` document from a window and the ``Figures`` beside it:
+one process's (``Metrics.figures``) or the workers' added up (``proxy.fleet``).
 """
 
 from __future__ import annotations
@@ -20,7 +23,10 @@ import math
 from bisect import bisect_left
 from collections import Counter, deque
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
+
+from cache.observer import Eviction
 
 WINDOW = 60  # seconds in "last minute"
 RECENT = 10  # seconds a req/s figure is averaged over
@@ -29,6 +35,7 @@ OUTCOMES = ("hit_l1", "hit_l2", "miss", "stale", "bypass", "write")
 CACHEABLE = frozenset({"hit_l1", "hit_l2", "miss", "stale"})  # reads the cache could answer
 HITS = frozenset({"hit_l1", "hit_l2"})  # STALE is a read, not a hit (docs/observability.md)
 PERCENTILES = (("p50", 0.50), ("p95", 0.95), ("p99", 0.99))
+FLUSH_RESULTS = ("ok", "retry", "dead")  # what a write-behind flush comes to
 
 _BIN_GROWTH = math.log(1.1)
 _SMALLEST = 1e-6  # a latency below one microsecond goes into bin 0
@@ -294,4 +301,58 @@ def _point(second: _Second) -> dict[str, Any]:
         "latency_seconds": percentiles(_merged(second.requests.values())),
         "origin_requests": second.origin,
         "origin_errors": second.origin_errors,
+    }
+
+
+@dataclass(frozen=True)
+class Figures:
+    """What ``/admin/stats`` says beside the window: one process's, or the workers' added up."""
+
+    # Since start: coalesced, evicted:<reason>, l2_errors, flushed:<result>, wb_coalesced.
+    totals: Counter[str] = field(default_factory=Counter)
+    l1_entries: int = 0
+    l1_bytes: int = 0
+    l1_max_entries: int = 0
+    l1_max_bytes: int = 0
+    l2_enabled: bool = False
+    breaker_open: bool = False
+    coherence_enabled: bool = False
+    subscribed: bool = False
+    write_behind: bool = False  # a queue is configured
+    queue_available: bool = False  # its figures were read, the last time successfully
+    queue_depth: int = 0
+    oldest_pending_age: float = 0.0
+    dead_letters: int = 0
+
+
+def document(window: Window, now: float, figures: Figures) -> dict[str, Any]:
+    """The ``/admin/stats`` document at ``now``."""
+    totals = figures.totals
+    return {
+        "version": 1,
+        "time": now,
+        **window.snapshot(now),
+        "coalesced_total": totals["coalesced"],
+        "l1": {
+            "entries": figures.l1_entries,
+            "bytes": figures.l1_bytes,
+            "max_entries": figures.l1_max_entries,
+            "max_bytes": figures.l1_max_bytes,
+            "evictions_total": {r.value: totals[f"evicted:{r.value}"] for r in Eviction},
+        },
+        "l2": {
+            "enabled": figures.l2_enabled,
+            "breaker": "open" if figures.breaker_open else "closed",
+            "errors_total": totals["l2_errors"],
+        },
+        "coherence": {"enabled": figures.coherence_enabled, "subscribed": figures.subscribed},
+        "write_behind": {
+            "enabled": figures.write_behind,
+            "available": figures.queue_available,
+            "queue_depth": figures.queue_depth,
+            "oldest_pending_age_seconds": figures.oldest_pending_age,
+            "dead_letters": figures.dead_letters,
+            "flushed_total": {r: totals[f"flushed:{r}"] for r in FLUSH_RESULTS},
+            "coalesced_total": totals["wb_coalesced"],
+        },
     }

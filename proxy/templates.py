@@ -14,11 +14,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import cast
 
+from proxy.errors import ProxyError
+
 _PARAM = re.compile(r"\{([^{}]*)\}")
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
-class TemplateError(ValueError):
+class TemplateError(ProxyError, ValueError):
     """A path or key template that cannot be compiled."""
 
 

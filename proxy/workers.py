@@ -7,10 +7,9 @@
       +-- worker 1 --+        its own L1, a replica like any other (coherence over Redis), and
       +-- ...       -+        its figures on a Unix socket of its own
 
-The figures of all workers are added up when asked for: counters and histograms summed (a worker
-that died keeps counting with the last figures read from it, so no counter goes backwards when
-it is restarted), gauges summed or, where a sum means nothing, the largest or smallest.
-``/admin/stats`` merges the workers' last-minute windows the same way.
+The figures of all workers are added up when asked for (``proxy.fleet``): ``/metrics`` and
+``/admin/stats`` read every worker's on its socket, and a worker that died keeps counting with
+the last figures read from it.
 
 Workers are replicas of one another, so several need what several hosts need: a shared Redis
 (``l2.url``) with coherence on; the config refuses workers without them.
@@ -26,8 +25,6 @@ import os
 import signal
 import socket
 import sys
-from collections import Counter
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,14 +32,13 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
-from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.admin import build_admin_app
 from proxy.app import RUNTIME, build_proxy_app
+from proxy.fleet import Family, Fleet, Merged, parse
 from proxy.listen import WORKER_SOCKET, check_free, listen_on
 from proxy.metrics import Metrics
 from proxy.settings import Settings
-from proxy.stats import Window
 
 logger = logging.getLogger("cachecar.workers")
 
@@ -51,36 +47,6 @@ ASK_WITHIN = 2.0  # seconds a worker has to hand over its figures
 RESTART_FIRST, RESTART_MAX = 0.1, 5.0  # the wait before restarting a worker that died
 STEADY = 10.0  # a worker up this long restarts, if it dies, after RESTART_FIRST again
 
-# Gauges whose sum over workers means nothing.
-LARGEST = frozenset(
-    {
-        "cachecar_l2_breaker_open",  # one worker skipping Redis is worth knowing
-        "cachecar_build_info",
-        "cachecar_write_behind_queue_depth",  # the queue is shared: each reports all of it
-        "cachecar_write_behind_oldest_age_seconds",
-        "cachecar_write_behind_dead_letters",
-        "process_max_fds",
-    }
-)
-SMALLEST = frozenset(
-    {
-        "cachecar_coherence_subscribed",  # 1 only while every worker hears the others
-        "cachecar_write_behind_queue_readable",
-        "process_start_time_seconds",
-    }
-)
-SUMMED_TYPES = frozenset({"counter", "histogram", "summary"})
-
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-@dataclass
-class _Family:
-    name: str
-    kind: str
-    help: str
-    samples: Samples = field(default_factory=dict)
-
 
 @dataclass
 class _Slot:
@@ -88,7 +54,7 @@ class _Slot:
     socket: str
     process: asyncio.subprocess.Process | None = None
     restarts: int = 0
-    families: list[_Family] = field(default_factory=list)  # the last read
+    families: list[Family] = field(default_factory=list)  # the last read
     stats: dict[str, Any] | None = None  # the last read
 
 
@@ -107,10 +73,7 @@ class Workers:
         ]
         self._stopping = asyncio.Event()
         self._watching: list[asyncio.Task[None]] = []
-        # What workers that died had counted, in their last figures read.
-        self._retired: dict[str, _Family] = {}
-        self._retired_window = Window(control.window.started)
-        self._retired_totals: Counter[str] = Counter()
+        self._fleet = Fleet(control.window.started)
 
     # -- processes ------------------------------------------------------------------------------
 
@@ -199,17 +162,7 @@ class Workers:
 
     def _retire(self, slot: _Slot) -> None:
         """Keep what a dead worker counted: its counters add to everyone's from now on."""
-        for family in slot.families:
-            if family.kind not in SUMMED_TYPES:
-                continue
-            kept = self._retired.setdefault(
-                family.name, _Family(family.name, family.kind, family.help)
-            )
-            for key, value in family.samples.items():
-                kept.samples[key] = kept.samples.get(key, 0.0) + value
-        if slot.stats is not None:
-            self._retired_window.merge(slot.stats["window"], seconds=False)
-            self._retired_totals.update(_totals(slot.stats["snapshot"]))
+        self._fleet.retire(slot.families, slot.stats)
         slot.families, slot.stats = [], None
 
     # -- figures --------------------------------------------------------------------------------
@@ -255,84 +208,20 @@ class Workers:
 
     async def registry(self) -> CollectorRegistry:
         for slot, text in await self._read_all("/metrics"):
-            slot.families = _parse(text)
+            slot.families = parse(text)
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(_Merged(self._merged()))
+        registry.register(Merged(self._merged()))
         return registry
 
     def _merged(self) -> list[Metric]:
-        merged: dict[str, _Family] = {}
-        gauges: dict[str, list[Samples]] = {}
-        live = [slot.families for slot in self._slots if slot.families]
-        for family in [f for families in live for f in families] + list(self._retired.values()):
-            into = merged.setdefault(family.name, _Family(family.name, family.kind, family.help))
-            if family.kind in SUMMED_TYPES:
-                for key, value in family.samples.items():
-                    into.samples[key] = into.samples.get(key, 0.0) + value
-            else:
-                gauges.setdefault(family.name, []).append(family.samples)
-        for name, parts in gauges.items():
-            pick = max if name in LARGEST else min if name in SMALLEST else sum
-            keys = {key for part in parts for key in part}
-            merged[name].samples = {
-                key: float(pick(part[key] for part in parts if key in part)) for key in keys
-            }
-        metrics = []
-        for family in merged.values():
-            metric = Metric(family.name, family.help, family.kind)
-            # In the workers' order: each label set's lines stay together, buckets by le.
-            for (sample, labels), value in family.samples.items():
-                metric.add_sample(sample, dict(labels), value)
-            metrics.append(metric)
-        return metrics
+        return self._fleet.metrics(slot.families for slot in self._slots if slot.families)
 
     async def stats(self) -> dict[str, Any]:
         for slot, text in await self._read_all("/worker/stats"):
             slot.stats = json.loads(text)
-        now = self._control.now()
-        window = Window(self._retired_window.started)
-        window.merge(self._retired_window.dump(), seconds=False)
         live = [slot.stats for slot in self._slots if slot.stats is not None]
-        for stats in live:
-            window.merge(stats["window"])
-        totals = self._retired_totals + sum((_totals(s["snapshot"]) for s in live), Counter())
-        snapshots = [s["snapshot"] for s in live]
-        control = self._control.snapshot()
         return {
-            "version": 1,
-            "time": now,
-            **window.snapshot(now),
-            "coalesced_total": totals["coalesced"],
-            "l1": {
-                "entries": sum(s["l1"]["entries"] for s in snapshots),
-                "bytes": sum(s["l1"]["bytes"] for s in snapshots),
-                "max_entries": sum(s["l1"]["max_entries"] for s in snapshots),
-                "max_bytes": sum(s["l1"]["max_bytes"] for s in snapshots),
-                "evictions_total": {
-                    reason: totals[f"evicted:{reason}"]
-                    for reason in control["l1"]["evictions_total"]
-                },
-            },
-            "l2": {
-                "enabled": control["l2"]["enabled"],
-                "breaker": "open"
-                if any(s["l2"]["breaker"] == "open" for s in snapshots)
-                else "closed",
-                "errors_total": totals["l2_errors"],
-            },
-            "coherence": {
-                "enabled": control["coherence"]["enabled"],
-                "subscribed": bool(snapshots)
-                and all(s["coherence"]["subscribed"] for s in snapshots),
-            },
-            "write_behind": {
-                **control["write_behind"],
-                "flushed_total": {
-                    result: totals[f"flushed:{result}"]
-                    for result in control["write_behind"]["flushed_total"]
-                },
-                "coalesced_total": totals["wb_coalesced"],
-            },
+            **self._fleet.stats(live, self._control.figures(), self._control.now()),
             "workers": [
                 {
                     "index": slot.index,
@@ -343,37 +232,6 @@ class Workers:
                 for slot in self._slots
             ],
         }
-
-
-class _Merged:
-    def __init__(self, metrics: list[Metric]) -> None:
-        self._metrics = metrics
-
-    def collect(self) -> Iterable[Metric]:
-        return self._metrics
-
-
-def _parse(text: str) -> list[_Family]:
-    families = []
-    for parsed in text_string_to_metric_families(text):
-        family = _Family(parsed.name, parsed.type, parsed.documentation)
-        for sample in parsed.samples:
-            key = (sample.name, tuple(sorted(sample.labels.items())))
-            family.samples[key] = sample.value
-        families.append(family)
-    return families
-
-
-def _totals(snapshot: dict[str, Any]) -> Counter[str]:
-    """A worker's since-start figures that add up across workers."""
-    totals: Counter[str] = Counter({"coalesced": snapshot["coalesced_total"]})
-    for reason, n in snapshot["l1"]["evictions_total"].items():
-        totals[f"evicted:{reason}"] = n
-    totals["l2_errors"] = snapshot["l2"]["errors_total"]
-    for result, n in snapshot["write_behind"]["flushed_total"].items():
-        totals[f"flushed:{result}"] = n
-    totals["wb_coalesced"] = snapshot["write_behind"]["coalesced_total"]
-    return totals
 
 
 def _describe(code: int) -> str:

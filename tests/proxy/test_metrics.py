@@ -829,3 +829,24 @@ def test_counts_taken_in_by_a_scrape_are_counted_once_beside_those_after_it() ->
 def test_a_series_names_the_method_as_its_label_does() -> None:
     assert Metrics.series(USERS, "PROPFIND", 200, "bypass") == (USERS, "other", 200, "bypass")
     assert Metrics.series(USERS, "HEAD", 304, "hit_l1") == (USERS, "HEAD", 304, "hit_l1")
+
+
+def test_the_histogram_internals_metrics_py_adds_counts_into_behave_as_it_relies_on() -> None:
+    # proxy/metrics.py's ``_take_in`` adds many observations at once into a Histogram child, with
+    # no public API for it: ``child._sum.inc(seconds)`` and ``child._buckets[i].inc(n)``, bucket
+    # i being the i-th bound (non-cumulative), the last one +Inf. A prometheus_client that
+    # changes either breaks metrics.py: this says so before a scrape does.
+    child = Histogram("pinned", "h", ["route"], buckets=REQUEST_BUCKETS, registry=None).labels("/")
+    assert hasattr(child, "_sum"), "metrics.py adds a duration sum with Histogram child._sum.inc"
+    assert hasattr(child, "_buckets"), "metrics.py adds counts with Histogram child._buckets[i]"
+    assert len(child._buckets) == len(REQUEST_BUCKETS) + 1, "one per bound, then +Inf"
+    child._sum.inc(1.5)
+    child._buckets[0].inc(2)  # two durations <= REQUEST_BUCKETS[0]
+    child._buckets[len(REQUEST_BUCKETS)].inc(1)  # one past the last bound
+    [metric] = child.collect()
+    samples = {(s.name, s.labels.get("le")): s.value for s in metric.samples}
+    assert samples["pinned_sum", None] == 1.5
+    assert samples["pinned_count", None] == 3
+    assert samples["pinned_bucket", str(REQUEST_BUCKETS[0])] == 2  # exposed cumulative
+    assert samples["pinned_bucket", str(REQUEST_BUCKETS[-1])] == 2
+    assert samples["pinned_bucket", "+Inf"] == 3
