@@ -1,8 +1,39 @@
-"""cachecar's own answers, when it has no origin answer to give: a JSON body saying why."""
+"""What cachecar writes of its own on an answer, for both doors (``proxy.fastpath``'s hit path
+and ``proxy.handler``): the X-Cache and Cache-Status values, and its own error answers (a JSON
+body saying why) when it has no origin answer to give.
+"""
 
 from __future__ import annotations
 
 from aiohttp import web
+
+from cache.tiered import Source
+
+# RFC 9211 Cache-Status values; "cachecar" is the cache's name in them.
+HIT_L1 = "cachecar; hit; detail=l1"
+HIT_L2 = "cachecar; hit; detail=l2"
+BYPASS_ROUTE = "cachecar; fwd=bypass"
+BYPASS_METHOD = "cachecar; fwd=method"
+WRITTEN = "cachecar; fwd=method; stored"
+
+# X-Cache by where a lookup's answer came from.
+X_CACHE = {
+    Source.L1: "HIT-L1",
+    Source.L2: "HIT-L2",
+    Source.LOADER: "MISS",
+    Source.STALE: "STALE",
+}
+OUTCOMES = {"HIT-L1": "hit_l1", "HIT-L2": "hit_l2", "MISS": "miss", "STALE": "stale"}
+
+
+def head_lines(source: Source, cache_status: str) -> bytes:
+    """The X-Cache and Cache-Status lines of a serialized head (the hit path's)."""
+    return f"X-Cache: {X_CACHE[source]}\r\nCache-Status: {cache_status}\r\n".encode()
+
+
+# The hit path's two answers, as it writes them.
+HIT_L1_LINES = head_lines(Source.L1, HIT_L1)
+HIT_L2_LINES = head_lines(Source.L2, HIT_L2)
 
 CLIENT_GONE = 499  # nginx's "client closed request": the status counted and logged
 

@@ -39,23 +39,30 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from cache.entry import Entry
 from cache.tiered import TieredCache
+from proxy.answers import HIT_L1_LINES, HIT_L2_LINES
+from proxy.headers import FULL_PATH, FULL_PATH_PREFIX, HANDED_OVER
 from proxy.metrics import Metrics
 from proxy.paths import is_canonical
 from proxy.routes import Router
 
-HIT_L1 = b"X-Cache: HIT-L1\r\nCache-Status: cachecar; hit; detail=l1\r\n"
-HIT_L2 = b"X-Cache: HIT-L2\r\nCache-Status: cachecar; hit; detail=l2\r\n"
 _REQUEST_LINE = re.compile(rb"(GET|HEAD) (/[^ \r\n]*) HTTP/1\.([01])")
 _FIELDS = re.compile(rb"(?:\r\n[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\r\n]*)*")
-# Request headers that send a request down the full path (answered there, or passed through).
+
+
+def _names(names: frozenset[str]) -> bytes:
+    return b"|".join(re.escape(name.encode()) for name in sorted(names))
+
+
+# Request headers that send a request down the full path (answered there, or passed through),
+# from proxy.headers' one list.
 _FULL_PATH_FIELD = re.compile(
-    rb"\r\n(?:authorization|cookie|range|if-[a-z-]+|content-length|transfer-encoding|expect"
-    rb"|upgrade)[ \t]*:",
+    rb"\r\n(?:" + _names(FULL_PATH) + b"|" + re.escape(FULL_PATH_PREFIX.encode()) + rb"[a-z-]+)"
+    rb"[ \t]*:",
     re.IGNORECASE,
 )
 _CONNECTION = re.compile(rb"\r\nconnection:([^\r\n]*)", re.IGNORECASE)
 # Headers that make a connection aiohttp's for good: a body, or a protocol change.
-_HANDED_OVER = re.compile(rb"\n(?:content-length|transfer-encoding|upgrade|expect)[ \t]*:", re.I)
+_HANDED_OVER = re.compile(rb"\n(?:" + _names(HANDED_OVER) + rb")[ \t]*:", re.IGNORECASE)
 # Response headers the hit path sets itself (or that describe one delivery).
 _OWN = frozenset({"x-cache", "cache-status", "age", "content-length", "connection"})
 _DATED = b"\r\nDate: "  # in a serialized head: the entry has a Date of its own, kept
@@ -97,7 +104,7 @@ def _serialize(entry: Entry, cache_lines: bytes) -> bytes:
 def _l1_head(entry: Entry) -> bytes:
     """What L1 keeps with an entry for the hit path (``TieredCache.peek``): the part of an L1
     hit that is the same for every request."""
-    return _serialize(entry, HIT_L1)
+    return _serialize(entry, HIT_L1_LINES)
 
 
 class Hits:
@@ -204,7 +211,7 @@ class Hits:
             answered.set_result(None)
             return
         # Not kept: L1 keeps its own rendering, of its own entry, once it holds one.
-        wire = _serialize(entry, HIT_L2)
+        wire = _serialize(entry, HIT_L2_LINES)
         now = self._clock()
         whole = self._assemble(entry, wire, method, keep_alive, http_1_0, now)
         self._metrics.answered(

@@ -33,7 +33,17 @@ from cache.tiered import REVALIDATING, Loaded, Loader, Lookup, Source, TieredCac
 from cache.write_behind.queue import QueuedWrite
 from cache.write_behind.writer import WriteBehind
 from proxy import headers as forwarding
-from proxy.answers import CLIENT_GONE, error_response
+from proxy.answers import (
+    BYPASS_METHOD,
+    BYPASS_ROUTE,
+    CLIENT_GONE,
+    HIT_L1,
+    HIT_L2,
+    OUTCOMES,
+    WRITTEN,
+    X_CACHE,
+    error_response,
+)
 from proxy.metrics import Metrics
 from proxy.origin import OriginClient, OriginError, Oversized
 from proxy.passthrough import ClientGone, PassThrough, relay
@@ -49,20 +59,6 @@ access_logger = logging.getLogger("cachecar.access")
 READS = frozenset({"GET", "HEAD"})
 WRITES = frozenset({"PUT", "PATCH", "POST", "DELETE"})
 
-# RFC 9211 Cache-Status values; "cachecar" is the cache's name in them.
-HIT_L1 = "cachecar; hit; detail=l1"
-HIT_L2 = "cachecar; hit; detail=l2"
-BYPASS_ROUTE = "cachecar; fwd=bypass"
-BYPASS_METHOD = "cachecar; fwd=method"
-WRITTEN = "cachecar; fwd=method; stored"
-
-_X_CACHE = {
-    Source.L1: "HIT-L1",
-    Source.L2: "HIT-L2",
-    Source.LOADER: "MISS",
-    Source.STALE: "STALE",
-}
-_OUTCOMES = {"HIT-L1": "hit_l1", "HIT-L2": "hit_l2", "MISS": "miss", "STALE": "stale"}
 _KEEP_ON_304 = forwarding.NOT_MODIFIED_HEADERS | {"x-cache", "cache-status", "age"}
 
 
@@ -165,7 +161,7 @@ class Proxy:
     ) -> None:
         """Count the answer, by the X-Cache it carried; log it when asked to."""
         x_cache = response.headers.get("X-Cache", "BYPASS") if response is not None else "BYPASS"
-        outcome = _OUTCOMES.get(x_cache, "bypass")
+        outcome = OUTCOMES.get(x_cache, "bypass")
         cached_route = route is not None and route.cached
         if outcome == "bypass" and cached_route and request.method in WRITES:
             outcome = "write"
@@ -291,7 +287,7 @@ class Proxy:
     def _answer(self, request: web.Request, lookup: Lookup) -> web.Response:
         entry = lookup.entry
         headers = CIMultiDict(entry.headers)
-        headers["X-Cache"] = _X_CACHE[lookup.source]
+        headers["X-Cache"] = X_CACHE[lookup.source]
         if lookup.source is Source.LOADER:
             headers["Cache-Status"] = _miss_status(lookup)
         else:

@@ -31,6 +31,14 @@ HOP_BY_HOP = frozenset(
     }
 )
 CREDENTIALS = frozenset({"authorization", "cookie"})
+RANGE = "range"
+# Request headers that make a connection aiohttp's for good: a body, or a protocol change.
+HANDED_OVER = frozenset({"content-length", "transfer-encoding", "upgrade", "expect"})
+# Request headers that take a read past the hit path to the full handler: credentials and Range
+# (policy.bypass_reason decides there), validators (answered 304 there: every If-* header) and
+# whatever hands the connection over. proxy.fastpath builds its byte patterns from these.
+FULL_PATH = CREDENTIALS | HANDED_OVER | {RANGE}
+FULL_PATH_PREFIX = "if-"
 # Request headers the client may send but the origin must not see from us as they came.
 _NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "expect"}
 # Response headers about one delivery: a cached answer gets its own. (Set-Cookie stays with the

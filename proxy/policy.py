@@ -13,7 +13,7 @@ from email.utils import parsedate_to_datetime
 from multidict import CIMultiDictProxy
 
 from cache.entry import Entry
-from proxy.headers import CREDENTIALS, find
+from proxy.headers import CREDENTIALS, RANGE, find
 from proxy.routes import Route
 
 CACHEABLE_STATUS = frozenset({200, 203, 204, 300, 301, 308})
@@ -39,7 +39,7 @@ def bypass_reason(headers: CIMultiDictProxy[str], route: Route) -> str | None:
     for name in CREDENTIALS:
         if name in headers and name not in route.vary:
             return "credentials"
-    if "range" in headers:
+    if RANGE in headers:
         return "range"
     return None
 
