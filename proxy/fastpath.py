@@ -19,9 +19,12 @@ to it, and the hit path answers again only once aiohttp waits for the next one. 
 ever given whole heads; once it is given a body, a partial head or an upgrade, the connection is
 its own for good. A head that never ends is aiohttp's to time out (``server.idle_timeout``).
 
-This reads four private attributes of aiohttp's ``RequestHandler`` (``_waiter``, ``_messages``,
-``_payload_parser``, ``_next_keepalive_close_time``); ``tests/proxy/test_fastpath.py`` fails if
-a release changes them.
+This reads three private attributes of aiohttp's ``RequestHandler`` (``_waiter``, ``_messages``,
+``_payload_parser``: whether it waits for a request) and sets a fourth
+(``_next_keepalive_close_time``: its idle timer, restarted by each answer written here; aiohttp
+has no public call for either). ``tests/proxy/test_fastpath.py`` fails if a release changes
+them. The loop and the keep-alive timeout are not read from it: the timeout is
+``server.idle_timeout``, given to both.
 """
 
 from __future__ import annotations
@@ -120,9 +123,12 @@ class Hits:
         max_key_length: int = 1024,
         max_header_size: int = 8190,
         max_headers: int = 128,
+        idle_timeout: float = 75.0,
     ) -> None:
         """``max_header_size``, ``max_headers``: aiohttp's limits; a head past them is left to
-        aiohttp, which refuses it."""
+        aiohttp, which refuses it. ``idle_timeout``: the keep-alive timeout aiohttp was given
+        (``server.idle_timeout``), restarted by every answer the hit path writes."""
+        self.idle_timeout = idle_timeout
         self._max_line = max_header_size
         self._max_headers = max_headers
         self._router = router
@@ -260,6 +266,7 @@ class FastPath(asyncio.Protocol):
         self._handed_over = False  # aiohttp's for good
         self._waiting: bytes | None = None  # the head whose answer waits for L2
         self._writing_paused = False
+        self._loop = asyncio.get_running_loop()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
@@ -357,8 +364,7 @@ class FastPath(asyncio.Protocol):
 
     def _busy(self) -> None:
         """The connection is in use: aiohttp's idle timer must not count this as idle time."""
-        inner = self._inner
-        inner._next_keepalive_close_time = inner._loop.time() + inner._keepalive_timeout
+        self._inner._next_keepalive_close_time = self._loop.time() + self._hits.idle_timeout
 
     def _hand_over(self, buffer: bytes) -> None:
         self._handed_over = True

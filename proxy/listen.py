@@ -77,6 +77,7 @@ def proxy_site(
         max_key_length=settings.server.max_key_length,
         max_header_size=settings.server.max_header_size,
         max_headers=settings.server.max_headers,
+        idle_timeout=settings.server.idle_timeout,
     )
     return FastSite(runner, hits, address.host, address.port, reuse_port=reuse_port)
 

@@ -196,8 +196,6 @@ def test_aiohttp_still_has_what_the_hit_path_reads() -> None:
         "_messages",
         "_payload_parser",
         "_next_keepalive_close_time",
-        "_keepalive_timeout",
-        "_loop",
     ):
         slots = {slot for cls in RequestHandler.__mro__ for slot in getattr(cls, "__slots__", ())}
         assert name in slots, name
