@@ -103,12 +103,12 @@ class _Flight:
     a hit it goes on to refresh early. Callers take whichever comes first.
     """
 
-    __slots__ = ("early", "shared", "stale", "task")
+    __slots__ = ("detached", "early", "shared", "task")
 
     def __init__(self) -> None:
         self.task: asyncio.Task[Lookup] | None = None
         self.early: asyncio.Future[Lookup] = asyncio.get_running_loop().create_future()
-        self.stale = False  # invalidated while running: answer, but store nothing
+        self.detached = False  # detached by a change of its key: answer, but store nothing
         self.shared = True
 
     def answer_early(self, lookup: Lookup) -> None:
@@ -445,7 +445,7 @@ class TieredCache:
         flights = self._flights.pop(key, None)
         if flights is not None:
             for flight in flights.values():
-                flight.stale = True
+                flight.detached = True
 
     async def _replace(self, key: str, new: Written | None, *, announce: bool = True) -> bool:
         """True when a tier held something for ``key`` (a drop) or the write was stored."""
@@ -519,7 +519,7 @@ class TieredCache:
         if stored is not None and (
             refreshing is None or stored.entry.expires_at() > refreshing.expires_at()
         ):
-            if not flight.stale and self._l1_trusted:
+            if not flight.detached and self._l1_trusted:
                 await self._l1.set(key, variant, stored.entry, min(l1_ttl, stored.ttl_left))
             hit = Lookup(stored.entry, Source.L2)
             if flight.answered or not self._refreshes_early(stored.entry, stale):
@@ -535,7 +535,7 @@ class TieredCache:
         if lease:
             found = await self._lease_or_fill(key, variant)
             if isinstance(found, Stored):
-                if not flight.stale and self._l1_trusted:
+                if not flight.detached and self._l1_trusted:
                     await self._l1.set(key, variant, found.entry, min(l1_ttl, found.ttl_left))
                 return Lookup(found.entry, Source.L2, coalesced=True)
             token = found
@@ -563,7 +563,7 @@ class TieredCache:
                 if fallback is not None:
                     return fallback
             flight.shared = loaded.shared
-            if flight.stale:
+            if flight.detached:
                 return Lookup(loaded.entry, Source.LOADER, detail=loaded.detail or "invalidated")
             if loaded.l1_ttl <= 0 and loaded.l2_ttl <= 0 and (candidate or refreshing):
                 # The origin's answer now is one not to keep (a 404, private, no-store): the
@@ -591,7 +591,7 @@ class TieredCache:
                     _keep(loaded.l2_ttl, loaded, now),
                     fetched_at=fetched_at,
                     tags=loaded.tags,
-                    wanted=lambda: not flight.stale,
+                    wanted=lambda: not flight.detached,
                     then=release,
                 )
                 token = ""
