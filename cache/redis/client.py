@@ -43,6 +43,15 @@ MEMORY_URL = "memory://"
 # What a tier, the write-behind queue and coherence are given.
 RedisClient = Redis | RedisCluster
 
+
+def check_client(client: RedisClient, role: str) -> None:
+    """Refuse a client that cannot serve ``role`` (``"L2"``, ``"the queue's"``...): every
+    caller of Redis here reads bytes (entries, records, tokens), so the client must not decode
+    them to str."""
+    if client.get_encoder().decode_responses:
+        raise ValueError(f"the {role} client must be built with decode_responses=False")
+
+
 FORMS = (
     "use memory://, redis://host:port/db, rediss://, unix://, redis+cluster://host:port "
     "or redis+sentinel://host:port/service"

@@ -46,7 +46,7 @@ from cache.breaker import Guard
 from cache.clock import Clock
 from cache.errors import TierUnavailable
 from cache.observer import CacheObserver, NullObserver
-from cache.redis.client import subscriber_factory
+from cache.redis.client import check_client, subscriber_factory
 from cache.redis.tier import RedisClient, bounded, close_quietly
 
 logger = logging.getLogger("cachecar.coherence")
@@ -97,6 +97,7 @@ class Coherence:
     ) -> None:
         """``client`` publishes; ``listener()`` makes the subscription's client (one per try).
         ``guard``: the process's L2 breaker, for the announcements (counts their failures)."""
+        check_client(client, "announcements'")
         self._client = client
         self._listener = listener
         self._channel = channel

@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable
 
 from cache.breaker import Guard
 from cache.errors import TierError
+from cache.redis.client import check_client
 from cache.redis.tier import RedisClient, bounded, close_quietly, connect_quietly
 from cache.tier import Stored
 
@@ -51,6 +52,7 @@ class Leases:
         guard: Guard | None = None,
     ) -> None:
         """``guard``: the process's L2 breaker (one shared by every L2 caller)."""
+        check_client(client, "leases'")
         self._client = client
         self._guard = guard or Guard()
         self._prefix = key_prefix

@@ -52,6 +52,7 @@ from cache.errors import CorruptEntry, TierUnavailable
 # Re-exported: the callers of a tier build its client from a URL here.
 from cache.redis.client import MEMORY_URL as MEMORY_URL
 from cache.redis.client import RedisClient as RedisClient
+from cache.redis.client import check_client
 from cache.redis.client import client_from_url as client_from_url
 from cache.redis.reads import PipelinedReads
 from cache.tier import Stored
@@ -147,8 +148,7 @@ class RedisTier:
         clock: Clock | None = None,
         fence: float = 60.0,
     ) -> None:
-        if client.get_encoder().decode_responses:
-            raise ValueError("the L2 client must be built with decode_responses=False")
+        check_client(client, "L2")
         if timeout <= 0:
             raise ValueError("the L2 timeout must be positive")
         self._client = client

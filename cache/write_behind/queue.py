@@ -61,6 +61,7 @@ from cache.breaker import Guard
 from cache.clock import Clock
 from cache.entry import Entry, decode, encode
 from cache.errors import CorruptEntry, QueueFull
+from cache.redis.client import check_client
 from cache.redis.tier import RedisClient, bounded, close_quietly, connect_quietly
 from cache.write_behind.scripts import ACK, CLAIM, ENQUEUE, FAIL, REPLAY
 
@@ -167,8 +168,7 @@ class WriteQueue:
         guard: Guard | None = None,
     ) -> None:
         """``guard``: the process's L2 breaker (one shared by every L2 caller)."""
-        if client.get_encoder().decode_responses:
-            raise ValueError("the queue's client must be built with decode_responses=False")
+        check_client(client, "queue's")
         if timeout <= 0:
             raise ValueError("the queue timeout must be positive")
         self._client = client

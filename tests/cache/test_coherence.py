@@ -13,6 +13,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
+import fakeredis
 import pytest
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
@@ -357,3 +358,16 @@ async def test_announcements_wait_while_the_breaker_is_open_and_the_subscription
     finally:
         for made in (a, b):
             await made.aclose()
+
+
+def test_a_client_that_decodes_responses_is_refused() -> None:
+    local = TieredCache(MemoryTier(max_entries=1, max_bytes=1 << 10, clock=CLOCK), clock=CLOCK)
+    with pytest.raises(ValueError, match="announcements' client must be built with decode"):
+        Coherence(
+            fakeredis.FakeAsyncRedis(decode_responses=True),
+            lambda: Redis(),
+            "channel",
+            local=local,
+            clock=CLOCK,
+            timeout=1.0,
+        )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 
+import fakeredis
 import pytest
 from redis.asyncio import Redis
 
@@ -201,3 +202,8 @@ async def test_a_waiter_stops_waiting_for_the_fill_once_the_breaker_opens(
     assert breaker.is_open
     for leases in (winner, waiter):
         await leases.aclose()
+
+
+def test_a_client_that_decodes_responses_is_refused() -> None:
+    with pytest.raises(ValueError, match="leases' client must be built with decode_responses"):
+        Leases(fakeredis.FakeAsyncRedis(decode_responses=True), key_prefix="", timeout=1, hold=1)
