@@ -30,7 +30,7 @@ from cache.entry import Entry
 from cache.errors import CacheError, TierError
 from cache.locks import KeyLocks
 from cache.tiered import REVALIDATING, Loaded, Loader, Lookup, Source, TieredCache
-from cache.write_behind.queue import QueuedWrite
+from cache.write_behind.records import QueuedWrite
 from cache.write_behind.writer import WriteBehind
 from proxy import headers as forwarding
 from proxy.answers import (

@@ -13,7 +13,8 @@ import logging
 from prometheus_client import CollectorRegistry, Gauge
 
 from cache.errors import TierError
-from cache.write_behind.queue import QueueStats, WriteQueue
+from cache.write_behind.queue import WriteQueue
+from cache.write_behind.records import QueueStats
 
 logger = logging.getLogger("cachecar.metrics")
 

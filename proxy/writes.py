@@ -26,7 +26,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from cache.entry import Entry
 from cache.write_behind.flusher import Outcome, Sent
-from cache.write_behind.queue import QueuedWrite
+from cache.write_behind.records import QueuedWrite
 from proxy.headers import Pairs, find
 from proxy.origin import OriginClient, OriginError
 

@@ -33,7 +33,8 @@ from typing import NamedTuple, Protocol
 from cache.clock import Clock
 from cache.errors import CacheError
 from cache.observer import CacheObserver, NullObserver
-from cache.write_behind.queue import Claim, QueuedWrite, WriteQueue
+from cache.write_behind.queue import WriteQueue
+from cache.write_behind.records import Claim, QueuedWrite
 
 logger = logging.getLogger("cachecar.write_behind")
 

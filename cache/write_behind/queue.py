@@ -53,104 +53,29 @@ import contextlib
 import dataclasses
 import json
 import logging
-import struct
 from collections.abc import Sequence
-from typing import Any, NamedTuple, cast
+from typing import Any, cast
 
 from cache.breaker import Guard
 from cache.clock import Clock
-from cache.entry import Entry, decode, encode
 from cache.errors import CorruptEntry, QueueFull
 from cache.redis.client import check_client
 from cache.redis.tier import RedisClient, bounded, close_quietly, connect_quietly
+from cache.write_behind.records import (
+    Claim,
+    DeadLetter,
+    Queued,
+    QueuedWrite,
+    QueueStats,
+    dump,
+    load,
+)
 from cache.write_behind.scripts import ACK, CLAIM, ENQUEUE, FAIL, REPLAY
 
 logger = logging.getLogger("cachecar.write_behind")
 
 # Writes one enqueue call takes at most: the script runs alone in Redis, so it stays short.
 COMMIT_MAX = 256
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class QueuedWrite:
-    """A write the origin has not seen yet.
-
-    ``method`` is what the flusher sends (``PUT`` with ``entry``'s body and Content-Type, or
-    ``DELETE``); ``entry`` is also what reads of the key answer until it is flushed (a DELETE's
-    entry is a 404 tombstone).
-    """
-
-    key: str
-    method: str
-    target: str  # the path (and query) the client wrote to
-    entry: Entry
-
-
-class Queued(NamedTuple):
-    seq: int  # orders the writes of a key, across replicas
-    coalesced: bool  # it replaced a write of the key the origin had not been sent yet
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Claim:
-    """A write leased to this flusher: send it, then ``ack`` or ``fail`` it with ``seq``."""
-
-    write: QueuedWrite
-    seq: int
-    tries: int  # failed attempts of the key's pending write before this one
-    lease: int  # the lease's end (ms): also its token, which ack and fail must show
-    unsettled: bool = False  # the tiers may hold an older value than this write's
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class DeadLetter:
-    key: str
-    method: str
-    path: str
-    attempts: int
-    last_error: str
-    failed_at: float
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class QueueStats:
-    depth: int  # keys with an unflushed write
-    oldest_age: float  # seconds since the oldest unflushed write was acknowledged (0: none)
-    dead: int  # dead letters
-
-
-# -- the record ----------------------------------------------------------------------------------
-
-_RECORD = struct.Struct(">2sBHH")  # magic, version, method length, target length
-_MAGIC = b"CW"
-_VERSION = 1
-
-
-def _dump(write: QueuedWrite) -> bytes:
-    method, target = write.method.encode(), write.target.encode()
-    return (
-        _RECORD.pack(_MAGIC, _VERSION, len(method), len(target))
-        + method
-        + target
-        + encode(write.entry)
-    )
-
-
-def _load(key: str, data: bytes) -> QueuedWrite:
-    try:
-        magic, version, method_len, target_len = _RECORD.unpack_from(data)
-    except struct.error as exc:
-        raise CorruptEntry("a queued write is truncated") from exc
-    if magic != _MAGIC or version != _VERSION:
-        raise CorruptEntry(f"not a queued write (magic {magic!r}, version {version})")
-    start = _RECORD.size
-    try:
-        method = data[start : start + method_len].decode()
-        target = data[start + method_len : start + method_len + target_len].decode()
-    except UnicodeDecodeError as exc:
-        raise CorruptEntry(f"a queued write's method or target is not UTF-8: {exc}") from exc
-    entry = decode(data[start + method_len + target_len :])
-    return QueuedWrite(key, method, target, entry)
 
 
 class WriteQueue:
@@ -264,7 +189,7 @@ class WriteQueue:
         now = self._now_ms()
         args: list[Any] = [now, self._max_pending, now + self._window_ms, len(batch)]
         for write, _ in batch:
-            args += [write.key, _dump(write)]
+            args += [write.key, dump(write)]
         for key, seq in settled:
             args += [key, seq]
         try:
@@ -300,7 +225,7 @@ class WriteQueue:
         """The newest unflushed write of ``key``, if any."""
         async with self._bounded("pending"):
             data = await self._client.hget(self._keys["values"], key)
-        return None if data is None else _load(key, cast(bytes, data))
+        return None if data is None else load(key, cast(bytes, data))
 
     async def claim(self, limit: int, lease: float, *, early: float = 0.0) -> list[Claim]:
         """Lease up to ``limit`` ready keys to the caller, with their newest writes.
@@ -319,7 +244,7 @@ class WriteQueue:
         for i in range(0, len(flat), 5):
             key, seq, tries, record = flat[i].decode(), int(flat[i + 1]), flat[i + 2], flat[i + 3]
             try:
-                write = _load(key, record)
+                write = load(key, record)
             except CorruptEntry as exc:
                 # Not ours to send (another version, foreign bytes): out of the queue, kept.
                 logger.error("write-behind: queued write of %r is unreadable (%s)", key, exc)
@@ -407,7 +332,7 @@ class WriteQueue:
                     now + round((retry_in or 0) * 1000),
                     int(dead),
                     letter,
-                    _dump(claim.write),
+                    dump(claim.write),
                     claim.lease,
                 ],
             )

@@ -33,7 +33,8 @@ from cache.locks import KeyLocks
 from cache.observer import CacheObserver, Invalidation, NullObserver
 from cache.tiered import Loaded, Loader, TieredCache
 from cache.write_behind.flusher import Flusher
-from cache.write_behind.queue import QueuedWrite, WriteQueue
+from cache.write_behind.queue import WriteQueue
+from cache.write_behind.records import QueuedWrite
 
 logger = logging.getLogger("cachecar.write_behind")
 

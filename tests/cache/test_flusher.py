@@ -12,7 +12,8 @@ import pytest
 
 from cache.entry import Entry
 from cache.write_behind.flusher import Backoff, Flusher, Outcome, Sent
-from cache.write_behind.queue import Claim, QueuedWrite, WriteQueue
+from cache.write_behind.queue import WriteQueue
+from cache.write_behind.records import Claim, QueuedWrite
 from tests.fakes import FakeClock, RecordingObserver
 
 

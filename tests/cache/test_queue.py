@@ -14,7 +14,8 @@ from cache.breaker import Breaker, Guard
 from cache.entry import Entry
 from cache.errors import CircuitOpen, CorruptEntry, QueueFull, TierUnavailable
 from cache.redis.tier import RedisClient, client_from_url
-from cache.write_behind.queue import Queued, QueuedWrite, WriteQueue
+from cache.write_behind.queue import WriteQueue
+from cache.write_behind.records import Queued, QueuedWrite
 from tests.conftest import deployment_of
 from tests.fakes import FakeClock
 from tests.ports import free_port

@@ -35,7 +35,8 @@ from cache.memory import MemoryTier
 from cache.redis.tier import RedisTier
 from cache.tiered import Loaded, TieredCache
 from cache.write_behind.flusher import Backoff, Flusher, Outcome, Sent
-from cache.write_behind.queue import Claim, QueuedWrite, WriteQueue
+from cache.write_behind.queue import WriteQueue
+from cache.write_behind.records import Claim, QueuedWrite
 from cache.write_behind.writer import WriteBehind
 from tests.fakes import FakeClock
 

@@ -3,7 +3,7 @@
     config text   -> proxy.config.parse_settings -> Settings | ConfigError
     request target -> normalize_path -> Router.match -> key_for / variant_for / tags_for
                                      -> a key | BadPath
-    stored bytes  -> cache.entry.decode / cache.write_behind.queue._load -> Entry / QueuedWrite | CorruptEntry
+    stored bytes  -> cache.entry.decode / cache.write_behind.records.load -> Entry / QueuedWrite | CorruptEntry
 
 Bounded (a few hundred examples per property, no deadline) so the file runs in seconds.
 """
@@ -27,7 +27,7 @@ from pydantic import BaseModel
 
 from cache.entry import Entry, decode, encode
 from cache.errors import CorruptEntry
-from cache.write_behind.queue import QueuedWrite, _dump, _load
+from cache.write_behind.records import QueuedWrite, dump, load
 from proxy.config import ConfigError, load_settings, parse_settings
 from proxy.paths import BadPath, normalize_path, sorted_query
 from proxy.routes import Route, Router
@@ -436,12 +436,12 @@ _RECORD_HEAD = struct.pack(">2sBHH", b"CW", 1, 1, 0)
 
 
 @fuzz
-@given(st.one_of(st.binary(max_size=96), mutated(writes.map(_dump))))
+@given(st.one_of(st.binary(max_size=96), mutated(writes.map(dump))))
 # A record whose method is not UTF-8: _load's .decode() raises UnicodeDecodeError.
 @example(_RECORD_HEAD + b"\xff")
 def test_any_bytes_load_as_a_queued_write_or_corrupt_entry(data: bytes) -> None:
     try:
-        write = _load("carts:1", data)
+        write = load("carts:1", data)
     except CorruptEntry:
         return
     assert isinstance(write, QueuedWrite)
@@ -450,4 +450,4 @@ def test_any_bytes_load_as_a_queued_write_or_corrupt_entry(data: bytes) -> None:
 @fuzz
 @given(writes)
 def test_a_queued_write_survives_its_record(write: QueuedWrite) -> None:
-    assert _load(write.key, _dump(write)) == write
+    assert load(write.key, dump(write)) == write

@@ -24,7 +24,7 @@ from redis.asyncio import Redis
 
 from cache.errors import TierUnavailable
 from cache.memory import MemoryTier
-from cache.write_behind.queue import QueueStats
+from cache.write_behind.records import QueueStats
 from proxy.admin import build_admin_app
 from proxy.app import RUNTIME, build_proxy_app
 from proxy.metrics import REQUEST_BUCKETS, Metrics, method_label, origin_failed
