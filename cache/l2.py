@@ -2,15 +2,16 @@
 
     get(key, variant)  -> (fresh entry, None) | (None, stale entry) | (None, None)
                           L2 failing, breaker open, or the key being written: a counted miss
-    read_soon(...)     -> what L2 holds, as a future, for the hit path (auto-pipelined), counted
-                          by its caller; a read it does not answer with is kept (``keep``) for
-                          the ``get`` that follows, which takes it instead of asking Redis again
+    read_soon(...)     -> what L2 holds, as a future, for the hit path (auto-pipelined), and
+    outcome(...)          what it answered, the breaker told; counted by the caller
+    counted(...)       -> what ``get`` answers for a read the hit path made and kept
     fill(...)          -> in the background; nothing when the key was written meanwhile
     write(key, new)    -> a drop (new is None) or a put, as a task of its own, after the key's
                           pending fills and its previous write; until it is done the key is not
                           trusted in L2. L2 down: the key is remembered, never trusted, and
                           dropped as soon as L2 answers, so an outage cannot resurrect a value a
-                          write replaced
+                          write replaced; a put that loses to another replica's newer write
+                          is ``superseded`` (the tiered cache drops the key from L1)
 
 Every call asks the process's L2 breaker first and tells it the outcome; a failure is counted,
 logged once per change of state, and carried on from as a miss. Bytes under a key that are not
@@ -31,19 +32,13 @@ from cache.clock import Clock
 from cache.entry import Entry
 from cache.errors import CorruptEntry, TierUnavailable
 from cache.observer import CacheObserver
-from cache.tier import LocalTier, Stored, Tier
+from cache.tier import Stored, Tier
 
 logger = logging.getLogger("cachecar.cache")
 
 # Keys whose L2 delete failed, remembered until L2 answers; past this many, further ones are only
 # logged (memory must stay bounded through a long outage).
 MAX_PENDING_DELETES = 100_000
-
-# A read the hit path made and did not answer with is kept this long (seconds) for the lookup
-# that follows it, and at most this many: the lookup comes within a round of the event loop,
-# or never (it joined another's, or L1 had the entry by then).
-KEEP_READ = 1.0
-MAX_KEPT = 10_000
 
 Announce = Callable[[Sequence[str]], Awaitable[None]]
 Task = asyncio.Task[Any]
@@ -66,14 +61,14 @@ class SharedTier:
         self,
         tier: Tier,
         *,
-        l1: LocalTier,
         clock: Clock,
         observer: CacheObserver,
         breaker: Breaker | None = None,
+        superseded: Callable[[str], Awaitable[object]] | None = None,
     ) -> None:
-        """``l1``: dropped from when another replica's newer write wins in L2."""
+        """``superseded(key)``: called when a put lost to another replica's newer write in L2."""
         self.tier = tier
-        self._l1 = l1
+        self._superseded = superseded
         self._clock = clock
         self._observer = observer
         self._breaker = breaker
@@ -86,7 +81,6 @@ class SharedTier:
         self._ok = True
         self._last_failure: TierUnavailable | None = None
         self._read_soon = getattr(tier, "get_soon", None)  # RedisTier's auto-pipelined read
-        self._kept: dict[str, dict[str, tuple[float, Stored | None]]] = {}
         # Tells the other replicas which keys this one changed (coherence), once L2 has them.
         self.announce: Announce | None = None
 
@@ -109,14 +103,7 @@ class SharedTier:
     async def get(self, key: str, variant: str, keep_stale: float = 0.0) -> Read:
         """(the fresh entry with how long L1 may keep it, None) or (None, a stale one or None).
         ``keep_stale``: how long past its freshness L1 may keep it."""
-        was_kept, kept = self._take(key, variant) if self._kept else (False, None)
-        if not self.trusted(key):
-            return None, None
-        if was_kept:
-            read = self.fresh(kept, keep_stale)
-            self._observer.lookup("l2", read[0] is not None)
-            return read
-        if not self._allowed():
+        if not self.trusted(key) or not self._allowed():
             return None, None
         try:
             stored = await self.tier.get(key, variant)
@@ -129,6 +116,14 @@ class SharedTier:
             self._observer.lookup("l2", False)
             return None, None
         self._answered()
+        read = self.fresh(stored, keep_stale)
+        self._observer.lookup("l2", read[0] is not None)
+        return read
+
+    def counted(self, key: str, stored: Stored | None, keep_stale: float) -> Read:
+        """What ``get`` answers for what a read the hit path made found (``cache.peek``)."""
+        if not self.trusted(key):
+            return None, None
         read = self.fresh(stored, keep_stale)
         self._observer.lookup("l2", read[0] is not None)
         return read
@@ -146,22 +141,19 @@ class SharedTier:
 
     def read_soon(self, key: str, variant: str) -> asyncio.Future[Stored | None] | None:
         """What L2 holds for the hit path, as a future, sent with the other reads of this
-        round of the event loop (``RedisTier.get_soon``): None also when L2 failed, which the
-        breaker is told. The lookup is not counted: the caller counts what it answers with,
-        and ``keep`` leaves the rest to ``get``. None at once when L2 may not be asked now, or
-        the tier cannot read that way."""
+        round of the event loop (``RedisTier.get_soon``); ``outcome`` says what it answered.
+        Not counted: the caller counts what it answers with. None at once when L2 may not be
+        asked now, or the tier cannot read that way."""
         if self._read_soon is None or not self.trusted(key) or not self._allowed():
             return None
-        read: asyncio.Future[Stored | None] = asyncio.get_running_loop().create_future()
-        self._read_soon(key, variant).add_done_callback(partial(self._read_done, key, read))
+        read: asyncio.Future[Stored | None] = self._read_soon(key, variant)
         return read
 
-    def _read_done(
-        self, key: str, read: asyncio.Future[Stored | None], raw: asyncio.Future[Stored | None]
-    ) -> None:
-        stored = None
+    def outcome(self, key: str, read: asyncio.Future[Stored | None]) -> Stored | None:
+        """What a ``read_soon`` found: None also when L2 failed (the breaker is told) or the
+        tier closed under it."""
         try:
-            stored = raw.result()
+            stored = read.result()
         except TierUnavailable as exc:
             self._failed(exc)
         except CorruptEntry as exc:
@@ -170,42 +162,8 @@ class SharedTier:
             pass  # the tier closed under it
         else:
             self._answered()
-        if not read.done():
-            read.set_result(stored)
-
-    def keep(self, key: str, variant: str, stored: Stored | None) -> None:
-        """Keep what a ``read_soon`` found for the ``get`` of the same key and variant that
-        follows (``KEEP_READ`` seconds at most); a write or a ``forget`` of the key drops it."""
-        if len(self._kept) >= MAX_KEPT:
-            self._kept.clear()  # never taken: their lookups went elsewhere; each is re-read
-        self._kept.setdefault(key, {})[variant] = (self._clock.monotonic(), stored)
-
-    def _take(self, key: str, variant: str) -> tuple[bool, Stored | None]:
-        """Whether a read of ``key`` and ``variant`` was kept, and what it found (its TTL
-        counted down since)."""
-        kept = self._kept.get(key)
-        if kept is None:
-            return False, None
-        found = kept.pop(variant, None)
-        if not kept:
-            del self._kept[key]
-        if found is None:
-            return False, None
-        took = self._clock.monotonic() - found[0]
-        if took > KEEP_READ:
-            return False, None
-        stored = found[1]
-        return True, None if stored is None else Stored(stored.entry, stored.ttl_left - took)
-
-    def forget(self, key: str | None = None, *, prefix: str = "") -> None:
-        """Drop the kept reads of ``key`` (None: of every key starting with ``prefix``)."""
-        if key is not None:
-            self._kept.pop(key, None)
-        elif not prefix:
-            self._kept.clear()
-        else:
-            for kept in [k for k in self._kept if k.startswith(prefix)]:
-                del self._kept[kept]
+            return stored
+        return None
 
     def fill(
         self,
@@ -310,9 +268,9 @@ class SharedTier:
             else:
                 self._pending_deletes.discard(key)
                 self._answered()
-                if not stored:
+                if not stored and self._superseded is not None:
                     # Another replica's newer write holds L2: this one lost, in L1 too.
-                    await self._l1.delete(key)
+                    await self._superseded(key)
                 return True
         # L2 may still hold the value this write replaced: never trust it for the key again
         # until it has been dropped there.

@@ -65,3 +65,19 @@ def refresh_early(
     if draw <= 0.0:
         return True  # -ln(0) is infinite
     return -beta * fetch_seconds * math.log(draw) >= time_left
+
+
+# What a hit on an entry is now (``judge``).
+EXPIRED = 0  # past its freshness
+FRESH = 1
+DUE = 2  # fresh, and due for an early refresh
+
+
+def judge(entry: Entry, now: float, beta: float, random: Callable[[], float]) -> int:
+    """EXPIRED, FRESH or DUE: the one freshness check of a hit, in L1 or in L2."""
+    time_left = entry.stored_at + entry.ttl - now  # Entry.expires_at, without the call
+    if time_left <= 0:
+        return EXPIRED
+    if beta and refresh_early(time_left, entry.fetch_seconds, beta, random):
+        return DUE
+    return FRESH

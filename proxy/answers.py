@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from cache.tiered import Source
+from cache.lookup import Source
 
 # RFC 9211 Cache-Status values; "cachecar" is the cache's name in them.
 HIT_L1 = "cachecar; hit; detail=l1"

@@ -8,10 +8,11 @@ connection's bytes, without aiohttp.
           -> Hits.answer: the entry's head, serialized once per entry, + Age, Date, X-Cache,
              Cache-Status, and the body, in one write; counted as ``proxy.handler`` counts
         not in L1, no lookup of it under way, L2 up
-          -> L2 asked (``TieredCache.peek``: the reads of one round of the event loop go
-             to Redis in one round trip); the connection's next bytes wait meanwhile
+          -> L2 asked (``cache.peek``: the reads of one round of the event loop go to
+             Redis in one round trip); the connection's next bytes wait meanwhile
              fresh there -> answered as above (HIT-L2), and kept in L1
              else -> aiohttp's, with what L2 said kept for the full path's lookup
+             (the read's one future and three calls are drawn in ``cache.peek``)
       anything else -> aiohttp's protocol, from that head on: the full handler answers it
 
 Answers leave in the order requests came: while aiohttp has a request in hand, every head goes
@@ -72,7 +73,14 @@ _DATED = b"\r\nDate: "  # in a serialized head: the entry has a Date of its own,
 MAX_HEAD = 16 << 10  # a head longer than this is aiohttp's to refuse
 
 Answer = tuple[bytes, bool]  # the whole answer, and whether the connection stays open
-Pending = asyncio.Future[Answer | None]  # an answer that waits for L2 (None: the full path's)
+Later = Callable[[Answer | None], None]  # takes an answer that waited for L2 (None: the full
+# path's)
+# What ``Hits.answer`` returns while L2 is asked: the answer goes to its ``later`` instead.
+ASKED: Answer = (b"", True)
+
+
+def _nobody(answer: Answer | None) -> None:
+    """The ``later`` of a caller that takes L1 hits only."""
 
 
 def _fields(head: bytes, start: int) -> CIMultiDictProxy[str]:
@@ -132,17 +140,17 @@ class Hits:
         self._max_line = max_header_size
         self._max_headers = max_headers
         self._router = router
-        self._cache = cache
+        self._peek = cache.hit_path.peek
         self._metrics = metrics
         self._clock = clock
         self._max_key_length = max_key_length
         self._date_second = -1
         self._date = b""
 
-    def answer(self, head: bytes) -> Answer | Pending | None:
+    def answer(self, head: bytes, later: Later = _nobody) -> Answer | None:
         """The whole answer to a request ``head`` (without its blank line) and whether the
-        connection stays open; None when the full path must answer; a future of either when
-        L2 is asked first."""
+        connection stays open; None when the full path must answer; ``ASKED`` when L2 is
+        asked first, and either goes to ``later``."""
         started = time.perf_counter()
         request = _REQUEST_LINE.match(head)
         # Every header line well formed (else aiohttp's to judge), none that needs the full
@@ -183,15 +191,14 @@ class Hits:
                 keep_alive = False
             elif b"keep-alive" in value:
                 keep_alive = True
-        found = self._cache.peek(key, variant, _l1_head, route.stale, l1_ttl=route.l1_ttl)
+        found = self._peek(key, variant, _l1_head, route.stale, route.l1_ttl)
         if found is None:
             return None
         if not isinstance(found, tuple):  # not in L1: L2 is being asked
-            answered: Pending = asyncio.get_running_loop().create_future()
-            found.add_done_callback(
-                partial(self._from_l2, answered, route.name, method, keep_alive, http_1_0, started)
+            found.then = partial(
+                self._from_l2, later, route.name, method, keep_alive, http_1_0, started
             )
-            return answered
+            return ASKED
         entry, wire = found
         now = self._clock()
         # GET and HEAD are their own method labels: the tuple Metrics.series would make.
@@ -202,19 +209,16 @@ class Hits:
 
     def _from_l2(
         self,
-        answered: Pending,
+        later: Later,
         route: str,
         method: str,
         keep_alive: bool,
         http_1_0: bool,
         started: float,
-        found: asyncio.Future[Entry | None],
+        entry: Entry | None,
     ) -> None:
-        entry = None if found.cancelled() else found.result()
-        if answered.done():
-            return
         if entry is None:
-            answered.set_result(None)
+            later(None)
             return
         # Not kept: L1 keeps its own rendering, of its own entry, once it holds one.
         wire = _serialize(entry, HIT_L2_LINES)
@@ -223,7 +227,7 @@ class Hits:
         self._metrics.answered(
             (route, method, entry.status, "hit_l2"), time.perf_counter() - started, now
         )
-        answered.set_result((whole, keep_alive))
+        later((whole, keep_alive))
 
     def _assemble(
         self,
@@ -267,6 +271,7 @@ class FastPath(asyncio.Protocol):
         self._waiting: bytes | None = None  # the head whose answer waits for L2
         self._writing_paused = False
         self._loop = asyncio.get_running_loop()
+        self._later: Later = self._from_l2
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
@@ -309,28 +314,26 @@ class FastPath(asyncio.Protocol):
             if _HANDED_OVER.search(head) is not None:
                 self._hand_over(buffer)
                 return
-            answer = self._hits.answer(head) if self._idle() else None
+            answer = self._hits.answer(head, self._later) if self._idle() else None
             if answer is None:
                 self._inner.data_received(buffer[: end + 4])  # one whole head, no body
-            elif isinstance(answer, tuple):
-                self._send(*answer)
-                if self._transport is None or self._transport.is_closing():
-                    return
-            else:
+            elif answer is ASKED:
                 # Answered once L2 has been asked; what comes meanwhile waits its turn.
                 self._waiting = buffer[: end + 4]
                 self._buffer = buffer[end + 4 :]
                 self._busy()
-                answer.add_done_callback(self._from_l2)
                 return
+            else:
+                self._send(*answer)
+                if self._transport is None or self._transport.is_closing():
+                    return
             buffer = buffer[end + 4 :]
 
-    def _from_l2(self, pending: Pending) -> None:
+    def _from_l2(self, answer: Answer | None) -> None:
         head, self._waiting = self._waiting, None
         transport = self._transport
         if transport is None or transport.is_closing() or head is None:
             return
-        answer = None if pending.cancelled() else pending.result()
         if answer is None:
             self._inner.data_received(head)  # not in L2 after all: the full path answers
         else:

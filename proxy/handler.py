@@ -29,7 +29,8 @@ from cache.clock import Clock
 from cache.entry import Entry
 from cache.errors import CacheError, TierError
 from cache.locks import KeyLocks
-from cache.tiered import REVALIDATING, Loaded, Loader, Lookup, Source, TieredCache
+from cache.lookup import REVALIDATING, Loaded, Loader, Lookup, Source
+from cache.tiered import TieredCache
 from cache.write_behind.records import QueuedWrite
 from cache.write_behind.writer import WriteBehind
 from proxy import headers as forwarding

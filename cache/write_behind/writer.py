@@ -30,8 +30,9 @@ from collections.abc import Sequence
 
 from cache.errors import CacheError, CircuitOpen, TierError
 from cache.locks import KeyLocks
+from cache.lookup import Loaded, Loader
 from cache.observer import CacheObserver, Invalidation, NullObserver
-from cache.tiered import Loaded, Loader, TieredCache
+from cache.tiered import TieredCache
 from cache.write_behind.flusher import Flusher
 from cache.write_behind.queue import WriteQueue
 from cache.write_behind.records import QueuedWrite

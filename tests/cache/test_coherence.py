@@ -22,10 +22,11 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from cache.breaker import Breaker, Guard
 from cache.clock import SystemClock
 from cache.entry import Entry
+from cache.lookup import Loaded, Source
 from cache.memory import MemoryTier
 from cache.redis.coherence import Coherence, listener_client
 from cache.redis.tier import RedisClient, RedisTier, client_from_url
-from cache.tiered import Loaded, Source, TieredCache
+from cache.tiered import TieredCache
 from tests.fakes import FakeClock, RecordingObserver, until
 from tests.ports import free_port
 from tests.redis_servers import Deployment

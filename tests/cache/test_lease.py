@@ -12,10 +12,11 @@ from redis.asyncio import Redis
 from cache.breaker import Breaker, Guard
 from cache.clock import SystemClock
 from cache.entry import Entry
+from cache.lookup import Loaded, Lookup, Source
 from cache.memory import MemoryTier
 from cache.redis.lease import Leases
 from cache.redis.tier import RedisClient, RedisTier, client_from_url
-from cache.tiered import Loaded, Lookup, Source, TieredCache
+from cache.tiered import TieredCache
 from tests.conftest import deployment_of
 from tests.fakes import FakeClock, RecordingObserver
 from tests.ports import free_port

@@ -9,10 +9,11 @@ import fakeredis
 import pytest
 
 from cache.entry import Entry
+from cache.lookup import ORIGIN_FAILED, REVALIDATING, Loaded, Source
 from cache.memory import MemoryTier
 from cache.redis.tier import RedisTier
 from cache.stale import Staleness, refresh_early
-from cache.tiered import ORIGIN_FAILED, REVALIDATING, Loaded, Source, TieredCache
+from cache.tiered import TieredCache
 from tests.fakes import FakeClock, RecordingObserver
 
 FRESH = 10.0  # seconds an origin answer is fresh

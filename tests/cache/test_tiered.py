@@ -10,10 +10,11 @@ from redis.asyncio import Redis
 
 from cache.breaker import Breaker
 from cache.entry import Entry
+from cache.lookup import Loaded, Source
 from cache.memory import MemoryTier
 from cache.observer import Eviction
 from cache.redis.tier import RedisTier, client_from_url
-from cache.tiered import Loaded, Source, TieredCache
+from cache.tiered import TieredCache
 from tests.fakes import FakeClock, FlakyTier, RecordingObserver
 from tests.ports import free_port
 

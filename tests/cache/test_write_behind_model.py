@@ -31,9 +31,10 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from cache.entry import Entry
+from cache.lookup import Loaded
 from cache.memory import MemoryTier
 from cache.redis.tier import RedisTier
-from cache.tiered import Loaded, TieredCache
+from cache.tiered import TieredCache
 from cache.write_behind.flusher import Backoff, Flusher, Outcome, Sent
 from cache.write_behind.queue import WriteQueue
 from cache.write_behind.records import Claim, QueuedWrite

@@ -1,5 +1,6 @@
-"""The hit path's read (``TieredCache.peek``): L1 at once, else L2 sent with the other reads of
-the round, counted once whoever answers, and never storing what a write replaced."""
+"""The hit path's read (``cache.peek``, a ``TieredCache``'s ``hit_path``): L1 at once, else L2
+sent with the other reads of the round, counted once whoever answers, and never storing what a
+write replaced."""
 
 from __future__ import annotations
 
@@ -10,11 +11,13 @@ import pytest
 
 from cache.breaker import Breaker
 from cache.entry import Entry
-from cache.l2 import KEEP_READ
+from cache.lookup import Loaded, Source
 from cache.memory import MemoryTier
+from cache.peek import KEEP_READ
 from cache.redis.tier import RedisTier, client_from_url
+from cache.stale import NEVER
 from cache.tier import Stored
-from cache.tiered import Loaded, Source, TieredCache
+from cache.tiered import TieredCache
 from tests.fakes import FakeClock, RecordingObserver
 from tests.ports import silent_port
 
@@ -61,6 +64,18 @@ def render(entry: Entry) -> bytes:
     return b"rendered:" + entry.body
 
 
+def peek(
+    cache: TieredCache, key: str, *, l1_ttl: float | None = None
+) -> tuple[Entry, bytes] | asyncio.Future[Entry | None] | None:
+    """The hit path's read, its L2 answer (given to the read's ``then``) as a future."""
+    found = cache.hit_path.peek(key, "", render, NEVER, l1_ttl)
+    if found is None or isinstance(found, tuple):
+        return found
+    answered: asyncio.Future[Entry | None] = asyncio.get_running_loop().create_future()
+    found.then = answered.set_result
+    return answered
+
+
 async def settle() -> None:
     for _ in range(5):
         await asyncio.sleep(0)
@@ -74,7 +89,7 @@ async def test_an_l2_hit_is_answered_counted_once_and_kept_in_l1(
     observer: RecordingObserver,
 ) -> None:
     await l2.set("users:1", "", entry(clock), 600)
-    found = cache.peek("users:1", "", render, l1_ttl=30)
+    found = peek(cache, "users:1", l1_ttl=30)
     assert isinstance(found, asyncio.Future)
     assert await found == entry(clock)
     assert observer.lookups == {("l1", False): 1, ("l2", True): 1}
@@ -83,7 +98,7 @@ async def test_an_l2_hit_is_answered_counted_once_and_kept_in_l1(
     assert kept is not None
     assert kept.ttl_left == pytest.approx(30)
     # Now from L1, at once, with its rendering.
-    assert cache.peek("users:1", "", render, l1_ttl=30) == (entry(clock), b"rendered:v1")
+    assert peek(cache, "users:1", l1_ttl=30) == (entry(clock), b"rendered:v1")
     assert observer.lookups[("l1", True)] == 1
 
 
@@ -91,14 +106,14 @@ async def test_without_the_route_s_l1_ttl_only_l1_is_looked_at(
     cache: TieredCache, l2: CountedTier, clock: FakeClock
 ) -> None:
     await l2.set("users:1", "", entry(clock), 600)
-    assert cache.peek("users:1", "", render) is None
+    assert peek(cache, "users:1") is None
     assert l2.reads == 0
 
 
 async def test_an_l2_miss_is_left_to_get_which_counts_it_and_does_not_ask_again(
     cache: TieredCache, l2: CountedTier, clock: FakeClock, observer: RecordingObserver
 ) -> None:
-    found = cache.peek("users:1", "", render, l1_ttl=30)
+    found = peek(cache, "users:1", l1_ttl=30)
     assert isinstance(found, asyncio.Future)
     assert await found is None
     assert observer.lookups == {}
@@ -115,7 +130,7 @@ async def test_an_l2_miss_is_left_to_get_which_counts_it_and_does_not_ask_again(
 async def test_a_read_left_over_is_not_trusted_for_long(
     cache: TieredCache, l2: CountedTier, clock: FakeClock
 ) -> None:
-    found = cache.peek("users:1", "", render, l1_ttl=30)
+    found = peek(cache, "users:1", l1_ttl=30)
     assert isinstance(found, asyncio.Future)
     assert await found is None
     await l2.set("users:1", "", entry(clock, b"filled meanwhile"), 600)
@@ -135,7 +150,7 @@ async def test_a_write_while_l2_is_read_keeps_the_old_value_out_of_l1(
     change: str, cache: TieredCache, l1: MemoryTier, l2: CountedTier, clock: FakeClock
 ) -> None:
     await l2.set("users:1", "", entry(clock, b"old"), 600)
-    found = cache.peek("users:1", "", render, l1_ttl=30)
+    found = peek(cache, "users:1", l1_ttl=30)
     assert isinstance(found, asyncio.Future)
     if change == "invalidate":
         await cache.invalidate("users:1")
@@ -158,7 +173,7 @@ async def test_a_stale_l1_entry_is_left_to_get(
 ) -> None:
     await l1.set("users:1", "", entry(clock, ttl=1), 60)
     clock.advance(2)
-    assert cache.peek("users:1", "", render, l1_ttl=30) is None  # stale serving is get's
+    assert peek(cache, "users:1", l1_ttl=30) is None  # stale serving is get's
     assert l2.reads == 0
 
 
@@ -173,7 +188,7 @@ async def test_a_running_lookup_of_the_key_is_joined_by_get_not_read_again(
 
     first = asyncio.create_task(cache.get("users:1", "", l1_ttl=30, loader=slow))
     await settle()
-    assert cache.peek("users:1", "", render, l1_ttl=30) is None
+    assert peek(cache, "users:1", l1_ttl=30) is None
     gate.set()
     await first
 
@@ -191,7 +206,7 @@ async def test_one_failed_round_trip_is_one_failure_however_many_reads_it_carrie
             observer=observer,
             breaker=breaker,
         )
-        reads = [cache.peek(f"users:{i}", "", render, l1_ttl=30) for i in range(10)]
+        reads = [peek(cache, f"users:{i}", l1_ttl=30) for i in range(10)]
         assert all(isinstance(read, asyncio.Future) for read in reads)
         assert await asyncio.gather(*reads) == [None] * 10  # type: ignore[arg-type]
         assert observer.errors == {("l2", "get"): 1}
