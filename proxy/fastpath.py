@@ -47,6 +47,7 @@ from proxy.answers import HIT_L1_LINES, HIT_L2_LINES
 from proxy.headers import FULL_PATH, FULL_PATH_PREFIX, HANDED_OVER
 from proxy.metrics import Metrics
 from proxy.paths import is_canonical
+from proxy.request import CacheRequest, locate
 from proxy.routes import Router
 
 _REQUEST_LINE = re.compile(rb"(GET|HEAD) (/[^ \r\n]*) HTTP/1\.([01])")
@@ -113,7 +114,7 @@ def _serialize(entry: Entry, cache_lines: bytes) -> bytes:
 
 
 def _l1_head(entry: Entry) -> bytes:
-    """What L1 keeps with an entry for the hit path (``TieredCache.peek``): the part of an L1
+    """What L1 keeps with an entry for the hit path (``cache.peek``): the part of an L1
     hit that is the same for every request."""
     return _serialize(entry, HIT_L1_LINES)
 
@@ -169,20 +170,11 @@ class Hits:
         path, _, query = target.partition("?")
         if "#" in query or not is_canonical(path):
             return None
-        matched = self._router.match(path)
-        if matched is None:
+        cached = locate(self._router, path, query, self._max_key_length)
+        if type(cached) is not CacheRequest or cached.too_long:
             return None
-        route, params = matched
-        if not route.cached:
-            return None
-        key = route.key_for(params, path, query)
-        if len(key) > self._max_key_length or (
-            route.tags and route.too_long(key, route.tags_for(params), self._max_key_length)
-        ):
-            return None
-        variant = ""
-        if route.vary or route.unkeyed or (route.key is not None and query):
-            variant = route.variant_for(_fields(head, request.end()), query, params)
+        route = cached.route
+        variant = cached.variant(_fields(head, request.end())) if cached.varies else ""
         http_1_0 = not keep_alive
         connection = _CONNECTION.search(head)
         if connection is not None:
@@ -191,7 +183,7 @@ class Hits:
                 keep_alive = False
             elif b"keep-alive" in value:
                 keep_alive = True
-        found = self._peek(key, variant, _l1_head, route.stale, route.l1_ttl)
+        found = self._peek(cached.key, variant, _l1_head, route.stale, route.l1_ttl)
         if found is None:
             return None
         if not isinstance(found, tuple):  # not in L1: L2 is being asked
