@@ -40,6 +40,9 @@ from cache.tier import LocalTier, Tier
 
 
 class Tiers:
+    """L1, L2 (as ``SharedTier``), the lookups running over them and the hit path's read; and
+    every change of what the tiers hold (the module docstring)."""
+
     def __init__(
         self,
         l1: LocalTier,
@@ -238,7 +241,6 @@ class Tiers:
         running = list(self._flights.tasks())
         if running:
             await asyncio.wait(running)
-        await self._hit_path.settle()
         if self._shared is not None:
             await self._shared.settle()
         while self._background:

@@ -213,6 +213,9 @@ class MemoryTier:
         tags: Sequence[str] = (),  # indexed in L2 only: a purge by tag finds keys there
     ) -> None:
         # ``fetched_at`` needs no check here: this process's own writes detach its fills.
+        self.keep(key, variant, entry, ttl)
+
+    def keep(self, key: str, variant: str, entry: Entry, ttl: float) -> None:
         if ttl <= 0:
             return
         with self._store.timer as now:

@@ -12,7 +12,8 @@ An L2 hit takes one future and three calls, each in the module that owns the ste
 
     the read's future (``cache.redis.reads``: one round trip for the reads of the round)
       -> ``L2Read.landed`` (here): the outcome told to the breaker (``SharedTier.outcome``),
-         its freshness judged, counted as an L2 hit, kept in L1 for ``l1_ttl`` at most
+         its freshness judged, counted as an L2 hit, kept in L1 for ``l1_ttl`` at most (at
+         once, before the answer leaves: the client's next request finds it there)
       -> ``then``: ``Hits`` (``proxy.fastpath``) makes the answer's bytes and counts it
       -> ``FastPath`` writes them to the connection
 
@@ -24,8 +25,7 @@ left (``Flights.epoch`` moved on) means it keeps nothing, in L1 or for ``get``.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine
-from typing import Any
+from collections.abc import Callable
 
 from cache.clock import Clock
 from cache.entry import Entry
@@ -90,7 +90,6 @@ class HitPath:
         self._rand = rand
         self.l1_trusted = l1_trusted  # set by the tiered cache whenever it changes
         self._kept: dict[str, dict[str, tuple[float, Stored | None]]] = {}
-        self._background: set[asyncio.Task[Any]] = set()
 
     def peek(
         self,
@@ -139,16 +138,12 @@ class HitPath:
         if self.l1_trusted:
             self._observer.lookup("l1", False)
         self._observer.lookup("l2", True)
-        if not changed and self.l1_trusted and read.l1_ttl > 0:
-            ttl = min(read.l1_ttl, fresh.ttl_left)
-            self._spawn(self._promote(key, variant, fresh.entry, ttl, read.epoch))
+        if not changed and self.l1_trusted:
+            # Kept in L1 before the answer leaves: the client's next request finds it there.
+            # Not when anything changed since the read left (as a detached lookup stores
+            # nothing).
+            self._l1.keep(key, variant, fresh.entry, min(read.l1_ttl, fresh.ttl_left))
         return fresh.entry
-
-    async def _promote(self, key: str, variant: str, entry: Entry, ttl: float, epoch: int) -> None:
-        """Keep an entry the hit path found in L2 in L1, unless anything changed since it was
-        read (as a lookup detached by a write stores nothing)."""
-        if epoch == self.flights.epoch and key not in self.flights and self.l1_trusted:
-            await self._l1.set(key, variant, entry, ttl)
 
     # -- kept reads ---------------------------------------------------------------------------
 
@@ -187,13 +182,3 @@ class HitPath:
         else:
             for kept in [k for k in self._kept if k.startswith(prefix)]:
                 del self._kept[kept]
-
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def settle(self) -> None:
-        """Wait for the L1 fills under way."""
-        while self._background:
-            await asyncio.wait(list(self._background))

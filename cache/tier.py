@@ -76,6 +76,10 @@ class LocalTier(Tier, Protocol):
         """``get``, answered at once."""
         ...
 
+    def keep(self, key: str, variant: str, entry: Entry, ttl: float) -> None:
+        """``set``, done at once."""
+        ...
+
     def peek_rendered(
         self, key: str, variant: str, render: Callable[[Entry], bytes]
     ) -> tuple[Entry, float, bytes] | None:

@@ -13,7 +13,7 @@ from cache.breaker import Breaker
 from cache.entry import Entry
 from cache.lookup import Loaded, Source
 from cache.memory import MemoryTier
-from cache.peek import KEEP_READ
+from cache.peek import KEEP_READ, L2Read
 from cache.redis.tier import RedisTier, client_from_url
 from cache.stale import NEVER
 from cache.tier import Stored
@@ -79,6 +79,21 @@ def peek(
 async def settle() -> None:
     for _ in range(5):
         await asyncio.sleep(0)
+
+
+async def test_an_l2_hit_is_in_l1_before_its_answer_leaves(
+    cache: TieredCache, l1: MemoryTier, l2: CountedTier, clock: FakeClock
+) -> None:
+    # The client's next request may come as soon as the answer is written: L1 must hold the
+    # entry by then, not once some task gets round to it.
+    await l2.set("users:1", "", entry(clock), 600)
+    read = cache.hit_path.peek("users:1", "", render, NEVER, 30)
+    assert isinstance(read, L2Read)
+    held: asyncio.Future[Stored | None] = asyncio.get_running_loop().create_future()
+    read.then = lambda found: held.set_result(l1.peek("users:1"))
+    kept = await held
+    assert kept is not None
+    assert kept.entry == entry(clock)
 
 
 async def test_an_l2_hit_is_answered_counted_once_and_kept_in_l1(
