@@ -101,20 +101,9 @@ def _apt_install(packages: list[str]) -> list[str]:
 def nginx_conf(directory: Path, port: int, origin_port: int, max_size: int) -> str:
     """proxy_cache in front of the origin; ``max_size`` bytes of cache (nginx counts whole
     filesystem blocks per cached file)."""
-    # As root, nginx's workers would run as nobody and could not write the temp dir.
-    user = "user root;\n" if os.geteuid() == 0 else ""
-    temp = "\n".join(
-        f"  {kind}_temp_path {directory}/{kind}_temp;"
-        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-    )
-    return f"""{user}worker_processes 1;
-error_log {directory}/error.log warn;
-pid {directory}/nginx.pid;
-events {{ worker_connections 4096; }}
-http {{
-  access_log off;
-{temp}
-  proxy_cache_path {directory}/cache levels=1:2 keys_zone=bench:{NGINX_KEYS_ZONE}
+    return nginx_frame(
+        directory,
+        f"""  proxy_cache_path {directory}/cache levels=1:2 keys_zone=bench:{NGINX_KEYS_ZONE}
                    max_size={max_size} inactive=10m use_temp_path=off;
   upstream origin {{ server 127.0.0.1:{origin_port}; keepalive 64; }}
   server {{
@@ -131,7 +120,27 @@ http {{
       add_header X-Cache-Status $upstream_cache_status;
     }}
   }}
-}}
+""",
+    )
+
+
+def nginx_frame(directory: Path, http: str) -> str:
+    """An nginx.conf of one worker whose files all live in ``directory``, with ``http`` (the
+    caches and servers) inside its http block."""
+    # As root, nginx's workers would run as nobody and could not write the temp dir.
+    user = "user root;\n" if os.geteuid() == 0 else ""
+    temp = "\n".join(
+        f"  {kind}_temp_path {directory}/{kind}_temp;"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    return f"""{user}worker_processes 1;
+error_log {directory}/error.log warn;
+pid {directory}/nginx.pid;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+{temp}
+{http}}}
 """
 
 

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -121,11 +121,15 @@ class Processes:
         self._logs = logs
         self._started: list[Process] = []
 
-    def spawn(self, name: str, args: Sequence[str]) -> Process:
+    def spawn(
+        self, name: str, args: Sequence[str], *, env: Mapping[str, str] | None = None
+    ) -> Process:
+        """Start ``args``; ``env``: variables set for it, beside this process's own."""
         log = self._logs / f"{name}.log"
         with log.open("wb") as out:
             popen = subprocess.Popen(
                 list(args),
+                env={**os.environ, **env} if env else None,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,

@@ -158,13 +158,13 @@ def ratio(mine: float | None, theirs: float | None) -> str:
 # -- the file --------------------------------------------------------------------------------------
 
 
-def write_section(path: Path, text: str) -> None:
-    """Put ``text`` between ``BEGIN`` and ``END`` in ``path``; append both if they are missing."""
+def write_section(path: Path, text: str, begin: str = BEGIN, end: str = END) -> None:
+    """Put ``text`` between ``begin`` and ``end`` in ``path``; append both if they are missing."""
     current = path.read_text() if path.exists() else ""
-    start, end = current.find(BEGIN), current.find(END)
-    block = f"{BEGIN}\n\n{text.strip()}\n\n{END}"
-    if 0 <= start < end:
-        updated = current[:start] + block + current[end + len(END) :]
+    first, last = current.find(begin), current.find(end)
+    block = f"{begin}\n\n{text.strip()}\n\n{end}"
+    if 0 <= first < last:
+        updated = current[:first] + block + current[last + len(end) :]
     else:
         updated = current.rstrip("\n") + ("\n\n" if current else "") + block + "\n"
     path.write_text(updated)
