@@ -1,0 +1,166 @@
+"""Why cachecar does not pass a test of the HTTP cache test suite: a bug to fix (and where it
+is tracked), or a choice and where the docs say so. ``bench.conformance_report`` puts the
+reason beside each test cachecar fails; a failure with none says so, so that it is looked at.
+
+Each row is a pattern of test ids (``fnmatch``: ``*`` for any run of characters) and the
+reason; the first row that matches is taken.
+"""
+
+from __future__ import annotations
+
+from fnmatch import fnmatchcase
+
+UNEXPLAINED = "not explained yet"
+
+# "to do": a gap issue 16 (HTTP caching semantics toward the origin) is to close; "choice": what
+# cachecar does on purpose, as docs/user-guide.md and docs/conformance.md say; "suite": the test
+# cannot tell a right answer from a wrong one here.
+REASONS: tuple[tuple[str, str], ...] = (
+    (
+        "*-Content-Length",
+        "to do: the origin sends more bytes than its Content-Length; aiohttp's client reads the "
+        "rest as a next answer, fails the whole fetch, and cachecar answers 502",
+    ),
+    (
+        "headers-store-Transfer-Encoding",
+        "to do: an unknown transfer coding: the body is read until the origin closes, which the "
+        "test server does after its 5 s keep-alive, when `upstream.timeout` (5 s) has run out: 504",
+    ),
+    (
+        "304-*",
+        "to do: no revalidation: a stale entry is fetched again in full, never with "
+        "If-None-Match / If-Modified-Since, so no 304 refreshes it",
+    ),
+    ("cc-resp-must-revalidate-stale", "to do: no revalidation (see 304-*)"),
+    ("cc-resp-no-cache-revalidate*", "to do: no revalidation: `no-cache` answers are not stored"),
+    ("conditional-etag-vary-headers*", "to do: no revalidation (see 304-*)"),
+    ("conditional-*-generate*", "to do: no revalidation (see 304-*)"),
+    ("conditional-lm-stale", "to do: no revalidation (see 304-*)"),
+    (
+        "conditional-etag-forward*",
+        "choice: a cacheable miss is fetched whole, so the client's validators are not sent on; "
+        "cachecar answers them itself from the stored entry",
+    ),
+    (
+        "conditional-etag-*respond*",
+        "choice: entity tags are compared as RFC 9110 writes them (quoted); a malformed one "
+        "matches nothing",
+    ),
+    (
+        "conditional-lm-fresh-no-lm",
+        "choice: If-Modified-Since is answered from the stored Last-Modified only, never Date",
+    ),
+    (
+        "age-parse-*",
+        "to do: an `Age` that is not one delta-seconds is taken as 0; RFC 9111 §5.1 would have "
+        "the answer stale",
+    ),
+    (
+        "freshness-expires-age-*",
+        "to do: the origin's `Age` is counted in freshness but not passed on in a MISS",
+    ),
+    ("freshness-max-age-age", "to do: the origin's `Age` is not passed on in a MISS"),
+    ("other-age-update-*", "to do: the origin's `Age` is not passed on in a MISS"),
+    (
+        "freshness-max-age-date",
+        "to do: freshness counts from when cachecar received the answer, not from its `Date`",
+    ),
+    (
+        "freshness-max-age-decimal-*",
+        "choice: `max-age` with a fraction is not a delta-seconds (RFC 9111 §1.2.2): stale",
+    ),
+    (
+        "freshness-max-age-100a",
+        "choice: a malformed `max-age` makes the answer stale (RFC 9111 §4.2.1)",
+    ),
+    (
+        "freshness-max-age-a100",
+        "choice: a malformed `max-age` makes the answer stale (RFC 9111 §4.2.1)",
+    ),
+    (
+        "freshness-max-age-space-*",
+        "to do: `max-age = N` is read as max-age N; RFC 9111's grammar allows no spaces there",
+    ),
+    ("freshness-max-age-two-*", "to do: of two `max-age` directives the last one wins"),
+    (
+        "freshness-none",
+        "to do: an answer with no freshness information is kept for the route's TTL; a route "
+        "setting to keep only what the origin says is fresh is issue 16's point 4",
+    ),
+    (
+        "headers-store-Set-Cookie",
+        "choice: an answer with Set-Cookie is never stored (docs/user-guide.md)",
+    ),
+    ("other-set-cookie", "choice: an answer with Set-Cookie is never stored"),
+    (
+        "headers-omit-headers-listed-in-Cache-Control-no-cache*",
+        '`no-cache="field"` is taken as a plain `no-cache`: the answer is not stored',
+    ),
+    (
+        "head-*",
+        "choice: a HEAD that misses is fetched as a GET, so that the entry it stores can answer "
+        "GETs too",
+    ),
+    (
+        "invalidate-*-cl",
+        "to do: a write invalidates its own key, not the URL its answer's Content-Location names",
+    ),
+    (
+        "invalidate-*-location",
+        "to do: a write invalidates its own key, not the URL its answer's Location names",
+    ),
+    (
+        "invalidate-M-SEARCH",
+        "to do: a method cachecar does not know is passed through without invalidating the key "
+        "(RFC 9111 §4.4 counts it as unsafe)",
+    ),
+    (
+        "partial-*",
+        "to do: a Range request is passed through, never answered from a stored full answer",
+    ),
+    (
+        "stale-close-*",
+        "suite: the test server closes the connection; cachecar answers 502 and does not serve "
+        "the stale entry, as the directive asks; the suite takes an answer without its server's "
+        "headers for a cached one (nginx and Varnish fail it alike)",
+    ),
+    (
+        "stale-*",
+        "choice: stale answers are served only within the route's `stale_if_error` (none in the "
+        "suite's config); to do: the answer's own `stale-if-error` (issue 16's point 4)",
+    ),
+    (
+        "surrogate-*",
+        "to do: `Surrogate-Control` / `CDN-Cache-Control` (RFC 9213) are not read",
+    ),
+    ("vary-*", "to do: the origin's `Vary` does not select a variant (issue 16's point 3)"),
+    (
+        "heuristic-*",
+        "choice: no heuristic freshness; a 404 or 410 is kept for the route's `negative_ttl` "
+        "(0 in the suite's config), other statuses never",
+    ),
+    (
+        "status-*-fresh",
+        "choice: only 200, 203, 204, 300, 301, 308 (and 404/410 for `negative_ttl`) are stored, "
+        "whatever their freshness; an origin 5xx is never stored",
+    ),
+    ("method-POST", "choice: the answer to a POST is never stored"),
+    (
+        "other-authorization-*",
+        "choice: a request with credentials is passed through unless the route keys on the "
+        "header (`vary`)",
+    ),
+    ("other-cookie", "choice: a request with a Cookie is passed through (see above)"),
+    (
+        "ccreq-*",
+        "choice: a client's request Cache-Control is not obeyed (as nginx and Varnish by "
+        "default): a sidecar's clients cannot send load past the cache to the origin",
+    ),
+)
+
+
+def reason(test_id: str) -> str:
+    for pattern, why in REASONS:
+        if fnmatchcase(test_id, pattern):
+            return why
+    return UNEXPLAINED
