@@ -27,15 +27,23 @@ REASONS: tuple[tuple[str, str], ...] = (
         "test server does after its 5 s keep-alive, when `upstream.timeout` (5 s) has run out: 504",
     ),
     (
-        "304-*",
-        "to do: no revalidation: a stale entry is fetched again in full, never with "
-        "If-None-Match / If-Modified-Since, so no 304 refreshes it",
+        "304-etag-update-response-Set-Cookie",
+        "choice: a 304 with Set-Cookie is passed to the client it answers and nothing is kept: a "
+        "cookie in a shared entry would go to every client",
     ),
-    ("cc-resp-must-revalidate-stale", "to do: no revalidation (see 304-*)"),
-    ("cc-resp-no-cache-revalidate*", "to do: no revalidation: `no-cache` answers are not stored"),
-    ("conditional-etag-vary-headers*", "to do: no revalidation (see 304-*)"),
-    ("conditional-*-generate*", "to do: no revalidation (see 304-*)"),
-    ("conditional-lm-stale", "to do: no revalidation (see 304-*)"),
+    (
+        "cc-resp-no-cache-revalidate*",
+        "to do: a `no-cache` answer is not stored; it could be, to be revalidated on every use",
+    ),
+    (
+        "conditional-etag-vary-headers*",
+        "to do: the origin's `Vary` header is not forwarded on a miss (issue 16's point 3)",
+    ),
+    (
+        "conditional-etag-strong-generate-unquoted",
+        "choice: the stored ETag is sent back as the origin wrote it, here unquoted (which is "
+        "not an entity tag); cachecar does not repair it",
+    ),
     (
         "conditional-etag-forward*",
         "choice: a cacheable miss is fetched whole, so the client's validators are not sent on; "
@@ -52,15 +60,9 @@ REASONS: tuple[tuple[str, str], ...] = (
     ),
     (
         "age-parse-*",
-        "to do: an `Age` that is not one delta-seconds is taken as 0; RFC 9111 §5.1 would have "
-        "the answer stale",
+        "choice: RFC 9111 §5.1: of a list, the first member of `Age` counts, and an invalid "
+        "`Age` is ignored; the suite wants such answers stale",
     ),
-    (
-        "freshness-expires-age-*",
-        "to do: the origin's `Age` is counted in freshness but not passed on in a MISS",
-    ),
-    ("freshness-max-age-age", "to do: the origin's `Age` is not passed on in a MISS"),
-    ("other-age-update-*", "to do: the origin's `Age` is not passed on in a MISS"),
     (
         "freshness-max-age-date",
         "to do: freshness counts from when cachecar received the answer, not from its `Date`",

@@ -1,6 +1,8 @@
 """The read's words: what a loader returns (``Loaded``) and what a read answers (``Lookup``).
 
 Loader() -> Loaded(entry, how long each tier keeps it, whether waiters may share it, ...)
+Revalidator(previous) -> Loaded: the same, for a key whose tiers hold ``previous`` (stale, or
+    due for a refresh): the origin may confirm it instead of sending it again (``revalidated``)
 TieredCache.get(...) -> Lookup(entry, Source: L1 | L2 | LOADER | STALE, coalesced, ...)
 """
 
@@ -36,7 +38,9 @@ class Loaded:
     detail: str = ""  # why it is not stored, for the caller to report
     tags: tuple[str, ...] = ()  # what L2 indexes the key under, for purge by tag
     failed: bool = False  # a failed answer (a 5xx): a stale entry may answer instead
-    stale_for: float = 0.0  # how long past its freshness the tiers keep it, to serve it stale
+    stale_for: float = 0.0  # how long past its freshness the tiers keep it (served stale, or
+    # revalidated)
+    revalidated: bool = False  # the origin confirmed the previous entry: this is it, refreshed
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -48,6 +52,8 @@ class Lookup:
     stored: bool = False  # LOADER only: a tier kept the loaded entry
     coalesced: bool = False  # this caller waited for another caller's lookup
     detail: str = ""
+    revalidated: bool = False  # LOADER only: the origin confirmed the entry the tiers held
 
 
 Loader = Callable[[], Awaitable[Loaded]]
+Revalidator = Callable[[Entry], Awaitable[Loaded]]

@@ -6,6 +6,8 @@
       -> no: start one (a task of its own, so a caller that goes away does not cancel it)
            -> in L2, fresh, breaker closed? --yes--> fill L1 with the time L2 has left --> HIT-L2
            -> no, or L2 failed (a counted miss) --> loader() --> L1 now, L2 in the background
+              (revalidate(previous) instead, when given and the tiers hold an entry of the
+              key past its freshness or due for a refresh: the origin may confirm it)
 
     Past its freshness an entry the tiers still keep (``cache.stale``) answers instead of a miss:
     within stale-while-revalidate at once (STALE) while the lookup goes on as a refresh; within
@@ -33,7 +35,15 @@ from cache.entry import Entry
 from cache.errors import LoadDeclined
 from cache.flights import Flight
 from cache.l2 import Read
-from cache.lookup import ORIGIN_FAILED, REVALIDATING, Loaded, Loader, Lookup, Source
+from cache.lookup import (
+    ORIGIN_FAILED,
+    REVALIDATING,
+    Loaded,
+    Loader,
+    Lookup,
+    Revalidator,
+    Source,
+)
 from cache.stale import DUE, EXPIRED, NEVER, Staleness, judge
 from cache.tier import Stored
 
@@ -52,12 +62,15 @@ class TieredCache(Tiers):
         loader: Loader,
         lease: bool = False,
         stale: Staleness = NEVER,
+        revalidate: Revalidator | None = None,
     ) -> Lookup:
         """The entry for ``key``/``variant`` from the first tier that has it, else ``loader``.
 
         ``l1_ttl`` caps how long an entry found in L2 is kept in L1; ``stale`` says how entries
-        past their freshness may answer. Errors raised by the loader reach every caller waiting
-        for that lookup (unless a stale entry answers instead); tier errors never do.
+        past their freshness may answer; ``revalidate`` loads instead of ``loader`` when the
+        tiers hold an entry of the key to refresh. Errors raised by the loader reach every
+        caller waiting for that lookup (unless a stale entry answers instead); tier errors
+        never do.
         """
         candidate: Entry | None = None  # past its freshness, still kept: may answer instead
         if self._l1_trusted:
@@ -69,7 +82,7 @@ class TieredCache(Tiers):
                     self._observer.lookup("l1", True)
                     hit = Lookup(entry, Source.L1)
                     if verdict == DUE:
-                        self._start(key, variant, l1_ttl, loader, lease, stale, hit, None)
+                        self._start(key, variant, l1_ttl, (loader, revalidate), lease, stale, hit)
                     return hit
                 candidate = entry
             self._observer.lookup("l1", False)
@@ -86,7 +99,9 @@ class TieredCache(Tiers):
                 return Lookup(loaded.entry, Source.LOADER, detail=loaded.detail)
             return dataclasses.replace(result, coalesced=True)
 
-        flight = self._start(key, variant, l1_ttl, loader, lease, stale, None, candidate)
+        flight = self._start(
+            key, variant, l1_ttl, (loader, revalidate), lease, stale, None, candidate
+        )
         return await flight.answer(self._usable(stale))
 
     def _start(
@@ -94,11 +109,11 @@ class TieredCache(Tiers):
         key: str,
         variant: str,
         l1_ttl: float,
-        loader: Loader,
+        loaders: tuple[Loader, Revalidator | None],
         lease: bool,
         stale: Staleness,
         early: Lookup | None,
-        candidate: Entry | None,
+        candidate: Entry | None = None,
     ) -> Flight:
         """A lookup of its own (none runs for ``key``/``variant``); ``early``: what it has
         already answered, a hit it is to refresh (no-op when a lookup runs already)."""
@@ -107,7 +122,7 @@ class TieredCache(Tiers):
             key,
             variant,
             l1_ttl,
-            loader,
+            loaders,
             lease=lease,
             stale=stale,
             candidate=candidate,
@@ -121,7 +136,7 @@ class TieredCache(Tiers):
         key: str,
         variant: str,
         l1_ttl: float,
-        loader: Loader,
+        loaders: tuple[Loader, Revalidator | None],
         flight: Flight,
         *,
         lease: bool,
@@ -159,11 +174,16 @@ class TieredCache(Tiers):
                     await self._l1.set(key, variant, found.entry, min(l1_ttl, found.ttl_left))
                 return Lookup(found.entry, Source.L2, coalesced=True)
             token = found
+        loader, revalidate = loaders
+        previous = refreshing or candidate  # what the origin may confirm instead of resending
         try:
             fetched_at = self._clock.time()
             started = self._clock.monotonic()
             try:
-                loaded = await loader()
+                if revalidate is not None and previous is not None:
+                    loaded = await revalidate(previous)
+                else:
+                    loaded = await loader()
             except LoadDeclined as exc:
                 if not flight.answered:
                     raise  # for the callers to handle (an answer too large: relayed)
@@ -220,6 +240,7 @@ class TieredCache(Tiers):
                 Source.LOADER,
                 stored=loaded.l1_ttl > 0 or stored_l2,
                 detail=loaded.detail,
+                revalidated=loaded.revalidated,
             )
         finally:
             if token and self._leases is not None:

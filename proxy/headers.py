@@ -7,6 +7,10 @@ client -> origin, cacheable miss:     only what cannot poison a shared entry: Ac
 origin -> client:                     everything end-to-end
 origin -> cache:                      end-to-end minus what describes one delivery
                                       (Content-Length, Age, Set-Cookie)
+cache -> origin, revalidation:        the cacheable miss's, plus the stored entry's
+                                      validators (If-None-Match, If-Modified-Since)
+origin 304 -> cache:                  its headers replace the stored ones, but those that
+                                      describe the stored body (``refreshed``)
 """
 
 from __future__ import annotations
@@ -50,6 +54,10 @@ FILL_HEADERS = ("accept", "user-agent")
 NOT_MODIFIED_HEADERS = frozenset(
     {"cache-control", "content-location", "date", "etag", "expires", "vary", "last-modified"}
 )
+
+# Stored headers a 304 does not replace: they describe the stored body (RFC 9111 §3.2), or name
+# the representation the 304 confirmed.
+_KEPT_ON_REFRESH = frozenset({"content-encoding", "content-range", "content-md5", "etag"})
 
 Pairs = tuple[tuple[str, str], ...]
 
@@ -107,6 +115,29 @@ def to_store(headers: CIMultiDictProxy[str]) -> Pairs:
 def to_pass(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     """Response headers passed to the client as they came (hop-by-hop removed)."""
     return CIMultiDict(_without(headers, HOP_BY_HOP))
+
+
+def validators(stored: Pairs) -> dict[str, str]:
+    """The conditional headers that ask the origin whether ``stored`` is still current."""
+    found: dict[str, str] = {}
+    etag = find(stored, "etag")
+    if etag is not None:
+        found["If-None-Match"] = etag
+    last_modified = find(stored, "last-modified")
+    if last_modified is not None:
+        found["If-Modified-Since"] = last_modified
+    return found
+
+
+def refreshed(stored: Pairs, fresh: CIMultiDictProxy[str]) -> Pairs:
+    """The stored headers updated by a 304's (RFC 9111 §3.2, §4.3.4)."""
+    update = tuple(
+        (name, value)
+        for name, value in _without(fresh, _NOT_STORED)
+        if name.lower() not in _KEPT_ON_REFRESH
+    )
+    replaced = {name.lower() for name, _ in update}
+    return tuple((name, value) for name, value in stored if name.lower() not in replaced) + update
 
 
 def find(pairs: Pairs, name: str) -> str | None:

@@ -129,6 +129,16 @@ def _freshness_cap(
     return None
 
 
+def age_of(headers: CIMultiDictProxy[str]) -> float:
+    """The seconds the answer already spent in caches before the origin's: the first member
+    of ``Age`` (later members, and later lines, are discarded), and 0 when that is not a
+    delta-seconds: an invalid Age is ignored (RFC 9111 §5.1)."""
+    values = headers.getall("Age", ())
+    if not values:
+        return 0.0
+    return delta_seconds(values[0].split(",", 1)[0].strip()) or 0.0
+
+
 def delta_seconds(value: str | None) -> float | None:
     """An RFC 9111 delta-seconds (ASCII digits only), or None when it is not one."""
     if value is None or not (value.isascii() and value.isdigit()):

@@ -13,14 +13,15 @@ not forwarded on it (the entry must be whole).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 from aiohttp import web
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from cache.clock import Clock
 from cache.entry import Entry
-from cache.lookup import REVALIDATING, Loaded, Loader, Lookup, Source
+from cache.lookup import REVALIDATING, Loaded, Loader, Lookup, Revalidator, Source
 from cache.tiered import TieredCache
 from cache.write_behind.writer import WriteBehind
 from proxy import headers as forwarding
@@ -28,8 +29,9 @@ from proxy.answers import BYPASS_ROUTE, HIT_L1, HIT_L2, X_CACHE, error_response
 from proxy.metrics import Metrics
 from proxy.origin import OriginClient, OriginError, Oversized
 from proxy.passthrough import PassThrough, relay
-from proxy.policy import decide, delta_seconds, not_modified, stale_allowed
+from proxy.policy import age_of, decide, not_modified, stale_allowed
 from proxy.request import CacheRequest
+from proxy.routes import Route
 from proxy.settings import Coalesce, Mode
 
 _KEEP_ON_304 = forwarding.NOT_MODIFIED_HEADERS | {"x-cache", "cache-status", "age"}
@@ -62,11 +64,15 @@ class Reads:
             detail = f"{BYPASS_ROUTE}; detail=key-too-long"
             return await self._passthrough(request, route.name, cached.path, cached.query, detail)
         tags = cached.tags
-        loader: Loader = functools.partial(self._load, request, cached, tags)
+        loader: Loader = functools.partial(self._load, request, cached, tags, None)
+        revalidate: Revalidator | None = None
         if route.mode is Mode.WRITE_BEHIND and self._write_behind is not None:
+            # Its unflushed writes come first, so its entries are never revalidated.
             loader = self._write_behind.loader(
                 cached.key, loader, l1_ttl=route.l1_ttl, l2_ttl=route.l2_ttl, tags=tags
             )
+        elif route.revalidate_within > 0:
+            revalidate = functools.partial(self._load, request, cached, tags)
         try:
             lookup = await self._cache.get(
                 cached.key,
@@ -75,6 +81,7 @@ class Reads:
                 loader=loader,
                 lease=route.coalesce is Coalesce.CLUSTER,
                 stale=route.stale,
+                revalidate=revalidate,
             )
         except OriginError as exc:
             return error_response(exc.status, exc.title, str(exc), "cachecar; fwd=miss", "MISS")
@@ -106,9 +113,15 @@ class Reads:
             exc.close()
 
     async def _load(
-        self, request: web.Request, cached: CacheRequest, tags: tuple[str, ...]
+        self,
+        request: web.Request,
+        cached: CacheRequest,
+        tags: tuple[str, ...],
+        previous: Entry | None,
     ) -> Loaded:
-        """Fetch the entry for a cacheable miss (conditional headers are not forwarded).
+        """Fetch the entry for a cacheable miss (the client's conditional headers are not
+        forwarded: the entry must be whole). With ``previous`` (what the tiers hold, stale or
+        due for a refresh), ask with its validators: a 304 refreshes it (``_refresh``).
 
         It may run after the answer was sent (a refresh): it reads only what the request
         object keeps (headers, peer, scheme), never its connection.
@@ -117,33 +130,37 @@ class Reads:
         sent = forwarding.forward_fill(
             request.headers, route.vary + route.forward_headers, request.remote, request.scheme
         )
+        names = frozenset(name.lower() for name in sent)
+        validators = (
+            forwarding.validators(previous.headers)
+            if previous is not None and previous.status == 200
+            else {}
+        )
+        asked = sent
+        if validators:
+            asked = CIMultiDict(sent)
+            asked.update(validators)
         response = await self._origin.fetch(
             "GET",
             self._origin.url(cached.path, cached.query),
-            sent,
+            asked,
             route=route.name,
             limit=self._max_cacheable,
         )
         now = self._clock.time()
-        age = delta_seconds(response.headers.get("Age")) or 0.0
-        decision = decide(
-            response.status,
-            response.headers,
-            route,
-            frozenset(name.lower() for name in sent),
-            now,
-            age,
-        )
+        age = age_of(response.headers)
+        if response.status == 304 and previous is not None and validators:
+            return self._refresh(previous, response.headers, route, names, now, age, tags)
+        decision = decide(response.status, response.headers, route, names, now, age)
         # stored_at is when the origin (or a cache before it) produced the answer, so Age keeps
         # counting from there; the entry is fresh until now + fresh_for.
-        revalidate = not stale_allowed(response.status, response.headers)
         entry = Entry(
             status=response.status,
             headers=forwarding.to_store(response.headers),
             body=response.body,
             stored_at=now - age,
             ttl=decision.fresh_for + age,
-            must_revalidate=revalidate,
+            must_revalidate=not stale_allowed(response.status, response.headers),
         )
         return Loaded(
             entry,
@@ -153,22 +170,57 @@ class Reads:
             decision.detail,
             tags,
             failed=response.status >= 500,
-            stale_for=0.0 if revalidate else route.stale.keep,
+            stale_for=_kept_stale(route, entry),
+        )
+
+    def _refresh(
+        self,
+        previous: Entry,
+        answer: CIMultiDictProxy[str],
+        route: Route,
+        sent: frozenset[str],
+        now: float,
+        age: float,
+        tags: tuple[str, ...],
+    ) -> Loaded:
+        """The origin's 304 to a revalidation: ``previous`` with its headers updated by the
+        304's and fresh again, for as long as those headers now say (RFC 9111 §4.3.4)."""
+        headers = forwarding.refreshed(previous.headers, answer)
+        merged = CIMultiDictProxy(CIMultiDict(headers))
+        decision = decide(previous.status, merged, route, sent, now, age)
+        entry = dataclasses.replace(
+            previous,
+            headers=headers,
+            stored_at=now - age,
+            ttl=decision.fresh_for + age,
+            must_revalidate=not stale_allowed(previous.status, merged),
+        )
+        return Loaded(
+            entry,
+            decision.l1_ttl,
+            decision.l2_ttl,
+            decision.shared,
+            decision.detail,
+            tags,
+            stale_for=_kept_stale(route, entry),
+            revalidated=True,
         )
 
     def _answer(self, request: web.Request, lookup: Lookup) -> web.Response:
         entry = lookup.entry
         headers = CIMultiDict(entry.headers)
         headers["X-Cache"] = X_CACHE[lookup.source]
+        now = self._clock.time()
         if lookup.source is Source.LOADER:
             headers["Cache-Status"] = _miss_status(lookup)
+        elif lookup.source is Source.STALE:
+            headers["Cache-Status"] = _stale_status(lookup, now)
         else:
-            now = self._clock.time()
-            if lookup.source is Source.STALE:
-                headers["Cache-Status"] = _stale_status(lookup, now)
-            else:
-                headers["Cache-Status"] = HIT_L1 if lookup.source is Source.L1 else HIT_L2
-            headers["Age"] = str(int(entry.age(now)))
+            headers["Cache-Status"] = HIT_L1 if lookup.source is Source.L1 else HIT_L2
+        age = int(entry.age(now))
+        # Every cached answer has an Age; a miss has the one the origin sent (RFC 9111 §5.1).
+        if age or lookup.source is not Source.LOADER:
+            headers["Age"] = str(age)
         if not_modified(request.headers, entry):
             kept = CIMultiDict((k, v) for k, v in headers.items() if k.lower() in _KEEP_ON_304)
             return web.Response(status=304, headers=kept)
@@ -184,7 +236,20 @@ def _stale_status(lookup: Lookup, now: float) -> str:
     return f"cachecar; fwd=stale; ttl={ttl}; detail={lookup.detail}"
 
 
+def _kept_stale(route: Route, entry: Entry) -> float:
+    """How long past its freshness the tiers keep ``entry``: to serve it stale, as the route
+    allows and the origin did not forbid; to revalidate it, when it has a validator."""
+    keep = 0.0 if entry.must_revalidate else route.stale.keep
+    if route.revalidate_within > 0 and entry.status == 200 and forwarding.validators(entry.headers):
+        keep = max(keep, route.revalidate_within)
+    return keep
+
+
 def _miss_status(lookup: Lookup) -> str:
+    if lookup.revalidated:
+        # The stored entry went forward to be validated, and the origin confirmed it.
+        stored = "; stored" if lookup.stored else ""
+        return f"cachecar; fwd=stale; fwd-status=304{stored}"
     status = "cachecar; fwd=miss"
     if lookup.stored:
         status += "; stored"

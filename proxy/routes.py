@@ -43,6 +43,7 @@ class Route:
     tags: tuple[KeyTemplate, ...] = ()
     coalesce: Coalesce = Coalesce.LOCAL
     stale: Staleness = NEVER
+    revalidate_within: float = 0.0  # seconds past freshness an entry with a validator is kept
     cached: bool = field(init=False)  # mode is not bypass
 
     @classmethod
@@ -66,6 +67,7 @@ class Route:
             stale=Staleness(
                 route.stale_while_revalidate, route.stale_if_error, route.early_refresh
             ),
+            revalidate_within=route.revalidate_within,
         )
 
     def __post_init__(self) -> None:

@@ -205,6 +205,9 @@ class RouteSettings(_Section):
     forward_headers: tuple[HeaderName, ...] = ()
     stale_while_revalidate: Duration = 0.0
     stale_if_error: Duration = 0.0
+    # How long past its freshness an answer with a validator (ETag, Last-Modified) is kept, to
+    # be revalidated with a conditional request instead of fetched whole; 0: never.
+    revalidate_within: Duration = 600.0
     early_refresh: float = Field(1.0, ge=0, le=100)  # XFetch's beta; 0: no early refresh
     tags: tuple[str, ...] = ()
     coalesce: Coalesce = Coalesce.LOCAL

@@ -454,3 +454,42 @@ async def test_a_write_that_lost_to_a_newer_one_in_l2_leaves_l1_too(
     await cache.put("k", "", older, l1_ttl=30, l2_ttl=60, version=8)
     found = await cache.get("k", "", l1_ttl=30, loader=Origin(clock))
     assert (found.source, found.entry.body) == (Source.L2, b"newer")
+
+
+async def test_an_entry_kept_past_its_freshness_is_given_to_revalidate_not_loaded_anew(
+    clock: FakeClock, cache: TieredCache
+) -> None:
+    origin = Origin(clock, ttl=10)
+    kept = Loaded(Entry(200, (("ETag", '"1"'),), b"v1", clock.time(), 10), 10, 10, stale_for=600)
+    first = await cache.get("users:1", "", l1_ttl=30, loader=lambda: _returns(kept))
+    asked: list[Entry] = []
+
+    async def revalidate(previous: Entry) -> Loaded:
+        asked.append(previous)
+        refreshed = Entry(200, previous.headers, previous.body, clock.time(), 10)
+        return Loaded(refreshed, 10, 10, revalidated=True)
+
+    fresh = await cache.get("users:1", "", l1_ttl=30, loader=origin, revalidate=revalidate)
+    assert fresh.source is Source.L1
+    assert asked == []  # fresh: nothing to revalidate
+    clock.advance(11)
+    again = await cache.get("users:1", "", l1_ttl=30, loader=origin, revalidate=revalidate)
+    assert asked == [first.entry]
+    assert (again.source, again.revalidated, again.stored) == (Source.LOADER, True, True)
+    assert origin.calls == 0
+    hit = await cache.get("users:1", "", l1_ttl=30, loader=origin, revalidate=revalidate)
+    assert (hit.source, hit.entry.stored_at) == (Source.L1, clock.time())
+
+
+async def test_with_nothing_kept_the_loader_loads(clock: FakeClock, cache: TieredCache) -> None:
+    origin = Origin(clock)
+
+    async def revalidate(previous: Entry) -> Loaded:
+        raise AssertionError(f"nothing to revalidate, but asked for {previous}")
+
+    found = await cache.get("users:1", "", l1_ttl=30, loader=origin, revalidate=revalidate)
+    assert (found.source, origin.calls) == (Source.LOADER, 1)
+
+
+async def _returns(loaded: Loaded) -> Loaded:
+    return loaded

@@ -459,3 +459,35 @@ async def test_a_key_template_that_leaves_out_a_parameter_never_mixes_two_resour
     assert (await proxy.get("/users/1/posts/2")).headers["X-Cache"] == "HIT-L1"
     await proxy.put("/users/1/posts/1", data=b"{}")  # drops users:1, every post of it
     assert (await proxy.get("/users/1/posts/2")).headers["X-Cache"] == "MISS"
+
+
+async def test_a_miss_passes_the_origin_s_age_on_and_a_hit_adds_its_own_time(
+    make_proxy: MakeProxy, origin: Origin, clock: FakeClock
+) -> None:
+    origin.reply("/users/1", b"x", headers={"Cache-Control": "max-age=600", "Age": "30"})
+    proxy = await make_proxy()
+    miss = await proxy.get("/users/1")
+    assert (miss.headers["X-Cache"], miss.headers["Age"]) == ("MISS", "30")
+    clock.advance(3)
+    hit = await proxy.get("/users/1")
+    assert (hit.headers["X-Cache"], hit.headers["Age"]) == ("HIT-L1", "33")
+
+
+@pytest.mark.parametrize(
+    ("age", "fresh"),
+    [
+        ("7200, 0", False),  # a list: its first member counts
+        ("0, 7200", True),
+        ("abc", True),  # not a delta-seconds: ignored (RFC 9111 §5.1)
+        ("-7200", True),
+        ("7200.0", True),
+    ],
+)
+async def test_the_first_member_of_the_origin_s_age_counts_and_an_invalid_one_is_ignored(
+    make_proxy: MakeProxy, origin: Origin, age: str, fresh: bool
+) -> None:
+    origin.reply("/users/1", b"x", headers={"Cache-Control": "max-age=3600", "Age": age})
+    proxy = await make_proxy()
+    await proxy.get("/users/1")
+    again = await proxy.get("/users/1")
+    assert again.headers["X-Cache"] == ("HIT-L1" if fresh else "MISS")
