@@ -37,7 +37,9 @@ REASONS: tuple[tuple[str, str], ...] = (
     ),
     (
         "conditional-etag-vary-headers*",
-        "to do: the origin's `Vary` header is not forwarded on a miss (issue 16's point 3)",
+        "choice: the first answer that varies on a header the route does not key on yet is not "
+        "kept when the request had the header (the origin did not see it); the route learns the "
+        "header from it",
     ),
     (
         "conditional-etag-strong-generate-unquoted",
@@ -135,7 +137,13 @@ REASONS: tuple[tuple[str, str], ...] = (
         "surrogate-*",
         "to do: `Surrogate-Control` / `CDN-Cache-Control` (RFC 9213) are not read",
     ),
-    ("vary-*", "to do: the origin's `Vary` does not select a variant (issue 16's point 3)"),
+    (
+        "vary-*",
+        "choice: the first answer that varies on a header the route does not key on yet is not "
+        "kept when the request had the header (the origin did not see it); the route learns the "
+        "header from it, and the next request with it is kept. The suite's tests share one "
+        "route, so which of them teaches it decides some",
+    ),
     (
         "heuristic-*",
         "choice: no heuristic freshness; a 404 or 410 is kept for the route's `negative_ttl` "

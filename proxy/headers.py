@@ -55,6 +55,8 @@ NOT_MODIFIED_HEADERS = frozenset(
     {"cache-control", "content-location", "date", "etag", "expires", "vary", "last-modified"}
 )
 
+# Request headers a route never learns to key on, besides FULL_PATH's (``learnable``).
+_NEVER_KEYED = HOP_BY_HOP | {"accept-encoding", "host"}
 # Stored headers a 304 does not replace: they describe the stored body (RFC 9111 §3.2), or name
 # the representation the 304 confirmed.
 _KEPT_ON_REFRESH = frozenset({"content-encoding", "content-range", "content-md5", "etag"})
@@ -91,7 +93,7 @@ def forward_fill(
 ) -> CIMultiDict[str]:
     """Request headers for a cacheable miss: the safe few, nothing the client could poison."""
     out: CIMultiDict[str] = CIMultiDict()
-    for name in (*FILL_HEADERS, *extra):
+    for name in dict.fromkeys((*FILL_HEADERS, *extra)):  # each once: vary may name Accept
         for value in headers.getall(name, ()):
             out.add(name, value)
     # The client's own X-Forwarded-For is not trusted into a shared fetch.
@@ -115,6 +117,14 @@ def to_store(headers: CIMultiDictProxy[str]) -> Pairs:
 def to_pass(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     """Response headers passed to the client as they came (hop-by-hop removed)."""
     return CIMultiDict(_without(headers, HOP_BY_HOP))
+
+
+def learnable(name: str) -> bool:
+    """May a route learn to key on request header ``name`` (lower case) when the origin's
+    answers vary on it? Not on what cachecar never sends on a miss: credentials (a request with
+    them bypasses the cache), validators, Range, what describes a body or a connection, and
+    Accept-Encoding (cachecar fetches the identity encoding, the right one for every client)."""
+    return not (name in _NEVER_KEYED or name in FULL_PATH or name.startswith(FULL_PATH_PREFIX))
 
 
 def validators(stored: Pairs) -> dict[str, str]:

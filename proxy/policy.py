@@ -13,7 +13,7 @@ from email.utils import parsedate_to_datetime
 from multidict import CIMultiDictProxy
 
 from cache.entry import Entry
-from proxy.headers import CREDENTIALS, RANGE, find
+from proxy.headers import CREDENTIALS, RANGE, find, learnable
 from proxy.routes import Route
 
 CACHEABLE_STATUS = frozenset({200, 203, 204, 300, 301, 308})
@@ -28,6 +28,7 @@ class Decision:
     l2_ttl: float = 0.0
     shared: bool = True  # may go to other callers waiting for the same key
     detail: str = ""  # why it is not stored (Cache-Status detail), empty when stored
+    learn: tuple[str, ...] = ()  # request headers the answer varies on that the route may learn
 
     @property
     def fresh_for(self) -> float:
@@ -73,12 +74,20 @@ def decide(
     sent: frozenset[str],
     now: float,
     age: float = 0.0,
+    keyed: tuple[str, ...] | None = None,
+    asked: frozenset[str] = frozenset(),
 ) -> Decision:
     """May this response to a cacheable request be stored, and for how long from now?
 
-    ``sent`` holds the (lower-case) request headers that went to the origin: a ``Vary`` on one
-    of them that the route does not key on makes the response someone's own. ``age`` is the
-    origin's ``Age``: time the answer has already spent fresh elsewhere, taken off its lifetime.
+    ``keyed`` holds the (lower-case) request headers its variant was made of (the route's
+    ``vary`` when not given), ``sent`` those that went to the origin, ``asked`` those the
+    client sent. A ``Vary`` on a header outside ``keyed`` that the route may learn
+    (``headers.learnable``) is to be learned (``Decision.learn``); the response is then the
+    requester's own if the client sent that header (the origin answered without it), and
+    otherwise the one for every request without it. A ``Vary`` on a header cachecar never
+    sends on a miss is the answer for every request the cache answers, unless it was sent;
+    ``Vary: *`` is nobody's to share. ``age`` is the origin's ``Age``: time the answer has
+    already spent fresh elsewhere, taken off its lifetime.
     """
     directives = parse_cache_control(headers.getall("Cache-Control", []))
     if "no-store" in directives:
@@ -87,10 +96,22 @@ def decide(
         return Decision(shared=False, detail="private")
     if "set-cookie" in headers:
         return Decision(shared=False, detail="set-cookie")
-    for value in headers.getall("Vary", ()):
-        for name in (part.strip().lower() for part in value.split(",")):
-            if name == "*" or (name in sent and name not in route.vary):
-                return Decision(shared=False, detail="vary")
+    refused, learn = _unkeyed_vary(headers, route.vary if keyed is None else keyed, sent, asked)
+    if refused:
+        return Decision(shared=False, detail="vary", learn=learn)
+    decision = _lifetime(status, directives, headers, route, now, age)
+    return dataclasses.replace(decision, learn=learn) if learn else decision
+
+
+def _lifetime(
+    status: int,
+    directives: dict[str, str | None],
+    headers: CIMultiDictProxy[str],
+    route: Route,
+    now: float,
+    age: float,
+) -> Decision:
+    """How long a response that may be shared is kept in each tier (0: not at all)."""
     if status in CACHEABLE_STATUS:
         l1_ttl, l2_ttl = route.l1_ttl, route.l2_ttl
     elif status in NEGATIVE_STATUS and route.negative_ttl > 0:
@@ -108,6 +129,30 @@ def decide(
     if l1_ttl <= 0 and l2_ttl <= 0:
         return Decision(detail="ttl")
     return Decision(l1_ttl=l1_ttl, l2_ttl=l2_ttl)
+
+
+def _unkeyed_vary(
+    headers: CIMultiDictProxy[str],
+    keyed: tuple[str, ...],
+    sent: frozenset[str],
+    asked: frozenset[str],
+) -> tuple[bool, tuple[str, ...]]:
+    """Whether the answer's ``Vary`` makes it the requester's own, and the headers it varies
+    on that its variant does not say and the route may learn."""
+    learn: dict[str, None] = {}
+    refused = False
+    for value in headers.getall("Vary", ()):
+        for name in (part.strip().lower() for part in value.split(",")):
+            if not name or name in keyed:
+                continue
+            if name == "*":
+                refused = True
+            elif learnable(name):
+                learn[name] = None
+                refused = refused or name in asked or name in sent
+            elif name in sent:
+                refused = True
+    return refused, tuple(learn)
 
 
 def _freshness_cap(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -29,10 +30,12 @@ from proxy.answers import BYPASS_ROUTE, HIT_L1, HIT_L2, X_CACHE, error_response
 from proxy.metrics import Metrics
 from proxy.origin import OriginClient, OriginError, Oversized
 from proxy.passthrough import PassThrough, relay
-from proxy.policy import age_of, decide, not_modified, stale_allowed
+from proxy.policy import Decision, age_of, decide, not_modified, stale_allowed
 from proxy.request import CacheRequest
-from proxy.routes import Route
+from proxy.routes import MAX_LEARNED, Route
 from proxy.settings import Coalesce, Mode
+
+logger = logging.getLogger("cachecar.proxy")
 
 _KEEP_ON_304 = forwarding.NOT_MODIFIED_HEADERS | {"x-cache", "cache-status", "age"}
 
@@ -64,7 +67,8 @@ class Reads:
             detail = f"{BYPASS_ROUTE}; detail=key-too-long"
             return await self._passthrough(request, route.name, cached.path, cached.query, detail)
         tags = cached.tags
-        loader: Loader = functools.partial(self._load, request, cached, tags, None)
+        learned = route.learned.names  # as they are now: an answer may teach the route more
+        loader: Loader = functools.partial(self._load, request, cached, tags, learned, None)
         revalidate: Revalidator | None = None
         if route.mode is Mode.WRITE_BEHIND and self._write_behind is not None:
             # Its unflushed writes come first, so its entries are never revalidated.
@@ -72,11 +76,11 @@ class Reads:
                 cached.key, loader, l1_ttl=route.l1_ttl, l2_ttl=route.l2_ttl, tags=tags
             )
         elif route.revalidate_within > 0:
-            revalidate = functools.partial(self._load, request, cached, tags)
+            revalidate = functools.partial(self._load, request, cached, tags, learned)
         try:
             lookup = await self._cache.get(
                 cached.key,
-                cached.variant(request.headers),
+                cached.variant(request.headers, learned),
                 l1_ttl=route.l1_ttl,
                 loader=loader,
                 lease=route.coalesce is Coalesce.CLUSTER,
@@ -117,20 +121,26 @@ class Reads:
         request: web.Request,
         cached: CacheRequest,
         tags: tuple[str, ...],
+        learned: tuple[str, ...],
         previous: Entry | None,
     ) -> Loaded:
         """Fetch the entry for a cacheable miss (the client's conditional headers are not
-        forwarded: the entry must be whole). With ``previous`` (what the tiers hold, stale or
-        due for a refresh), ask with its validators: a 304 refreshes it (``_refresh``).
+        forwarded: the entry must be whole), sending the request headers its variant is made
+        of (the route's vary and the ``learned`` ones). With ``previous`` (what the tiers hold,
+        stale or due for a refresh), ask with its validators: a 304 refreshes it
+        (``_refresh``). An answer that varies on a header the variant does not say teaches the
+        route to key on it (``policy.decide``).
 
         It may run after the answer was sent (a refresh): it reads only what the request
         object keeps (headers, peer, scheme), never its connection.
         """
         route = cached.route
+        keyed = route.vary + learned
         sent = forwarding.forward_fill(
-            request.headers, route.vary + route.forward_headers, request.remote, request.scheme
+            request.headers, keyed + route.forward_headers, request.remote, request.scheme
         )
         names = frozenset(name.lower() for name in sent)
+        present = frozenset(name.lower() for name in request.headers)
         validators = (
             forwarding.validators(previous.headers)
             if previous is not None and previous.status == 200
@@ -150,8 +160,11 @@ class Reads:
         now = self._clock.time()
         age = age_of(response.headers)
         if response.status == 304 and previous is not None and validators:
-            return self._refresh(previous, response.headers, route, names, now, age, tags)
-        decision = decide(response.status, response.headers, route, names, now, age)
+            return self._refresh(
+                previous, response.headers, cached, (names, present, keyed), now, age
+            )
+        decision = decide(response.status, response.headers, route, names, now, age, keyed, present)
+        _learn(route, decision)
         # stored_at is when the origin (or a cache before it) produced the answer, so Age keeps
         # counting from there; the entry is fresh until now + fresh_for.
         entry = Entry(
@@ -177,17 +190,19 @@ class Reads:
         self,
         previous: Entry,
         answer: CIMultiDictProxy[str],
-        route: Route,
-        sent: frozenset[str],
+        cached: CacheRequest,
+        request_names: tuple[frozenset[str], frozenset[str], tuple[str, ...]],
         now: float,
         age: float,
-        tags: tuple[str, ...],
     ) -> Loaded:
         """The origin's 304 to a revalidation: ``previous`` with its headers updated by the
         304's and fresh again, for as long as those headers now say (RFC 9111 §4.3.4)."""
+        route = cached.route
         headers = forwarding.refreshed(previous.headers, answer)
         merged = CIMultiDictProxy(CIMultiDict(headers))
-        decision = decide(previous.status, merged, route, sent, now, age)
+        sent, present, keyed = request_names
+        decision = decide(previous.status, merged, route, sent, now, age, keyed, present)
+        _learn(route, decision)
         entry = dataclasses.replace(
             previous,
             headers=headers,
@@ -201,7 +216,7 @@ class Reads:
             decision.l2_ttl,
             decision.shared,
             decision.detail,
-            tags,
+            cached.tags,
             stale_for=_kept_stale(route, entry),
             revalidated=True,
         )
@@ -234,6 +249,24 @@ def _stale_status(lookup: Lookup, now: float) -> str:
     if lookup.detail == REVALIDATING:
         return f"cachecar; hit; ttl={ttl}; detail={lookup.detail}"
     return f"cachecar; fwd=stale; ttl={ttl}; detail={lookup.detail}"
+
+
+def _learn(route: Route, decision: Decision) -> None:
+    """The route keys on the headers an answer varied on from now on (``LearnedVary``)."""
+    if not decision.learn:
+        return
+    left_out = route.learned.learn(decision.learn)
+    learned = [name for name in decision.learn if name not in left_out]
+    if learned:
+        logger.info("route %s: the origin varies on %s; now keyed on it", route.name, learned)
+    if left_out:
+        logger.warning(
+            "route %s: the origin varies on %s too, past the %d headers a route learns: "
+            "such answers are not kept (name them in the route's vary)",
+            route.name,
+            list(left_out),
+            MAX_LEARNED,
+        )
 
 
 def _kept_stale(route: Route, entry: Entry) -> float:

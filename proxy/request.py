@@ -53,13 +53,19 @@ class CacheRequest:
     def varies(self) -> bool:
         """Whether the variant depends on more than the key: when it does not, it is ""."""
         route = self.route
-        return bool(route.vary or route.unkeyed or (route.key is not None and self.query))
+        return bool(
+            route.vary
+            or route.learned.names
+            or route.unkeyed
+            or (route.key is not None and self.query)
+        )
 
-    def variant(self, headers: CIMultiDictProxy[str]) -> str:
-        """Which representation of the key the request asks for ("" when there is one)."""
+    def variant(self, headers: CIMultiDictProxy[str], keyed: tuple[str, ...] | None = None) -> str:
+        """Which representation of the key the request asks for ("" when there is one);
+        ``keyed``: the request headers it is made of (the route's, as they are now)."""
         if not self.varies:
             return ""
-        return self.route.variant_for(headers, self.query, self.params)
+        return self.route.variant_for(headers, self.query, self.params, keyed)
 
 
 def locate(

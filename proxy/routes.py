@@ -4,15 +4,16 @@ Templates are compiled once, at start (``proxy.templates``). A request then cost
 per route until the first hit (first match wins).
 
 A key names a resource (what a write or purge drops); a *variant* names one representation of
-it: the values of the route's ``vary`` headers and, on a route with a key template, what the
-template leaves out (path parameters it does not name, the sorted query string). Variants are
-hashed so that a header value (a token, say) never appears in Redis.
+it: the values of the route's ``vary`` headers, and of those the origin's answers on the route
+have named in their own ``Vary`` (``LearnedVary``), and, on a route with a key template, what
+the template leaves out (path parameters it does not name, the sorted query string). Variants
+are hashed so that a header value (a token, say) never appears in Redis.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from multidict import CIMultiDictProxy
@@ -24,6 +25,33 @@ from proxy.templates import KeyTemplate, PathTemplate
 
 # The route name of a path no route matches (in metrics and logs); route paths start with /.
 UNMATCHED = "unmatched"
+
+
+MAX_LEARNED = 8  # request headers one route may learn to vary on from its origin's answers
+
+
+class LearnedVary:
+    """The request headers the origin's answers on one route have named in ``Vary`` (lower
+    case, sorted): each is sent to the origin on a miss, and selects a variant when a request
+    has it, as if the route's ``vary`` named it. Learned in this process, from the first answer
+    that names it.
+
+    A learned header adds to a variant only when the request has it: a request without it
+    keeps the variant it had before the route learned it, so learning does not turn the
+    route's entries into misses, and replicas that learned different headers still agree on
+    the entries of requests without them."""
+
+    __slots__ = ("names",)
+
+    def __init__(self) -> None:
+        self.names: tuple[str, ...] = ()
+
+    def learn(self, names: Iterable[str]) -> tuple[str, ...]:
+        """Take ``names`` on, up to ``MAX_LEARNED`` in all; the ones it could not take."""
+        new = [name for name in dict.fromkeys(names) if name not in self.names]
+        room = max(0, MAX_LEARNED - len(self.names))
+        self.names = tuple(sorted(self.names + tuple(new[:room])))
+        return tuple(new[room:])
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +72,7 @@ class Route:
     coalesce: Coalesce = Coalesce.LOCAL
     stale: Staleness = NEVER
     revalidate_within: float = 0.0  # seconds past freshness an entry with a validator is kept
+    learned: LearnedVary = field(default_factory=LearnedVary, compare=False)
     cached: bool = field(init=False)  # mode is not bypass
 
     @classmethod
@@ -92,15 +121,24 @@ class Route:
         return f"{path}?{query}" if query else path
 
     def variant_for(
-        self, headers: CIMultiDictProxy[str], query: str, params: Mapping[str, str]
+        self,
+        headers: CIMultiDictProxy[str],
+        query: str,
+        params: Mapping[str, str],
+        learned: tuple[str, ...] | None = None,
     ) -> str:
         """Which representation of the key this request asks for; "" when there is one.
+        ``learned``: the learned headers to make it of (the route's, now, when not given).
 
         On a key template, what the template leaves out of the request (path parameters it does
         not name, the query string) selects a variant: two requests for different resources
         never share an entry, and a write of the key still drops them all.
         """
         parts = [f"{name}:{','.join(headers.getall(name, ()))}" for name in self.vary]
+        for name in self.learned.names if learned is None else learned:
+            values = headers.getall(name, ())
+            if values:  # absent: the variant it had before the route learned the header
+                parts.append(f"~{name}:{','.join(values)}")
         parts.extend(f"{{{name}}}={params[name]}" for name in self.unkeyed)
         if self.key is not None and query:
             parts.append("?" + sorted_query(query))
