@@ -1,6 +1,7 @@
 """Path and key templates, compiled once at start.
 
-``/users/{id}`` becomes a regular expression (``PathTemplate``), and the key template
+``/users/{id}`` becomes a regular expression (``PathTemplate``; ``{rest...}`` at its end takes
+the rest of the path, slashes and all), and the key template
 ``users:{id}`` a format string checked against the path's parameters (``KeyTemplate``). The
 settings check a route's templates with these at load time; ``proxy.routes`` keeps the compiled
 ones.
@@ -17,6 +18,7 @@ from typing import cast
 from proxy.errors import ProxyError
 
 _PARAM = re.compile(r"\{([^{}]*)\}")
+_REST = "..."  # {name...}: the rest of the path, any number of segments
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
@@ -26,7 +28,8 @@ class TemplateError(ProxyError, ValueError):
 
 @dataclass(frozen=True, slots=True)
 class PathTemplate:
-    """``/users/{id}``: literal text, and ``{name}`` for one path segment."""
+    """``/users/{id}``: literal text, and ``{name}`` for one path segment; ``{name...}``, at
+    the end only, for the rest of the path (``/{path...}`` matches every path)."""
 
     template: str
     pattern: re.Pattern[str]
@@ -44,13 +47,21 @@ class PathTemplate:
         position = 0
         for match in _PARAM.finditer(template):
             name = match.group(1)
+            rest = name.endswith(_REST)
+            if rest:
+                name = name.removesuffix(_REST)
+                if match.end() != len(template):
+                    raise TemplateError(
+                        f"{{{name}...}} in {template!r} takes the rest of the path: it must end "
+                        "the template"
+                    )
             if not _IDENTIFIER.match(name):
                 raise TemplateError(f"{{{name}}} in {template!r} is not a parameter name")
             if name in params:
                 raise TemplateError(f"{{{name}}} appears twice in {template!r}")
             params.append(name)
             parts.append(re.escape(template[position : match.start()]))
-            parts.append(f"(?P<{name}>[^/]+)")
+            parts.append(f"(?P<{name}>.*)" if rest else f"(?P<{name}>[^/]+)")
             position = match.end()
         parts.append(re.escape(template[position:]))
         return cls(template, re.compile("".join(parts) + r"\Z"), tuple(params))

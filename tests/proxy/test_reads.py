@@ -491,3 +491,26 @@ async def test_the_first_member_of_the_origin_s_age_counts_and_an_invalid_one_is
     await proxy.get("/users/1")
     again = await proxy.get("/users/1")
     assert again.headers["X-Cache"] == ("HIT-L1" if fresh else "MISS")
+
+
+async def test_a_catch_all_route_fronts_the_whole_origin(
+    make_proxy: MakeProxy, origin: Origin
+) -> None:
+    proxy = await make_proxy(routes="routes: [{path: '/{path...}'}]")
+    for target in ("/", "/a", "/a/b/c.json", "/a/b/c.json?x=1"):
+        first = await proxy.get(target)
+        assert first.headers["Cache-Status"] == "cachecar; fwd=miss; stored", target
+        again = await proxy.get(target)
+        assert again.headers["X-Cache"] == "HIT-L1", target
+    written = await proxy.put("/a/b/c.json", data=b"{}")
+    assert written.status == 200
+    assert (await proxy.get("/a/b/c.json")).headers["X-Cache"] == "MISS"  # its own key dropped
+    assert (await proxy.get("/a")).headers["X-Cache"] == "HIT-L1"  # others kept
+
+
+async def test_a_rest_parameter_can_make_the_key(make_proxy: MakeProxy, origin: Origin) -> None:
+    routes = "routes: [{path: '/files/{name...}', key: 'files:{name}'}]"
+    proxy = await make_proxy(routes=routes)
+    await proxy.get("/files/a/b.txt")
+    assert (await proxy.get("/files/a/b.txt")).headers["X-Cache"] == "HIT-L1"
+    assert (await proxy.get("/files/a%2Fb.txt")).status == 400  # an encoded slash is refused

@@ -15,11 +15,32 @@ from proxy.templates import KeyTemplate, PathTemplate, TemplateError
         ("/a/x}", "unbalanced"),
         ("/a/{}", "is not a parameter name"),
         ("a/{x}", "must start with /"),
+        ("/a/{rest...}/b", "must end the template"),
+        ("/a/{rest...}{x}", "must end the template"),
+        ("/a/{...}", "is not a parameter name"),
     ],
 )
 def test_bad_path_templates_are_refused(template: str, message: str) -> None:
     with pytest.raises(TemplateError, match=message):
         PathTemplate.compile(template)
+
+
+@pytest.mark.parametrize(
+    ("template", "path", "params"),
+    [
+        ("/{path...}", "/", {"path": ""}),
+        ("/{path...}", "/a/b/c.json", {"path": "a/b/c.json"}),
+        ("/files/{rest...}", "/files/a/b", {"rest": "a/b"}),
+        ("/files/{rest...}", "/files/", {"rest": ""}),
+        ("/files/{rest...}", "/files", None),
+        ("/files/{rest...}", "/filesx/a", None),
+        ("/v1/{org}/{rest...}", "/v1/acme/x/y", {"org": "acme", "rest": "x/y"}),
+    ],
+)
+def test_a_rest_parameter_takes_the_rest_of_the_path(
+    template: str, path: str, params: dict[str, str] | None
+) -> None:
+    assert PathTemplate.compile(template).match(path) == params
 
 
 def test_literal_text_in_a_template_is_not_a_pattern() -> None:
