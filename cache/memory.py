@@ -21,7 +21,7 @@ from cachetools import TLRUCache
 from cache.clock import Clock
 from cache.entry import Entry, allocated
 from cache.observer import CacheObserver, Eviction, NullObserver
-from cache.tier import Stored
+from cache.tier import MAX_VARIANTS, Stored
 
 # One variant: (entry, expiry on the monotonic clock, what ``peek_rendered`` rendered of it or
 # None, the bytes it is counted at). A plain tuple: the hit path unpacks it on every hit.
@@ -123,10 +123,15 @@ class MemoryTier:
         max_bytes: int,
         clock: Clock,
         observer: CacheObserver | None = None,
+        max_variants: int = MAX_VARIANTS,
     ) -> None:
-        if max_entries < 1 or max_bytes < 1:
-            raise ValueError("an L1 needs room for at least one entry and one byte")
+        """``max_variants``: a key's most variants; a new one past them is not kept until one
+        of the key's expires or the key is written (each variant a request header's value may
+        select: unbounded, they would let one key take L1)."""
+        if max_entries < 1 or max_bytes < 1 or max_variants < 1:
+            raise ValueError("an L1 needs room for at least one entry, variant and byte")
         self._max_entries = max_entries
+        self._max_variants = max_variants
         self._observer: CacheObserver = observer or NullObserver()
         self._store = _Store(max_bytes, clock.monotonic, self._dropped)
         self._count = 0
@@ -219,6 +224,13 @@ class MemoryTier:
         if ttl <= 0:
             return
         with self._store.timer as now:
+            held_now = self._store.get(key)
+            if (
+                held_now is not None
+                and len(held_now.by_variant) >= self._max_variants
+                and variant not in held_now.by_variant
+            ):
+                return  # no room for another variant of the key
             current = self._store.pop(key, None)
             by_variant = dict(current.by_variant) if current is not None else {}
             if current is not None:

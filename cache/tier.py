@@ -2,7 +2,9 @@
 
 A logical key (``users:1``) may hold several *variants* of its entry (one per value of the route's
 ``vary`` headers or query string), so that a write or purge of the key drops all of them at once.
-Most keys have one variant, ``""``.
+Most keys have one variant, ``""``. A tier keeps at most ``max_variants`` of a key (its
+constructor's; ``MAX_VARIANTS`` unless told): a new one past them is not kept, since a request
+header's values may select unboundedly many.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from collections.abc import Callable, Sequence
 from typing import NamedTuple, Protocol
 
 from cache.entry import Entry
+
+MAX_VARIANTS = 64  # variants of one key a tier keeps, unless told otherwise
 
 
 class Stored(NamedTuple):

@@ -75,6 +75,7 @@ class Runtime:
             max_bytes=settings.l1.max_bytes,
             clock=clock,
             observer=observer,
+            max_variants=settings.l1.max_variants,
         )
         l2 = None
         if settings.l2.url is not None:
@@ -86,6 +87,7 @@ class Runtime:
                 clock=clock,
                 # A write's mark must outlast any origin fetch that began before it.
                 fence=settings.upstream.timeout + 60.0,
+                max_variants=settings.l2.max_variants,
             )
         breaker = Breaker(
             failures=settings.l2.breaker.failures,

@@ -27,6 +27,7 @@ from pydantic import (
 from yarl import URL
 
 from cache.redis.client import parse_redis_url
+from cache.tier import MAX_VARIANTS
 from proxy.headers import CREDENTIALS, HOP_BY_HOP
 from proxy.templates import KeyTemplate, PathTemplate, TemplateError
 from proxy.units import format_duration, format_size, parse_duration, parse_size
@@ -140,6 +141,7 @@ class UpstreamSettings(_Section):
 class L1Settings(_Section):
     max_entries: int = Field(10_000, ge=1)
     max_bytes: Size = Field(64 << 20, ge=1)
+    max_variants: int = Field(MAX_VARIANTS, ge=1, le=10_000)
     ttl: Duration = 30.0
 
 
@@ -153,6 +155,7 @@ class L2Settings(_Section):
     ttl: Duration = 600.0
     key_prefix: str = "cachecar:"
     timeout: PositiveDuration = 0.05
+    max_variants: int = Field(MAX_VARIANTS, ge=1, le=10_000)
     breaker: BreakerSettings = BreakerSettings()
 
     @field_validator("url")

@@ -55,7 +55,7 @@ from cache.redis.client import RedisClient as RedisClient
 from cache.redis.client import check_client
 from cache.redis.client import client_from_url as client_from_url
 from cache.redis.reads import PipelinedReads
-from cache.tier import Stored
+from cache.tier import MAX_VARIANTS, Stored
 
 MARK = "!w"
 # cachecar's own records beside the entries start with "!" (tag sets ``!tag:``, leases
@@ -67,10 +67,28 @@ OWN = ("!", "{")
 # Clocks of replicas differ a little: a fill that started this soon after a mark is not trusted.
 CLOCK_SLACK = 1.0
 
-# KEYS: the key   ARGV: variant envelope fetched_at ttl_ms slack
-_FILL = """
+# A key's variants, but the marks beside them ('!w' the last write, '!v' the queue version):
+# a new variant past ARGV[n] of them is not stored (``max_variants``).
+_ROOM = """
+local function room(cap)
+  if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
+    return true
+  end
+  local held = redis.call('HLEN', KEYS[1]) - redis.call('HEXISTS', KEYS[1], '!w')
+    - redis.call('HEXISTS', KEYS[1], '!v')
+  return held < tonumber(cap)
+end
+"""
+
+# KEYS: the key   ARGV: variant envelope fetched_at ttl_ms slack max_variants
+_FILL = (
+    _ROOM
+    + """
 local mark = redis.call('HGET', KEYS[1], '!w')
 if mark and tonumber(mark) + tonumber(ARGV[5]) >= tonumber(ARGV[3]) then
+  return 0
+end
+if not room(ARGV[6]) then
   return 0
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
@@ -79,6 +97,7 @@ if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[4]) then
 end
 return 1
 """
+)
 
 # KEYS: the key   ARGV: now fence_ms   -> how many variants were dropped (a key of another
 # Redis type, which is not ours to read, counts as one). The queue version survives the drop.
@@ -126,11 +145,16 @@ redis.call('PEXPIRE', KEYS[1], math.max(tonumber(ARGV[3]), tonumber(ARGV[5])))
 return 1
 """
 
-# KEYS: the key   ARGV: variant envelope ttl_ms
-_STORE = """
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
+# KEYS: the key   ARGV: variant envelope ttl_ms max_variants
+_STORE = (
+    _ROOM
+    + """
+if room(ARGV[4]) then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+end
 """
+)
 
 
 class RedisTier:
@@ -147,8 +171,14 @@ class RedisTier:
         timeout: float,
         clock: Clock | None = None,
         fence: float = 60.0,
+        max_variants: int = MAX_VARIANTS,
     ) -> None:
+        """``max_variants``: a key's most variants; a new one past them is not stored until
+        the key expires or is written."""
         check_client(client, "L2")
+        if max_variants < 1:
+            raise ValueError("an L2 needs room for at least one variant of a key")
+        self._max_variants = max_variants
         if timeout <= 0:
             raise ValueError("the L2 timeout must be positive")
         self._client = client
@@ -189,9 +219,12 @@ class RedisTier:
         async with self._bounded("set"):
             await self._index(key, tags, ttl_ms)
             if fetched_at is not None:
-                await self._fill(keys=[name], args=[variant, data, fetched_at, ttl_ms, CLOCK_SLACK])
+                await self._fill(
+                    keys=[name],
+                    args=[variant, data, fetched_at, ttl_ms, CLOCK_SLACK, self._max_variants],
+                )
                 return
-            await self._store(keys=[name], args=[variant, data, ttl_ms])
+            await self._store(keys=[name], args=[variant, data, ttl_ms, self._max_variants])
 
     async def delete(self, key: str) -> bool:
         """Drop every variant of ``key`` and mark it written now (see the module docstring)."""

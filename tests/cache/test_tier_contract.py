@@ -27,6 +27,9 @@ class Backend:
     wait: Callable[[float], Awaitable[None]]  # let this many seconds pass for the tier
 
 
+VARIANTS = 3  # the tiers' max_variants here
+
+
 @pytest.fixture(params=["memory", "fakeredis", "redis", "cluster", "sentinel", "tls"])
 async def backend(request: pytest.FixtureRequest, key_prefix: str) -> AsyncIterator[Backend]:
     if request.param == "memory":
@@ -35,7 +38,9 @@ async def backend(request: pytest.FixtureRequest, key_prefix: str) -> AsyncItera
         async def advance(seconds: float) -> None:
             clock.advance(seconds)
 
-        tier: Tier = MemoryTier(max_entries=100, max_bytes=1 << 20, clock=clock)
+        tier: Tier = MemoryTier(
+            max_entries=100, max_bytes=1 << 20, clock=clock, max_variants=VARIANTS
+        )
         yield Backend(tier, ttl=30.0, wait=advance)
         await tier.aclose()
         return
@@ -49,7 +54,9 @@ async def backend(request: pytest.FixtureRequest, key_prefix: str) -> AsyncItera
         client = client_from_url(deployment_of(request, request.param).url, timeout=1.0)
     try:
         yield Backend(
-            RedisTier(client, key_prefix=key_prefix, timeout=1.0), ttl=0.05, wait=asyncio.sleep
+            RedisTier(client, key_prefix=key_prefix, timeout=1.0, max_variants=VARIANTS),
+            ttl=0.05,
+            wait=asyncio.sleep,
         )
     finally:
         await drop_prefix(client, key_prefix)
@@ -166,3 +173,21 @@ async def test_reads_asked_for_together_each_get_their_own(backend: Backend) -> 
             assert stored is not None, i
             assert stored.entry.body == b"%d" % i
     assert found[180] is None
+
+
+@pytest.mark.parametrize("fill", [False, True], ids=["set", "fill"])
+async def test_a_key_holds_so_many_variants_and_no_more(backend: Backend, fill: bool) -> None:
+    tier = backend.tier
+    fetched_at = 0.0 if fill else None
+    for n in range(VARIANTS + 1):
+        await tier.set("users:1", f"v{n}", entry(b"%d" % n), 30, fetched_at=fetched_at)
+    held = [await tier.get("users:1", f"v{n}") for n in range(VARIANTS + 1)]
+    assert [found is not None for found in held] == [True] * VARIANTS + [False]
+    # A variant it holds is replaced as before; once the key is written, there is room again.
+    await tier.set("users:1", "v0", entry(b"new"), 30, fetched_at=fetched_at)
+    found = await tier.get("users:1", "v0")
+    assert found is not None
+    assert found.entry.body == b"new"
+    await tier.replace("users:1", "w", entry(b"written"), 30)
+    await tier.set("users:1", f"v{VARIANTS}", entry(b"late"), 30)
+    assert await tier.get("users:1", f"v{VARIANTS}") is not None
