@@ -82,14 +82,13 @@ REASONS: tuple[tuple[str, str], ...] = (
         "choice: a malformed `max-age` makes the answer stale (RFC 9111 §4.2.1)",
     ),
     (
-        "freshness-max-age-space-*",
-        "to do: `max-age = N` is read as max-age N; RFC 9111's grammar allows no spaces there",
+        "freshness-max-age-two-*",
+        "choice: of two `max-age` directives the first counts (RFC 9111 §4.2.1 allows it)",
     ),
-    ("freshness-max-age-two-*", "to do: of two `max-age` directives the last one wins"),
     (
         "freshness-none",
-        "to do: an answer with no freshness information is kept for the route's TTL; a route "
-        "setting to keep only what the origin says is fresh is issue 16's point 4",
+        "choice: an answer with no freshness information is kept for the route's TTL, unless "
+        "`ttl.default` says otherwise (`0s` in the suite's config)",
     ),
     (
         "headers-store-Set-Cookie",
@@ -134,8 +133,13 @@ REASONS: tuple[tuple[str, str], ...] = (
         "suite's config); to do: the answer's own `stale-if-error` (issue 16's point 4)",
     ),
     (
+        "surrogate-append-capabilities",
+        "suite: cachecar sends Surrogate-Capability only on a cacheable miss, not on the "
+        "suite's uncached calls",
+    ),
+    (
         "surrogate-*",
-        "to do: `Surrogate-Control` / `CDN-Cache-Control` (RFC 9213) are not read",
+        "to do: look at it (Surrogate-Control is read, aimed at `;cachecar` or at every surrogate)",
     ),
     (
         "vary-*",
@@ -145,9 +149,11 @@ REASONS: tuple[tuple[str, str], ...] = (
         "route, so which of them teaches it decides some",
     ),
     (
-        "heuristic-*",
-        "choice: no heuristic freshness; a 404 or 410 is kept for the route's `negative_ttl` "
-        "(0 in the suite's config), other statuses never",
+        "*heuristic*",
+        "choice: no heuristic freshness (RFC 9111 §4.2.2 allows it, never asks for it): the "
+        "suite's config keeps only what the origin says is fresh (`ttl.default: 0s`); without "
+        "that an answer is kept for the route's TTL. A 404 or 410 is kept for `negative_ttl` "
+        "(0 here), 405, 414 and 501 never",
     ),
     (
         "status-*-fresh",

@@ -3,7 +3,8 @@
 client -> origin, uncached (BYPASS):  everything end-to-end; X-Forwarded-For appended
 client -> origin, cacheable miss:     only what cannot poison a shared entry: Accept,
                                       User-Agent, the route's vary and forward_headers, and
-                                      the X-Forwarded-For/-Proto cachecar sets itself
+                                      the X-Forwarded-For/-Proto and Surrogate-Capability
+                                      cachecar sets itself
 origin -> client:                     everything end-to-end
 origin -> cache:                      end-to-end minus what describes one delivery
                                       (Content-Length, Age, Set-Cookie)
@@ -50,6 +51,11 @@ _NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "expect"}
 _NOT_STORED = HOP_BY_HOP | {"content-length", "age"}
 # Always sent on a cacheable miss, besides the route's vary and forward_headers.
 FILL_HEADERS = ("accept", "user-agent")
+# cachecar's name as a surrogate (Edge Architecture): announced on a cacheable miss in
+# Surrogate-Capability, so the origin may aim Surrogate-Control directives at it ("max-age=60;
+# cachecar"), which ``policy`` obeys.
+SURROGATE = "cachecar"
+_CAPABILITY = f'{SURROGATE}="Surrogate/1.0"'
 # Headers an origin must see on a 304's behalf (RFC 9110 §15.4.5).
 NOT_MODIFIED_HEADERS = frozenset(
     {"cache-control", "content-location", "date", "etag", "expires", "vary", "last-modified"}
@@ -98,6 +104,7 @@ def forward_fill(
             out.add(name, value)
     # The client's own X-Forwarded-For is not trusted into a shared fetch.
     _set_forwarded(out, None, peer, scheme)
+    out["Surrogate-Capability"] = _CAPABILITY
     return out
 
 

@@ -2,18 +2,20 @@
 
 request  -> bypass_reason: may the cache answer it at all? (credentials, ranges)
 response -> decide: may it be stored, for how long in each tier, may waiters share it?
+            (by its cache directives: a targeted field's for cachecar, else Cache-Control's)
 hit      -> not_modified: does the client's validator match (304)?
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from email.utils import parsedate_to_datetime
 
 from multidict import CIMultiDictProxy
 
 from cache.entry import Entry
-from proxy.headers import CREDENTIALS, RANGE, find, learnable
+from proxy.headers import CREDENTIALS, RANGE, SURROGATE, find, learnable
 from proxy.routes import Route
 
 CACHEABLE_STATUS = frozenset({200, 203, 204, 300, 301, 308})
@@ -52,18 +54,49 @@ def stale_allowed(status: int, headers: CIMultiDictProxy[str]) -> bool:
     or 410 either, which ``negative_ttl`` alone bounds."""
     if status in NEGATIVE_STATUS:
         return False
-    directives = parse_cache_control(headers.getall("Cache-Control", []))
+    directives = cache_directives(headers)
     return not {"must-revalidate", "proxy-revalidate", "s-maxage"} & directives.keys()
 
 
-def parse_cache_control(values: list[str]) -> dict[str, str | None]:
-    """``max-age=60, private`` -> {"max-age": "60", "private": None}; names lower-cased."""
+# Response fields of cache directives aimed at caches like cachecar, in the order it obeys them
+# (RFC 9213's targeted fields; Surrogate-Control from the Edge Architecture): the first present
+# with a directive for cachecar replaces Cache-Control for it. A Surrogate-Control directive
+# with a ";target" is for the surrogate of that name only.
+TARGETED = ("Surrogate-Control", "CDN-Cache-Control")
+
+
+def cache_directives(headers: CIMultiDictProxy[str]) -> dict[str, str | None]:
+    """The cache directives of a response that cachecar obeys: a targeted field's, else
+    Cache-Control's."""
+    for field in TARGETED:
+        values = headers.getall(field, ())
+        if values:
+            found = parse_cache_control(values, target=SURROGATE)
+            if found:
+                return found
+    return parse_cache_control(headers.getall("Cache-Control", []))
+
+
+def parse_cache_control(values: Sequence[str], target: str = "") -> dict[str, str | None]:
+    """``max-age=60, private`` -> {"max-age": "60", "private": None}; names lower-cased.
+
+    The first of a repeated directive counts (RFC 9111 §4.2.1). A directive with spaces around
+    its ``=`` has no valid argument (None). With ``target``, a directive followed by
+    ``;another`` is left out, as Surrogate-Control targets it elsewhere."""
     directives: dict[str, str | None] = {}
     for value in values:
         for part in value.split(","):
+            part, _, aimed = part.partition(";") if target else (part, "", "")
+            if aimed and aimed.strip() != target:
+                continue
             name, sep, argument = part.strip().partition("=")
-            if name:
-                directives[name.lower()] = argument.strip().strip('"') if sep else None
+            name = name.lower()
+            if not name or name in directives:
+                continue
+            if name != name.rstrip() or argument != argument.lstrip():
+                directives[name.rstrip()] = None  # "max-age = 60": no argument to trust
+            else:
+                directives[name] = argument.strip().strip('"') if sep else None
     return directives
 
 
@@ -89,7 +122,7 @@ def decide(
     ``Vary: *`` is nobody's to share. ``age`` is the origin's ``Age``: time the answer has
     already spent fresh elsewhere, taken off its lifetime.
     """
-    directives = parse_cache_control(headers.getall("Cache-Control", []))
+    directives = cache_directives(headers)
     if "no-store" in directives:
         return Decision(shared=False, detail="no-store")
     if "private" in directives:
@@ -126,6 +159,10 @@ def _lifetime(
         if cap <= 0:
             return Decision(detail="max-age")
         l1_ttl, l2_ttl = min(l1_ttl, cap), min(l2_ttl, cap)
+    elif route.ttl_default is not None:
+        if route.ttl_default <= 0:
+            return Decision(detail="no-freshness")  # the route keeps only what the origin says
+        l1_ttl, l2_ttl = min(l1_ttl, route.ttl_default), min(l2_ttl, route.ttl_default)
     if l1_ttl <= 0 and l2_ttl <= 0:
         return Decision(detail="ttl")
     return Decision(l1_ttl=l1_ttl, l2_ttl=l2_ttl)

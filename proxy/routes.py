@@ -72,6 +72,7 @@ class Route:
     coalesce: Coalesce = Coalesce.LOCAL
     stale: Staleness = NEVER
     revalidate_within: float = 0.0  # seconds past freshness an entry with a validator is kept
+    ttl_default: float | None = None  # cap on an answer without freshness information
     learned: LearnedVary = field(default_factory=LearnedVary, compare=False)
     cached: bool = field(init=False)  # mode is not bypass
 
@@ -97,6 +98,7 @@ class Route:
                 route.stale_while_revalidate, route.stale_if_error, route.early_refresh
             ),
             revalidate_within=route.revalidate_within,
+            ttl_default=route.ttl.default,
         )
 
     def __post_init__(self) -> None:

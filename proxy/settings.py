@@ -196,6 +196,10 @@ MAX_TAGS = 16  # per route: each is one more Redis set written with every fill
 class RouteTTL(_Section):
     l1: Duration | None = None
     l2: Duration | None = None
+    # How long an answer without freshness information of its own (no s-maxage, max-age or
+    # Expires) is kept, at most; None: as long as the tier TTLs say. 0s: only what the origin
+    # says is fresh is kept.
+    default: Duration | None = None
 
 
 class RouteSettings(_Section):

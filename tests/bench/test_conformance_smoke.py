@@ -33,7 +33,7 @@ PASSING = (
     "304-lm-use-stored-Test-Header",
 )
 FAILING = (
-    "freshness-none",  # kept for the route's TTL: issue 16
+    "headers-store-Set-Cookie",  # a choice: an answer with Set-Cookie is never stored
     "stale-close",  # the server closes the connection: cachecar has nothing stale, answers 502
 )
 

@@ -6,7 +6,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from cache.entry import Entry
 from proxy.config import parse_settings
 from proxy.policy import Decision, decide, not_modified, parse_cache_control
-from proxy.routes import Router
+from proxy.routes import Route, Router
 
 ROUTE = Router.from_settings(
     parse_settings(
@@ -91,3 +91,47 @@ def test_if_none_match_wins_over_if_modified_since() -> None:
 
 def test_only_a_200_is_ever_answered_304() -> None:
     assert not not_modified(response(If_None_Match="*"), entry(404, ETag='"v1"'))
+
+
+def test_the_first_of_a_repeated_directive_counts() -> None:
+    assert parse_cache_control(["max-age=1800, max-age=1", "max-age=5"]) == {"max-age": "1800"}
+
+
+@pytest.mark.parametrize("value", ["max-age =60", "max-age= 60"])
+def test_spaces_around_the_equals_sign_leave_no_argument(value: str) -> None:
+    assert decide(200, response(Cache_Control=value), ROUTE, SENT, NOW).detail == "max-age"
+
+
+@pytest.mark.parametrize("field", ["Surrogate-Control", "CDN-Cache-Control"])
+def test_a_targeted_field_replaces_cache_control(field: str) -> None:
+    headers = {"Cache_Control": "no-store", field.replace("-", "_"): "max-age=90"}
+    assert decide(200, response(**headers), ROUTE, SENT, NOW) == Decision(l1_ttl=30, l2_ttl=90)
+    short = {"Cache_Control": "max-age=3600", field.replace("-", "_"): "max-age=5"}
+    assert decide(200, response(**short), ROUTE, SENT, NOW) == Decision(l1_ttl=5, l2_ttl=5)
+    never = {"Cache_Control": "max-age=3600", field.replace("-", "_"): "no-store"}
+    assert decide(200, response(**never), ROUTE, SENT, NOW).detail == "no-store"
+
+
+def test_surrogate_control_aimed_elsewhere_is_not_cachecar_s() -> None:
+    mine = response(Cache_Control="no-store", Surrogate_Control="max-age=90;cachecar")
+    assert decide(200, mine, ROUTE, SENT, NOW).l2_ttl == 90
+    # Aimed at another surrogate only: as if absent, Cache-Control rules.
+    theirs = response(Cache_Control="no-store", Surrogate_Control="max-age=90;other")
+    assert decide(200, theirs, ROUTE, SENT, NOW).detail == "no-store"
+
+
+def test_ttl_default_bounds_an_answer_that_says_nothing_of_its_freshness() -> None:
+    def route(default: str) -> Route:
+        return Router.from_settings(
+            parse_settings(
+                "upstream: {url: http://o}\nl2: {ttl: 10m}\n"
+                f"routes: [{{path: /a, ttl: {{default: {default}}}}}]",
+                env={},
+            )
+        ).routes[0]
+
+    silent = route("0s")
+    assert decide(200, response(), silent, SENT, NOW).detail == "no-freshness"
+    assert decide(200, response(Cache_Control="max-age=60"), silent, SENT, NOW).l2_ttl == 60
+    assert decide(200, response(), route("1m"), SENT, NOW).l2_ttl == 60
+    assert decide(200, response(Cache_Control="max-age=3600"), route("1m"), SENT, NOW).l2_ttl == 600

@@ -514,3 +514,18 @@ async def test_a_rest_parameter_can_make_the_key(make_proxy: MakeProxy, origin: 
     await proxy.get("/files/a/b.txt")
     assert (await proxy.get("/files/a/b.txt")).headers["X-Cache"] == "HIT-L1"
     assert (await proxy.get("/files/a%2Fb.txt")).status == 400  # an encoded slash is refused
+
+
+async def test_a_miss_announces_cachecar_as_a_surrogate_and_obeys_what_is_aimed_at_it(
+    make_proxy: MakeProxy, origin: Origin, clock: FakeClock
+) -> None:
+    headers = {"Cache-Control": "no-store", "Surrogate-Control": "max-age=5;cachecar"}
+    origin.reply("/users/1", b"x", headers=headers)
+    proxy = await make_proxy()
+    first = await proxy.get("/users/1")
+    assert origin.last("/users/1").headers["Surrogate-Capability"] == 'cachecar="Surrogate/1.0"'
+    assert first.headers["Cache-Status"] == "cachecar; fwd=miss; stored"
+    clock.advance(4)
+    assert (await proxy.get("/users/1")).headers["X-Cache"] == "HIT-L1"
+    clock.advance(2)
+    assert (await proxy.get("/users/1")).headers["X-Cache"] == "MISS"
