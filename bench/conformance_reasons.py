@@ -105,17 +105,9 @@ REASONS: tuple[tuple[str, str], ...] = (
         "GETs too",
     ),
     (
-        "invalidate-*-cl",
-        "to do: a write invalidates its own key, not the URL its answer's Content-Location names",
-    ),
-    (
-        "invalidate-*-location",
-        "to do: a write invalidates its own key, not the URL its answer's Location names",
-    ),
-    (
-        "invalidate-M-SEARCH",
-        "to do: a method cachecar does not know is passed through without invalidating the key "
-        "(RFC 9111 §4.4 counts it as unsafe)",
+        "invalidate-*",
+        "to do: look at it (a write invalidates its key and what its Location and "
+        "Content-Location name)",
     ),
     (
         "partial-*",

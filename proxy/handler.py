@@ -5,7 +5,8 @@
       -> GET/HEAD on a cached route
            -> credentials the route does not key on, or a Range          -> pass through (BYPASS)
            -> else                                                       -> ``proxy.reads``
-      -> PUT/PATCH/POST/DELETE on a cached route -> by the route's mode:    ``proxy.writes``
+      -> PUT/PATCH/POST/DELETE, or a method it does not know, on a cached route
+                                                  -> by the route's mode: ``proxy.writes``
 
 Everything passed through is streamed both ways (``proxy.passthrough``). Each answer is counted
 once, by its X-Cache, in ``proxy.metrics`` (and in the access log when it is on). The hit path
@@ -41,7 +42,9 @@ logger = logging.getLogger("cachecar.proxy")
 access_logger = logging.getLogger("cachecar.access")
 
 READS = frozenset({"GET", "HEAD"})
-WRITES = frozenset({"PUT", "PATCH", "POST", "DELETE"})
+# Safe methods (RFC 9110 §9.2.1) the cache does not answer: passed through, nothing dropped.
+# Any other method, known or not, may change the resource: a write (RFC 9111 §4.4).
+SAFE = READS | {"OPTIONS", "TRACE"}
 
 
 class Proxy:
@@ -84,6 +87,7 @@ class Proxy:
             clock=clock,
             write_behind=write_behind,
             max_key_length=max_key_length,
+            router=router,
         )
 
     @property
@@ -137,9 +141,9 @@ class Proxy:
                 detail = f"{BYPASS_ROUTE}; detail={reason}"
                 return await self._passthrough(request, route.name, path, query, detail)
             return await self._reads(request, located)
-        if method in WRITES:
-            return await self._writes(request, located)
-        return await self._passthrough(request, route.name, path, query, BYPASS_METHOD)
+        if method in SAFE:
+            return await self._passthrough(request, route.name, path, query, BYPASS_METHOD)
+        return await self._writes(request, located)
 
     def _report(
         self,
@@ -153,7 +157,7 @@ class Proxy:
         x_cache = response.headers.get("X-Cache", "BYPASS") if response is not None else "BYPASS"
         outcome = OUTCOMES.get(x_cache, "bypass")
         cached_route = route is not None and route.cached
-        if outcome == "bypass" and cached_route and request.method in WRITES:
+        if outcome == "bypass" and cached_route and request.method not in SAFE:
             outcome = "write"
         name = _name(route)
         self._metrics.request(name, request.method, status, outcome, seconds)

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDictProxy
 
 from proxy import headers as forwarding
 from proxy.answers import error_response
@@ -24,7 +25,8 @@ from proxy.units import format_duration, format_size
 
 logger = logging.getLogger("cachecar.proxy")
 
-OnAnswer = Callable[[int | None], Awaitable[None]]
+# Hears the origin's status and headers before an answer is relayed; (None, None): no answer.
+OnAnswer = Callable[[int | None, CIMultiDictProxy[str] | None], Awaitable[None]]
 
 
 class BodyTooLarge(RequestBodyError):
@@ -58,8 +60,8 @@ class PassThrough:
     ) -> web.StreamResponse:
         """``request`` sent on to the origin as ``path?query``; its answer streamed back.
 
-        ``on_answer`` hears the origin's status before the answer is relayed (None: no
-        answer). Raises ``ClientGone`` when the client's body broke off on the way.
+        ``on_answer`` hears the origin's status and headers before the answer is relayed
+        (None: no answer). Raises ``ClientGone`` when the client's body broke off on the way.
         """
         length = request.content_length
         if length is not None and length > self._max_body:
@@ -79,11 +81,11 @@ class PassThrough:
                 route=route,
             ) as upstream:
                 if on_answer is not None:
-                    await on_answer(upstream.status)
+                    await on_answer(upstream.status, upstream.headers)
                 return await relay(request, upstream, cache_status, x_cache=x_cache)
         except OriginError as exc:
             if on_answer is not None:
-                await on_answer(None)
+                await on_answer(None, None)
             if body is not None and body.exceeded:
                 return self.too_large(cache_status)
             if body is not None and body.stalled:

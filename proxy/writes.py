@@ -1,6 +1,9 @@
 """A write on a cached route, by the route's mode.
 
-    cache-aside     forward (streamed) -> 2xx or no answer: drop the key everywhere
+    cache-aside     forward (streamed) -> 2xx or no answer: drop the key everywhere; 2xx or
+                    3xx: drop the keys of the URLs its Location and Content-Location name too
+                    (RFC 9111 §4.4; on this host only). A method the cache does not know is
+                    taken for a write, as RFC 9111 asks of a method whose safety is unknown
     write-through   PUT: forward (read whole) -> 2xx: the body becomes the key's entry
                     -> a refusal changes nothing; no answer: drop the key
                     PATCH/POST/DELETE: as cache-aside
@@ -26,6 +29,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 from cache.clock import Clock
 from cache.entry import Entry
@@ -40,7 +44,9 @@ from proxy.answers import BYPASS_METHOD, WRITTEN, error_response
 from proxy.headers import Pairs, find
 from proxy.origin import OriginClient, OriginError
 from proxy.passthrough import PassThrough
-from proxy.request import CacheRequest
+from proxy.paths import BadPath, normalize_path
+from proxy.request import CacheRequest, locate
+from proxy.routes import Router
 from proxy.settings import Mode
 
 RETRIED_STATUS = frozenset({408, 429})
@@ -71,6 +77,19 @@ def tombstone(key: str, now: float, ttl: float) -> Entry:
     )
 
 
+def _named(request: web.Request, value: str) -> tuple[str, str] | None:
+    """The normalized path and query a Location or Content-Location names, when it is a URL of
+    the host the client addressed (relative ones are); None otherwise."""
+    try:
+        target = request.url.join(URL(value.strip()))
+        path = normalize_path(target.raw_path)
+    except (ValueError, BadPath):
+        return None
+    if (target.host, target.port) != (request.url.host, request.url.port):
+        return None
+    return path, target.raw_query_string
+
+
 class Writes:
     def __init__(
         self,
@@ -81,8 +100,11 @@ class Writes:
         clock: Clock,
         write_behind: WriteBehind | None,
         max_key_length: int,
+        router: Router,
     ) -> None:
+        """``router``: to find the keys of the URLs a write's answer names."""
         self._cache = cache
+        self._router = router
         self._origin = origin
         self._passthrough = passthrough
         self._clock = clock
@@ -114,15 +136,30 @@ class Writes:
         elif route.mode is Mode.WRITE_THROUGH and method == "PUT":
             return await self._write_through(request, cached)
 
-        async def invalidate(status: int | None) -> None:
+        async def invalidate(status: int | None, answer: CIMultiDictProxy[str] | None) -> None:
             # Dropped on success, and also when the outcome is unknown (the origin may have
             # applied a write it never confirmed): a needless miss is cheap, a stale hit is not.
             if status is None or 200 <= status < 300:
                 await self._cache.invalidate(key)
+            if status is not None and 200 <= status < 400 and answer is not None:
+                await self._invalidate_named(request, answer)
 
         return await self._passthrough(
             request, route.name, path, query, BYPASS_METHOD, on_answer=invalidate
         )
+
+    async def _invalidate_named(self, request: web.Request, answer: CIMultiDictProxy[str]) -> None:
+        """Drop the keys of the resources a write's answer names in Location and
+        Content-Location: the write may have changed them too. Only URLs of this host, as
+        the client addressed it (another host's resources are not this cache's)."""
+        for field in ("Location", "Content-Location"):
+            for value in answer.getall(field, ()):
+                found = _named(request, value)
+                if found is None:
+                    continue
+                named = locate(self._router, *found, self._max_key_length)
+                if isinstance(named, CacheRequest) and not named.too_long:
+                    await self._cache.invalidate(named.key)
 
     async def _write_through(
         self, request: web.Request, cached: CacheRequest

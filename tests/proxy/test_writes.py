@@ -77,3 +77,48 @@ async def test_a_write_with_the_origin_down_is_502_and_drops_the_key(
     response = await proxy.put("/users/1", data=b"{}")
     assert response.status == 502
     assert (await response.json())["error"] == "origin unreachable"
+
+
+@pytest.mark.parametrize("field", ["Location", "Content-Location"])
+@pytest.mark.parametrize(
+    ("named", "dropped"),
+    [
+        ("/users/2", True),  # path-absolute
+        ("2", True),  # relative to the written URL
+        ("http://{host}/users/2", True),  # absolute, on the host the client addressed
+        ("http://elsewhere.example/users/2", False),  # another host's resource: not ours
+        ("/users/%zz", False),  # no path cachecar can read: nothing dropped, no error
+    ],
+)
+async def test_a_write_drops_the_resources_its_answer_names(
+    make_proxy: MakeProxy, origin: Origin, field: str, named: str, dropped: bool
+) -> None:
+    proxy = await make_proxy()
+    await proxy.get("/users/2")
+    assert (await proxy.get("/users/2")).headers["X-Cache"] == "HIT-L1"
+    target = named.format(host=f"{proxy.host}:{proxy.port}")
+    origin.reply("/users/1", b"", status=201, headers={field: target})
+    assert (await proxy.post("/users/1", data=b"{}")).status == 201
+    after = await proxy.get("/users/2")
+    assert after.headers["X-Cache"] == ("MISS" if dropped else "HIT-L1")
+
+
+async def test_a_failed_write_drops_nothing_it_names(make_proxy: MakeProxy, origin: Origin) -> None:
+    proxy = await make_proxy()
+    await proxy.get("/users/2")
+    origin.reply("/users/1", b"", status=500, headers={"Location": "/users/2"})
+    await proxy.post("/users/1", data=b"{}")
+    assert (await proxy.get("/users/2")).headers["X-Cache"] == "HIT-L1"
+
+
+@pytest.mark.parametrize(("method", "dropped"), [("PROPFIND", True), ("OPTIONS", False)])
+async def test_a_method_cachecar_does_not_know_is_taken_for_a_write(
+    make_proxy: MakeProxy, origin: Origin, method: str, dropped: bool
+) -> None:
+    proxy = await make_proxy()
+    await proxy.get("/users/1")
+    answer = await proxy.request(method, "/users/1")
+    assert answer.status == 200
+    assert origin.last("/users/1").method == method
+    after = await proxy.get("/users/1")
+    assert after.headers["X-Cache"] == ("MISS" if dropped else "HIT-L1")
