@@ -23,7 +23,16 @@ X_CACHE = {
     Source.LOADER: "MISS",
     Source.STALE: "STALE",
 }
-OUTCOMES = {"HIT-L1": "hit_l1", "HIT-L2": "hit_l2", "MISS": "miss", "STALE": "stale"}
+# A stale entry the origin confirmed (a 304 to a revalidation) answered the read: one origin
+# round trip, no body (nginx's $upstream_cache_status says the same).
+REVALIDATED = "REVALIDATED"
+OUTCOMES = {
+    "HIT-L1": "hit_l1",
+    "HIT-L2": "hit_l2",
+    "MISS": "miss",
+    "STALE": "stale",
+    REVALIDATED: "revalidated",
+}
 
 
 def head_lines(source: Source, cache_status: str) -> bytes:

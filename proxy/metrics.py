@@ -58,7 +58,14 @@ from proxy.stats import FLUSH_RESULTS, LATENCY_BOUNDS, OUTCOMES, Figures, Window
 
 METHODS = frozenset({"GET", "HEAD", "PUT", "PATCH", "POST", "DELETE", "OPTIONS"})
 L2_OPS = ("get", "set", "replace", "delete", "decode", "publish")
-READ_OUTCOMES = ("hit_l1", "hit_l2", "miss", "stale", "write")  # the outcomes of a cached route
+READ_OUTCOMES = (
+    "hit_l1",
+    "hit_l2",
+    "miss",
+    "stale",
+    "revalidated",
+    "write",
+)  # the outcomes of a cached route
 
 # A hit answers in well under a millisecond, an origin fetch in tens of them.
 REQUEST_BUCKETS = (

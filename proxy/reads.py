@@ -26,7 +26,7 @@ from cache.lookup import REVALIDATING, Loaded, Loader, Lookup, Revalidator, Sour
 from cache.tiered import TieredCache
 from cache.write_behind.writer import WriteBehind
 from proxy import headers as forwarding
-from proxy.answers import BYPASS_ROUTE, HIT_L1, HIT_L2, X_CACHE, error_response
+from proxy.answers import BYPASS_ROUTE, HIT_L1, HIT_L2, REVALIDATED, X_CACHE, error_response
 from proxy.metrics import Metrics
 from proxy.origin import OriginClient, OriginError, Oversized
 from proxy.passthrough import PassThrough, relay
@@ -224,7 +224,7 @@ class Reads:
     def _answer(self, request: web.Request, lookup: Lookup) -> web.Response:
         entry = lookup.entry
         headers = CIMultiDict(entry.headers)
-        headers["X-Cache"] = X_CACHE[lookup.source]
+        headers["X-Cache"] = REVALIDATED if lookup.revalidated else X_CACHE[lookup.source]
         now = self._clock.time()
         if lookup.source is Source.LOADER:
             headers["Cache-Status"] = _miss_status(lookup)
@@ -233,8 +233,9 @@ class Reads:
         else:
             headers["Cache-Status"] = HIT_L1 if lookup.source is Source.L1 else HIT_L2
         age = int(entry.age(now))
-        # Every cached answer has an Age; a miss has the one the origin sent (RFC 9111 §5.1).
-        if age or lookup.source is not Source.LOADER:
+        # Every cached answer has an Age (a revalidated one too: its stored body answered); a
+        # miss has the one the origin sent (RFC 9111 §5.1).
+        if age or lookup.source is not Source.LOADER or lookup.revalidated:
             headers["Age"] = str(age)
         if not_modified(request.headers, entry):
             kept = CIMultiDict((k, v) for k, v in headers.items() if k.lower() in _KEEP_ON_304)

@@ -31,8 +31,10 @@ from cache.observer import Eviction
 WINDOW = 60  # seconds in "last minute"
 RECENT = 10  # seconds a req/s figure is averaged over
 
-OUTCOMES = ("hit_l1", "hit_l2", "miss", "stale", "bypass", "write")
-CACHEABLE = frozenset({"hit_l1", "hit_l2", "miss", "stale"})  # reads the cache could answer
+OUTCOMES = ("hit_l1", "hit_l2", "miss", "stale", "revalidated", "bypass", "write")
+CACHEABLE = frozenset(
+    {"hit_l1", "hit_l2", "miss", "stale", "revalidated"}
+)  # reads the cache could answer
 HITS = frozenset({"hit_l1", "hit_l2"})  # STALE is a read, not a hit (docs/observability.md)
 PERCENTILES = (("p50", 0.50), ("p95", 0.95), ("p99", 0.99))
 FLUSH_RESULTS = ("ok", "retry", "dead")  # what a write-behind flush comes to

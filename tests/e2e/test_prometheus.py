@@ -565,7 +565,7 @@ async def test_every_dashboard_query_returns_cachecar_data_from_a_real_prometheu
 OVERALL = (
     'sum(increase(cachecar_request_duration_seconds_count{{outcome=~"hit_l1|hit_l2"}}[{w}]))'
     " / sum(increase(cachecar_request_duration_seconds_count"
-    '{{outcome=~"hit_l1|hit_l2|miss|stale"}}[{w}]))'
+    '{{outcome=~"hit_l1|hit_l2|miss|stale|revalidated"}}[{w}]))'
 )
 TIER = (
     'sum(increase(cachecar_cache_lookups_total{{tier="{tier}",result="hit"}}[{w}]))'

@@ -71,8 +71,9 @@ async def test_a_stale_entry_is_revalidated_and_a_304_refreshes_it(
     else:
         assert asked["If-None-Match"] == '"v1"'
     assert again.status == 200
-    assert again.headers["X-Cache"] == "MISS"
+    assert again.headers["X-Cache"] == "REVALIDATED"
     assert again.headers["Cache-Status"] == "cachecar; fwd=stale; fwd-status=304; stored"
+    assert again.headers["Age"] == "0"  # as old as the 304 says
     assert await again.read() == b'{"version": 1}'  # the stored body, not sent again
     assert again.headers["X-Served"] == "refreshed"  # the 304's headers replace the stored ones
 
@@ -142,7 +143,7 @@ async def test_must_revalidate_entries_are_revalidated_never_served_stale(
     await proxy.get("/users/1")
     clock.advance(61)
     again = await proxy.get("/users/1")
-    assert again.headers["X-Cache"] == "MISS"  # not STALE: the origin forbade it
+    assert again.headers["X-Cache"] == "REVALIDATED"  # not STALE: the origin forbade it
     assert origin.last("/users/1").headers["If-None-Match"] == '"v1"'
     assert again.headers["Cache-Status"].endswith("fwd-status=304; stored")
 
@@ -186,6 +187,8 @@ async def test_the_origin_s_304s_are_counted(
         for status in ("200", "304")
     }
     assert counted == {"200": 1.0, "304": 1.0}
+    outcome = "cachecar_request_duration_seconds_count"
+    assert value(proxy, outcome, route="/users/{id}", outcome="revalidated") == 1
 
 
 @pytest.mark.redis

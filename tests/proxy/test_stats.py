@@ -36,12 +36,12 @@ def test_only_complete_seconds_are_reported() -> None:
     assert snapshot["requests_total"]["total"] == 2
 
 
-def test_stale_answers_are_reads_but_not_hits() -> None:
+def test_stale_and_revalidated_answers_are_reads_but_not_hits() -> None:
     window = Window(started=0.0)
-    for outcome in ("hit_l1", "hit_l2", "stale", "miss", "bypass", "write"):
+    for outcome in ("hit_l1", "hit_l2", "stale", "revalidated", "miss", "bypass", "write"):
         window.request(outcome, 0.001, now=0.5)
     ratio = window.snapshot(now=1.0)["hit_ratio"]["overall"]
-    assert ratio == {"last_minute": 2 / 4, "since_start": 2 / 4}  # bypass and write are not reads
+    assert ratio == {"last_minute": 2 / 5, "since_start": 2 / 5}  # bypass and write are not reads
 
 
 def test_a_clock_stepped_back_keeps_counting_in_the_newest_second() -> None:
