@@ -8,13 +8,15 @@ versions or services cannot make a replica run code, and bytes that are not ours
     0       2     magic  b"CC"
     2       1     version (1)
     3       1     flags (bit 0: a fetch time follows the head; bit 1: must revalidate;
-                         other bits reserved)
+                         bit 2: the origin's stale limits follow; other bits reserved)
     4       2     status
     6       8     stored_at  (float64, wall-clock seconds)
     14      8     ttl        (float64, seconds fresh after stored_at)
     22      2     header count
     24      4     body length
     28      8     fetch_seconds (float64), only when flags bit 0 is set
+    ...     16    stale_limits (2 float64: while-revalidate, if-error; inf: not said), only
+                  when flags bit 2 is set
     ...     ...   per header: name length (u16), value length (u16), name, value (UTF-8)
     ...     ...   body
 
@@ -38,8 +40,10 @@ VERSION = 1
 _HEAD = struct.Struct(">2sBBHddHI")
 _FIELD = struct.Struct(">HH")
 _FETCH = struct.Struct(">d")
+_LIMITS = struct.Struct(">dd")
 _HAS_FETCH = 0x01
 _MUST_REVALIDATE = 0x02
+_HAS_LIMITS = 0x04
 _MAX_FIELD = 0xFFFF
 
 Headers = tuple[tuple[str, str], ...]
@@ -66,6 +70,9 @@ class Entry:
     ttl: float
     fetch_seconds: float = 0.0  # how long the origin took to produce it (0: not measured)
     must_revalidate: bool = False  # never served once stale (the origin said so)
+    # The origin's own stale-while-revalidate and stale-if-error (seconds; inf: it said
+    # nothing of one), which narrow a route's windows (``cache.stale``); None: it said neither.
+    stale_limits: tuple[float, float] | None = None
 
     def expires_at(self) -> float:
         """Wall-clock second after which the entry is no longer fresh."""
@@ -87,6 +94,8 @@ class Entry:
         cost = (
             _ENTRY + _FLOAT * (3 if self.fetch_seconds else 2) + allocated(sys.getsizeof(self.body))
         )
+        if self.stale_limits is not None:
+            cost += _LIMITS_COST
         if not -5 <= self.status <= 256:  # CPython shares the objects of the small ints
             cost += _INT
         if headers:
@@ -102,6 +111,7 @@ _ENTRY = allocated(sys.getsizeof(Entry(200, (), b"", 0.0, 0.0)))
 _FLOAT = allocated(sys.getsizeof(0.5))  # stored_at, ttl, and fetch_seconds when measured
 _INT = allocated(sys.getsizeof(1 << 20))
 _PAIR = allocated(sys.getsizeof(("", "")))
+_LIMITS_COST = allocated(sys.getsizeof((0.5, 0.5))) + 2 * _FLOAT
 
 
 def encode(entry: Entry) -> bytes:
@@ -119,14 +129,19 @@ def encode(entry: Entry) -> bytes:
         MAGIC,
         VERSION,
         (_HAS_FETCH if entry.fetch_seconds else 0)
-        | (_MUST_REVALIDATE if entry.must_revalidate else 0),
+        | (_MUST_REVALIDATE if entry.must_revalidate else 0)
+        | (_HAS_LIMITS if entry.stale_limits is not None else 0),
         entry.status,
         entry.stored_at,
         entry.ttl,
         len(entry.headers),
         len(entry.body),
     )
-    parts[0] = head + _FETCH.pack(entry.fetch_seconds) if entry.fetch_seconds else head
+    if entry.fetch_seconds:
+        head += _FETCH.pack(entry.fetch_seconds)
+    if entry.stale_limits is not None:
+        head += _LIMITS.pack(*entry.stale_limits)
+    parts[0] = head
     parts.append(entry.body)
     return b"".join(parts)
 
@@ -140,7 +155,7 @@ def decode(data: bytes) -> Entry:
         raise CorruptEntry(f"not an entry envelope (magic {magic!r})")
     if version != VERSION:
         raise CorruptEntry(f"envelope version {version} is not supported (this build reads 1)")
-    if flags & ~(_HAS_FETCH | _MUST_REVALIDATE):
+    if flags & ~(_HAS_FETCH | _MUST_REVALIDATE | _HAS_LIMITS):
         raise CorruptEntry(f"unknown envelope flags {flags:#x}")
     if not 100 <= status <= 599:
         raise CorruptEntry(f"status {status} is not an HTTP status")
@@ -155,6 +170,14 @@ def decode(data: bytes) -> Entry:
         offset += _FETCH.size
         if not (math.isfinite(fetch_seconds) and fetch_seconds > 0):
             raise CorruptEntry(f"fetch time {fetch_seconds} is not a duration")
+    stale_limits = None
+    if flags & _HAS_LIMITS:
+        if len(data) < offset + _LIMITS.size:
+            raise CorruptEntry("the stale limits are truncated")
+        stale_limits = _LIMITS.unpack_from(data, offset)
+        offset += _LIMITS.size
+        if not all(limit >= 0 for limit in stale_limits):  # NaN is not >= 0
+            raise CorruptEntry(f"stale limits {stale_limits} are not durations")
     view = memoryview(data)
     headers: list[tuple[str, str]] = []
     try:
@@ -188,4 +211,5 @@ def decode(data: bytes) -> Entry:
         ttl=ttl,
         fetch_seconds=fetch_seconds,
         must_revalidate=bool(flags & _MUST_REVALIDATE),
+        stale_limits=stale_limits,
     )

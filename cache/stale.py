@@ -41,13 +41,30 @@ class Staleness:
         """How long past its freshness a tier keeps an entry, to be served stale."""
         return max(self.while_revalidate, self.if_error)
 
+    def keep_for(self, entry: Entry) -> float:
+        """How long past its freshness a tier keeps ``entry`` to serve it stale: ``keep``,
+        narrowed by the origin's own limits."""
+        if entry.stale_limits is None:
+            return self.keep
+        return max(
+            min(self.while_revalidate, entry.stale_limits[0]),
+            min(self.if_error, entry.stale_limits[1]),
+        )
+
     def revalidates(self, entry: Entry, now: float) -> bool:
-        """May ``entry`` (stale) be served at once while it is refreshed?"""
-        return not entry.must_revalidate and now - entry.expires_at() <= self.while_revalidate
+        """May ``entry`` (stale) be served at once while it is refreshed? Within the route's
+        window, narrowed by the origin's own (``Entry.stale_limits``)."""
+        window = self.while_revalidate
+        if entry.stale_limits is not None:
+            window = min(window, entry.stale_limits[0])
+        return not entry.must_revalidate and now - entry.expires_at() <= window
 
     def covers_error(self, entry: Entry, now: float) -> bool:
-        """May ``entry`` (stale) be served because the origin failed?"""
-        return not entry.must_revalidate and now - entry.expires_at() <= self.if_error
+        """May ``entry`` (stale) be served because the origin failed? As ``revalidates``."""
+        window = self.if_error
+        if entry.stale_limits is not None:
+            window = min(window, entry.stale_limits[1])
+        return not entry.must_revalidate and now - entry.expires_at() <= window
 
 
 NEVER = Staleness()

@@ -9,6 +9,7 @@ hit      -> not_modified: does the client's validator match (304)?
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from email.utils import parsedate_to_datetime
 
@@ -75,6 +76,23 @@ def cache_directives(headers: CIMultiDictProxy[str]) -> dict[str, str | None]:
             if found:
                 return found
     return parse_cache_control(headers.getall("Cache-Control", []))
+
+
+def stale_limits(headers: CIMultiDictProxy[str]) -> tuple[float, float] | None:
+    """The response's own ``stale-while-revalidate`` and ``stale-if-error`` (RFC 5861), which
+    narrow the route's windows: inf for one it does not give, 0 for one it gives malformed;
+    None when it gives neither."""
+    directives = cache_directives(headers)
+    limits = []
+    for name in ("stale-while-revalidate", "stale-if-error"):
+        if name in directives:
+            seconds = delta_seconds(directives[name])
+            limits.append(0.0 if seconds is None else seconds)
+        else:
+            limits.append(math.inf)
+    if limits == [math.inf, math.inf]:
+        return None
+    return limits[0], limits[1]
 
 
 def parse_cache_control(values: Sequence[str], target: str = "") -> dict[str, str | None]:

@@ -30,7 +30,14 @@ from proxy.answers import BYPASS_ROUTE, HIT_L1, HIT_L2, REVALIDATED, X_CACHE, er
 from proxy.metrics import Metrics
 from proxy.origin import OriginClient, OriginError, Oversized
 from proxy.passthrough import PassThrough, relay
-from proxy.policy import Decision, age_of, decide, not_modified, stale_allowed
+from proxy.policy import (
+    Decision,
+    age_of,
+    decide,
+    not_modified,
+    stale_allowed,
+    stale_limits,
+)
 from proxy.request import CacheRequest
 from proxy.routes import MAX_LEARNED, Route
 from proxy.settings import Coalesce, Mode
@@ -174,6 +181,7 @@ class Reads:
             stored_at=now - age,
             ttl=decision.fresh_for + age,
             must_revalidate=not stale_allowed(response.status, response.headers),
+            stale_limits=stale_limits(response.headers),
         )
         return Loaded(
             entry,
@@ -209,6 +217,7 @@ class Reads:
             stored_at=now - age,
             ttl=decision.fresh_for + age,
             must_revalidate=not stale_allowed(previous.status, merged),
+            stale_limits=stale_limits(merged),
         )
         return Loaded(
             entry,
@@ -273,7 +282,7 @@ def _learn(route: Route, decision: Decision) -> None:
 def _kept_stale(route: Route, entry: Entry) -> float:
     """How long past its freshness the tiers keep ``entry``: to serve it stale, as the route
     allows and the origin did not forbid; to revalidate it, when it has a validator."""
-    keep = 0.0 if entry.must_revalidate else route.stale.keep
+    keep = 0.0 if entry.must_revalidate else route.stale.keep_for(entry)
     if route.revalidate_within > 0 and entry.status == 200 and forwarding.validators(entry.headers):
         keep = max(keep, route.revalidate_within)
     return keep

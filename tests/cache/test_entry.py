@@ -24,6 +24,7 @@ entries = st.builds(
     ttl=st.floats(0, 1e7, allow_nan=False),
     fetch_seconds=st.one_of(st.just(0.0), st.floats(1e-6, 1e4)),
     must_revalidate=st.booleans(),
+    stale_limits=st.none() | st.tuples(*[st.floats(0, 1e7) | st.just(float("inf"))] * 2),
 )
 
 
@@ -165,3 +166,10 @@ def test_a_fetch_time_cut_short_is_refused() -> None:
     data = encode(Entry(200, (), b"", 1.0, 1.0, fetch_seconds=0.25))
     with pytest.raises(CorruptEntry, match="fetch time"):
         decode(data[:30])
+
+
+def test_stale_limits_that_are_not_durations_are_corrupt() -> None:
+    data = bytearray(encode(Entry(200, (), b"", 1.0, 30.0, stale_limits=(5.0, 60.0))))
+    data[28:36] = struct.pack(">d", float("nan"))
+    with pytest.raises(CorruptEntry, match="stale limits"):
+        decode(bytes(data))

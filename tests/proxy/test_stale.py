@@ -99,3 +99,47 @@ async def test_an_answer_that_must_be_revalidated_is_never_served_stale(
     origin.reply("/orders/8", b"down", status=503)
     failed = await proxy.get("/orders/8")
     assert (failed.status, failed.headers["X-Cache"]) == (503, "MISS")
+
+
+@pytest.mark.parametrize(
+    ("directive", "after", "stale"),
+    [
+        ("stale-while-revalidate=5", 12, True),  # within the answer's own 5 s
+        ("stale-while-revalidate=5", 16, False),  # past it, though the route allows 30 s
+        ("stale-while-revalidate=3600", 45, False),  # the route's 30 s caps it
+        ("stale-while-revalidate=x", 12, False),  # malformed: no stale serving
+        ("stale-if-error=60", 12, True),  # says nothing of while-revalidate: the route's
+    ],
+)
+async def test_the_answer_s_own_stale_while_revalidate_narrows_the_route_s(
+    make_proxy: MakeProxy,
+    origin: Origin,
+    clock: FakeClock,
+    directive: str,
+    after: float,
+    stale: bool,
+) -> None:
+    origin.reply("/users/1", b"{}", headers={"Cache-Control": f"max-age=10, {directive}"})
+    proxy = await make_proxy(routes=STALE_ROUTES)
+    await proxy.get("/users/1")
+    clock.advance(after)
+    answer = await proxy.get("/users/1")
+    assert (answer.headers["X-Cache"] == "STALE") is stale
+
+
+async def test_the_answer_s_own_stale_if_error_narrows_the_route_s(
+    make_proxy: MakeProxy, origin: Origin, clock: FakeClock
+) -> None:
+    headers = {"Cache-Control": "max-age=10, stale-if-error=20"}
+    origin.reply("/orders/7", b"{}", headers=headers)
+    origin.reply("/orders/8", b"{}", headers=headers)
+    proxy = await make_proxy(routes=STALE_ROUTES)
+    await proxy.get("/orders/7")
+    await proxy.get("/orders/8")
+    origin.reply("/orders/7", b"down", status=503)
+    origin.reply("/orders/8", b"down", status=503)
+    clock.advance(25)  # 15 s stale: within the answer's 20 s
+    assert (await proxy.get("/orders/7")).headers["X-Cache"] == "STALE"
+    clock.advance(10)  # 25 s stale: past them, though the route allows 5 minutes
+    failed = await proxy.get("/orders/8")
+    assert (failed.status, failed.headers["X-Cache"]) == (503, "MISS")
