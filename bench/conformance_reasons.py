@@ -18,13 +18,14 @@ UNEXPLAINED = "not explained yet"
 REASONS: tuple[tuple[str, str], ...] = (
     (
         "*-Content-Length",
-        "to do: the origin sends more bytes than its Content-Length; aiohttp's client reads the "
-        "rest as a next answer, fails the whole fetch, and cachecar answers 502",
+        "to do: the origin sends more bytes than its Content-Length in one write; aiohttp's "
+        "client parses the rest as a next answer and fails the whole fetch, so cachecar "
+        "answers 502 (the origin client of issue 17 is where to end the answer at its length)",
     ),
     (
         "headers-store-Transfer-Encoding",
-        "to do: an unknown transfer coding: the body is read until the origin closes, which the "
-        "test server does after its 5 s keep-alive, when `upstream.timeout` (5 s) has run out: 504",
+        "to do: look at it (an unknown transfer coding is read until the origin closes the "
+        "connection, 5 s later here, within the suite config's `upstream.timeout` of 10 s)",
     ),
     (
         "304-etag-update-response-Set-Cookie",
@@ -121,8 +122,9 @@ REASONS: tuple[tuple[str, str], ...] = (
     ),
     (
         "stale-*",
-        "choice: stale answers are served only within the route's `stale_if_error` (none in the "
-        "suite's config); to do: the answer's own `stale-if-error` (issue 16's point 4)",
+        "choice: a stale answer is served only within the route's `stale_if_error` and "
+        "`stale_while_revalidate` (0 in the suite's config), which the answer's own directives "
+        "may narrow, never widen: the operator decides how stale is acceptable",
     ),
     (
         "surrogate-append-capabilities",
