@@ -126,12 +126,12 @@ def decide(
     now: float,
     age: float = 0.0,
     keyed: tuple[str, ...] | None = None,
-    asked: frozenset[str] = frozenset(),
+    present: frozenset[str] = frozenset(),
 ) -> Decision:
     """May this response to a cacheable request be stored, and for how long from now?
 
     ``keyed`` holds the (lower-case) request headers its variant was made of (the route's
-    ``vary`` when not given), ``sent`` those that went to the origin, ``asked`` those the
+    ``vary`` when not given), ``sent`` those that went to the origin, ``present`` those the
     client sent. A ``Vary`` on a header outside ``keyed`` that the route may learn
     (``headers.learnable``) is to be learned (``Decision.learn``); the response is then the
     requester's own if the client sent that header (the origin answered without it), and
@@ -147,7 +147,7 @@ def decide(
         return Decision(shared=False, detail="private")
     if "set-cookie" in headers:
         return Decision(shared=False, detail="set-cookie")
-    refused, learn = _unkeyed_vary(headers, route.vary if keyed is None else keyed, sent, asked)
+    refused, learn = _unkeyed_vary(headers, route.vary if keyed is None else keyed, sent, present)
     if refused:
         return Decision(shared=False, detail="vary", learn=learn)
     decision = _lifetime(status, directives, headers, route, now, age)
@@ -190,7 +190,7 @@ def _unkeyed_vary(
     headers: CIMultiDictProxy[str],
     keyed: tuple[str, ...],
     sent: frozenset[str],
-    asked: frozenset[str],
+    present: frozenset[str],
 ) -> tuple[bool, tuple[str, ...]]:
     """Whether the answer's ``Vary`` makes it the requester's own, and the headers it varies
     on that its variant does not say and the route may learn."""
@@ -204,7 +204,7 @@ def _unkeyed_vary(
                 refused = True
             elif learnable(name):
                 learn[name] = None
-                refused = refused or name in asked or name in sent
+                refused = refused or name in present or name in sent
             elif name in sent:
                 refused = True
     return refused, tuple(learn)

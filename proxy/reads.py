@@ -3,12 +3,14 @@
     GET/HEAD (no credentials the route does not key on, no Range: ``proxy.handler`` checked)
       -> the key or a tag too long                      -> pass through (BYPASS, key-too-long)
       -> cache.get(key, variant): L1 -> L2 -> the origin (``_load``), one fetch per key at a
-         time (``coalesce: cluster``: across replicas); write-behind routes read queued writes
+         time (``coalesce: cluster``: across replicas); write-behind routes read queued writes;
+         an entry kept past its freshness is revalidated (``_load`` with it: its validators
+         sent, a 304 refreshes it, ``_refresh``)
       -> answer from the entry: X-Cache, Cache-Status, Age; 304 when the validator matches
       -> the origin failed: its error; an answer too large to keep: relayed whole, not kept
 
-Only a cacheable miss is read whole, because it is about to be stored; conditional headers are
-not forwarded on it (the entry must be whole).
+Only a cacheable miss is read whole, because it is about to be stored; the client's conditional
+headers are not forwarded on it (the entry must be whole), only the stored entry's own.
 """
 
 from __future__ import annotations
@@ -153,14 +155,14 @@ class Reads:
             if previous is not None and previous.status == 200
             else {}
         )
-        asked = sent
+        outgoing = sent
         if validators:
-            asked = CIMultiDict(sent)
-            asked.update(validators)
+            outgoing = CIMultiDict(sent)
+            outgoing.update(validators)
         response = await self._origin.fetch(
             "GET",
             self._origin.url(cached.path, cached.query),
-            asked,
+            outgoing,
             route=route.name,
             limit=self._max_cacheable,
         )
