@@ -174,26 +174,11 @@ class Reads:
             )
         decision = decide(response.status, response.headers, route, names, now, age, keyed, present)
         _learn(route, decision)
-        # stored_at is when the origin (or a cache before it) produced the answer, so Age keeps
-        # counting from there; the entry is fresh until now + fresh_for.
         entry = Entry(
-            status=response.status,
-            headers=forwarding.to_store(response.headers),
-            body=response.body,
-            stored_at=now - age,
-            ttl=decision.fresh_for + age,
-            must_revalidate=not stale_allowed(response.status, response.headers),
-            stale_limits=stale_limits(response.headers),
+            response.status, forwarding.to_store(response.headers), response.body, now, 0.0
         )
-        return Loaded(
-            entry,
-            decision.l1_ttl,
-            decision.l2_ttl,
-            decision.shared,
-            decision.detail,
-            tags,
-            failed=response.status >= 500,
-            stale_for=_kept_stale(route, entry),
+        return _loaded(
+            route, entry, response.headers, decision, now, age, tags, failed=response.status >= 500
         )
 
     def _refresh(
@@ -213,24 +198,8 @@ class Reads:
         sent, present, keyed = request_names
         decision = decide(previous.status, merged, route, sent, now, age, keyed, present)
         _learn(route, decision)
-        entry = dataclasses.replace(
-            previous,
-            headers=headers,
-            stored_at=now - age,
-            ttl=decision.fresh_for + age,
-            must_revalidate=not stale_allowed(previous.status, merged),
-            stale_limits=stale_limits(merged),
-        )
-        return Loaded(
-            entry,
-            decision.l1_ttl,
-            decision.l2_ttl,
-            decision.shared,
-            decision.detail,
-            cached.tags,
-            stale_for=_kept_stale(route, entry),
-            revalidated=True,
-        )
+        entry = dataclasses.replace(previous, headers=headers)
+        return _loaded(route, entry, merged, decision, now, age, cached.tags, revalidated=True)
 
     def _answer(self, request: web.Request, lookup: Lookup) -> web.Response:
         entry = lookup.entry
@@ -261,6 +230,43 @@ def _stale_status(lookup: Lookup, now: float) -> str:
     if lookup.detail == REVALIDATING:
         return f"cachecar; hit; ttl={ttl}; detail={lookup.detail}"
     return f"cachecar; fwd=stale; ttl={ttl}; detail={lookup.detail}"
+
+
+def _loaded(
+    route: Route,
+    entry: Entry,
+    headers: CIMultiDictProxy[str],
+    decision: Decision,
+    now: float,
+    age: float,
+    tags: tuple[str, ...],
+    *,
+    failed: bool = False,
+    revalidated: bool = False,
+) -> Loaded:
+    """``entry`` as the tiers take it: fresh from ``now`` as ``decision`` says, served stale
+    only as its ``headers`` allow, kept past its freshness as ``_kept_stale`` says.
+
+    stored_at is when the origin (or a cache before it) produced the answer, so Age keeps
+    counting from there; the entry is fresh until now + fresh_for."""
+    entry = dataclasses.replace(
+        entry,
+        stored_at=now - age,
+        ttl=decision.fresh_for + age,
+        must_revalidate=not stale_allowed(entry.status, headers),
+        stale_limits=stale_limits(headers),
+    )
+    return Loaded(
+        entry,
+        decision.l1_ttl,
+        decision.l2_ttl,
+        decision.shared,
+        decision.detail,
+        tags,
+        failed=failed,
+        stale_for=_kept_stale(route, entry),
+        revalidated=revalidated,
+    )
 
 
 def _learn(route: Route, decision: Decision) -> None:
