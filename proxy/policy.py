@@ -1,9 +1,10 @@
 """HTTP caching rules (RFC 9111 as a shared cache applies them), apart from storage.
 
-request  -> bypass_reason: may the cache answer it at all? (credentials, ranges)
+request  -> bypass_reason: may the cache answer it at all? (credentials, If-Range)
 response -> decide: may it be stored, for how long in each tier, may waiters share it?
             (by its cache directives: a targeted field's for cachecar, else Cache-Control's)
 hit      -> not_modified: does the client's validator match (304)?
+         -> byte_range: which part of the entry does a Range ask for (206, 416)?
 """
 
 from __future__ import annotations
@@ -43,9 +44,38 @@ def bypass_reason(headers: CIMultiDictProxy[str], route: Route) -> str | None:
     for name in CREDENTIALS:
         if name in headers and name not in route.vary:
             return "credentials"
-    if RANGE in headers:
-        return "range"
+    if RANGE in headers and "if-range" in headers:
+        return "range"  # a range of a representation the client names: the origin's to judge
     return None
+
+
+UNSATISFIABLE = (-1, -1)
+
+
+def byte_range(value: str, length: int) -> tuple[int, int] | None:
+    """The (first, last) byte a ``Range: bytes=...`` asks of a body of ``length`` bytes;
+    ``UNSATISFIABLE`` when it asks for none of them (416); None when the whole body is the
+    answer: several ranges, another unit, or a malformed one, which RFC 9110 §14.2 lets a
+    cache ignore."""
+    unit, _, spec = value.strip().partition("=")
+    if unit.strip().lower() != "bytes" or "," in spec:
+        return None
+    first_text, dash, last_text = spec.strip().partition("-")
+    first_text, last_text = first_text.strip(), last_text.strip()
+    if not dash or not (first_text or last_text):
+        return None
+    if not first_text:  # the last N bytes
+        suffix = delta_seconds(last_text)  # digits only, as delta-seconds are
+        if suffix is None:
+            return None
+        return (max(0, length - int(suffix)), length - 1) if suffix and length else UNSATISFIABLE
+    first = delta_seconds(first_text)
+    last = delta_seconds(last_text) if last_text else math.inf
+    if first is None or last is None or last < first:
+        return None
+    if first >= length:
+        return UNSATISFIABLE
+    return int(first), int(min(last, length - 1))
 
 
 def stale_allowed(status: int, headers: CIMultiDictProxy[str]) -> bool:

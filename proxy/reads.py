@@ -1,12 +1,14 @@
 """A read on a cached route, through the cache.
 
-    GET/HEAD (no credentials the route does not key on, no Range: ``proxy.handler`` checked)
+    GET/HEAD (no credentials the route does not key on, no If-Range: ``proxy.handler``
+    checked)
       -> the key or a tag too long                      -> pass through (BYPASS, key-too-long)
       -> cache.get(key, variant): L1 -> L2 -> the origin (``_load``), one fetch per key at a
          time (``coalesce: cluster``: across replicas); write-behind routes read queued writes;
          an entry kept past its freshness is revalidated (``_load`` with it: its validators
          sent, a 304 refreshes it, ``_refresh``)
-      -> answer from the entry: X-Cache, Cache-Status, Age; 304 when the validator matches
+      -> answer from the entry: X-Cache, Cache-Status, Age; 304 when the validator matches;
+         a GET's one byte range of a stored 200: 206 (416 when it asks for none of it)
       -> the origin failed: its error; an answer too large to keep: relayed whole, not kept
 
 Only a cacheable miss is read whole, because it is about to be stored; the client's conditional
@@ -33,8 +35,10 @@ from proxy.metrics import Metrics
 from proxy.origin import OriginClient, OriginError, Oversized
 from proxy.passthrough import PassThrough, relay
 from proxy.policy import (
+    UNSATISFIABLE,
     Decision,
     age_of,
+    byte_range,
     decide,
     not_modified,
     stale_allowed,
@@ -220,6 +224,9 @@ class Reads:
         if not_modified(request.headers, entry):
             kept = CIMultiDict((k, v) for k, v in headers.items() if k.lower() in _KEEP_ON_304)
             return web.Response(status=304, headers=kept)
+        wanted = request.headers.get(forwarding.RANGE)
+        if wanted is not None and request.method == "GET" and entry.status == 200:
+            return _part(headers, entry.body, wanted)
         return web.Response(status=entry.status, headers=headers, body=entry.body)
 
 
@@ -230,6 +237,21 @@ def _stale_status(lookup: Lookup, now: float) -> str:
     if lookup.detail == REVALIDATING:
         return f"cachecar; hit; ttl={ttl}; detail={lookup.detail}"
     return f"cachecar; fwd=stale; ttl={ttl}; detail={lookup.detail}"
+
+
+def _part(headers: CIMultiDict[str], body: bytes, wanted: str) -> web.Response:
+    """The part of a stored 200 a Range asks for (206), none of it (416), or all of it when
+    the Range is one cachecar does not serve from the cache (several ranges, another unit)."""
+    part = byte_range(wanted, len(body))
+    if part is None:
+        return web.Response(status=200, headers=headers, body=body)
+    if part == UNSATISFIABLE:
+        headers.popall("Content-Type", None)
+        headers["Content-Range"] = f"bytes */{len(body)}"
+        return web.Response(status=416, headers=headers)
+    first, last = part
+    headers["Content-Range"] = f"bytes {first}-{last}/{len(body)}"
+    return web.Response(status=206, headers=headers, body=body[first : last + 1])
 
 
 def _loaded(

@@ -5,7 +5,14 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from cache.entry import Entry
 from proxy.config import parse_settings
-from proxy.policy import Decision, decide, not_modified, parse_cache_control
+from proxy.policy import (
+    UNSATISFIABLE,
+    Decision,
+    byte_range,
+    decide,
+    not_modified,
+    parse_cache_control,
+)
 from proxy.routes import Route, Router
 
 ROUTE = Router.from_settings(
@@ -135,3 +142,25 @@ def test_ttl_default_bounds_an_answer_that_says_nothing_of_its_freshness() -> No
     assert decide(200, response(Cache_Control="max-age=60"), silent, SENT, NOW).l2_ttl == 60
     assert decide(200, response(), route("1m"), SENT, NOW).l2_ttl == 60
     assert decide(200, response(Cache_Control="max-age=3600"), route("1m"), SENT, NOW).l2_ttl == 600
+
+
+@pytest.mark.parametrize(
+    ("value", "length", "part"),
+    [
+        ("bytes=0-0", 5, (0, 0)),
+        ("bytes=2-", 5, (2, 4)),
+        ("bytes=-2", 5, (3, 4)),
+        ("bytes=-9", 5, (0, 4)),  # a suffix longer than the body: all of it
+        ("BYTES = 1-2", 5, (1, 2)),
+        ("bytes=-0", 5, UNSATISFIABLE),
+        ("bytes=5-", 5, UNSATISFIABLE),
+        ("bytes=0-", 0, UNSATISFIABLE),  # nothing to take a part of
+        ("bytes=1-2,3-4", 5, None),
+        ("bytes=a-2", 5, None),
+        ("bytes=-", 5, None),
+        ("bytes=2-1", 5, None),
+        ("pages=1-2", 5, None),
+    ],
+)
+def test_which_part_a_range_asks_for(value: str, length: int, part: tuple[int, int] | None) -> None:
+    assert byte_range(value, length) == part

@@ -400,12 +400,56 @@ async def test_hop_by_hop_headers_are_stripped_both_ways(
         assert response.headers["X-Kept"] == "yes"
 
 
-async def test_a_range_request_bypasses_the_cache(make_proxy: MakeProxy, origin: Origin) -> None:
+@pytest.mark.parametrize(
+    ("wanted", "status", "content_range", "body"),
+    [
+        ("bytes=0-3", 206, "bytes 0-3/10", b"0123"),
+        ("bytes=6-", 206, "bytes 6-9/10", b"6789"),
+        ("bytes=-3", 206, "bytes 7-9/10", b"789"),
+        ("bytes=8-100", 206, "bytes 8-9/10", b"89"),
+        ("bytes=10-", 416, "bytes */10", b""),
+        ("bytes=0-1,4-5", 200, None, b"0123456789"),  # several: the whole body
+        ("items=0-3", 200, None, b"0123456789"),  # another unit: the whole body
+        ("bytes=3-1", 200, None, b"0123456789"),  # malformed: ignored
+    ],
+)
+async def test_a_range_is_answered_from_the_stored_entry(
+    make_proxy: MakeProxy,
+    origin: Origin,
+    wanted: str,
+    status: int,
+    content_range: str | None,
+    body: bytes,
+) -> None:
+    origin.reply("/users/1", b"0123456789", headers={"ETag": '"v1"'})
+    proxy = await make_proxy()
+    first = await proxy.get("/users/1", headers={"Range": wanted})  # a miss: fetched whole
+    assert "range" not in origin.last("/users/1").headers
+    again = await proxy.get("/users/1", headers={"Range": wanted})
+    for answer, x_cache in ((first, "MISS"), (again, "HIT-L1")):
+        assert (answer.status, answer.headers["X-Cache"]) == (status, x_cache)
+        assert answer.headers.get("Content-Range") == content_range
+        assert await answer.read() == body
+    assert origin.count("/users/1") == 1
+
+
+async def test_if_range_and_head_and_a_stored_404_take_no_part(
+    make_proxy: MakeProxy, origin: Origin
+) -> None:
+    origin.reply("/users/1", b"0123456789", headers={"ETag": '"v1"'})
     proxy = await make_proxy()
     await proxy.get("/users/1")
-    response = await proxy.get("/users/1", headers={"Range": "bytes=0-3"})
-    assert response.headers["X-Cache"] == "BYPASS"
-    assert origin.last("/users/1").headers["Range"] == "bytes=0-3"
+    # If-Range: the origin judges whether the client's copy is the one to take a part of.
+    judged = await proxy.get("/users/1", headers={"Range": "bytes=0-3", "If-Range": '"v1"'})
+    assert judged.headers["X-Cache"] == "BYPASS"
+    assert origin.last("/users/1").headers["If-Range"] == '"v1"'
+    head = await proxy.head("/users/1", headers={"Range": "bytes=0-3"})
+    assert (head.status, head.headers["X-Cache"]) == (200, "HIT-L1")
+    await proxy.get("/users/404")  # kept for negative_ttl (the default origin answers 404 JSON)
+    origin.reply("/users/2", b"gone", status=404)
+    await proxy.get("/users/2")
+    missing = await proxy.get("/users/2", headers={"Range": "bytes=0-1"})
+    assert (missing.status, await missing.read()) == (404, b"gone")
 
 
 async def test_repeated_query_parameters_in_another_order_are_another_entry(
