@@ -116,6 +116,7 @@ class Runtime:
             settings.upstream.url,
             timeout=settings.upstream.timeout,
             max_connections=settings.upstream.max_connections,
+            keepalive_timeout=settings.upstream.keepalive_timeout,
             on_origin=metrics.origin_request,
         )
         router = Router.from_settings(settings)

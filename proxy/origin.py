@@ -1,15 +1,17 @@
-"""The one pooled client to the origin, with its failures named once.
+"""The client to the origin, on ``http1``'s pooled connections, with its failures named once.
 
-Two ways to call it: ``fetch`` reads a whole response (a cacheable miss: it is going to be stored),
-bounded by ``upstream.timeout`` end to end; ``stream`` hands the response over as it arrives
-(everything proxied uncached), bounded by ``upstream.timeout`` to connect and between reads, so a
-large download is not cut but a stalled origin is. A ``fetch`` with a ``limit`` stops reading past
-it and hands the rest over as a stream (``Oversized``): too large to keep, relayed as it comes.
+Two ways to call it: ``fetch`` reads a whole response (a cacheable miss: it is going to be stored;
+a write), bounded by ``upstream.timeout`` end to end; ``stream`` hands the response over as it
+arrives (everything proxied uncached, the request body streamed too), bounded by
+``upstream.timeout`` to connect, for the head once the body is sent, and between reads, so a large
+download is not cut but a stalled origin is. A ``fetch`` with a ``limit`` stops reading past it and
+hands the rest over as a stream (``Oversized``): too large to keep, relayed as it comes. A
+connection idle for ``upstream.keepalive_timeout`` is closed, not reused.
 
 At most ``upstream.max_connections`` calls are in flight; a call that waits longer than
 ``upstream.timeout`` for one of them is ``OriginBusy`` (503), without reaching the origin.
 
-    aiohttp errors -> OriginTimeout (504) | OriginUnreachable (502)
+    http1's errors -> OriginTimeout (504) | OriginUnreachable (502)
 """
 
 from __future__ import annotations
@@ -17,17 +19,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
 
-import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from cache.errors import LoadDeclined
 from proxy.errors import ProxyError
+from proxy.http1 import Answer, AnswerError, ConnectFailed, Pool
 from proxy.units import format_duration, format_size
 
 
@@ -65,24 +66,18 @@ class Oversized(LoadDeclined, ProxyError):
     ``take`` it relays it and then ``close``s it. One nobody takes is closed after ``grace``."""
 
     def __init__(
-        self,
-        response: aiohttp.ClientResponse,
-        prefix: bytes,
-        limit: int,
-        release: Callable[[], None],
-        grace: float,
+        self, response: Answer, limit: int, release: Callable[[], None], grace: float
     ) -> None:
         super().__init__(f"the answer is larger than server.max_cacheable ({format_size(limit)})")
-        self._response: aiohttp.ClientResponse | None = response
-        self._prefix = prefix
+        self._response: Answer | None = response
         self._release = release
         self._closed = False
         asyncio.get_running_loop().call_later(grace, self._abandoned)
 
-    def take(self) -> tuple[aiohttp.ClientResponse, bytes] | None:
-        """The open response and the bytes already read from it; None once taken."""
+    def take(self) -> Answer | None:
+        """The open response, what was read of its body still to come; None once taken."""
         response, self._response = self._response, None
-        return None if response is None else (response, self._prefix)
+        return response
 
     def discard(self) -> None:
         self._response = None
@@ -120,21 +115,18 @@ class OriginClient:
 
     def __init__(
         self,
-        session: aiohttp.ClientSession,
+        pool: Pool,
         base_url: str,
         timeout: float,
         on_origin: OnOrigin = _ignore,
         max_connections: int | None = None,
     ) -> None:
-        self._session = session
+        self._pool = pool
         self._base = base_url.rstrip("/")
         self._timeout = timeout
         self._on_origin = on_origin
         self._max_connections = max_connections
         self._slots = asyncio.Semaphore(max_connections) if max_connections else None
-        self._stream_timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=timeout, sock_read=timeout
-        )
 
     @classmethod
     def create(
@@ -143,21 +135,19 @@ class OriginClient:
         *,
         timeout: float,
         max_connections: int,
+        keepalive_timeout: float = 4.0,
         on_origin: OnOrigin = _ignore,
     ) -> OriginClient:
-        session = aiohttp.ClientSession(
-            # One connection beyond the requests' max_connections: the readiness probe's, so a
-            # saturated pool is not reported as an origin that does not answer.
-            connector=aiohttp.TCPConnector(limit=max_connections + 1, ttl_dns_cache=60),
-            # Bodies pass through as the origin encoded them; what is cached is what was sent.
-            auto_decompress=False,
-            # One client serves every user: it must never remember one user's cookies.
-            cookie_jar=aiohttp.DummyCookieJar(),
-            # Send what the client sent, not aiohttp's defaults.
-            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
-            timeout=aiohttp.ClientTimeout(total=None),
+        # One connection beyond the requests' max_connections: the readiness probe's, so a
+        # saturated pool is not reported as an origin that does not answer. Bodies pass as the
+        # origin encoded them, no cookie is kept, and only the headers given are sent.
+        pool = Pool(
+            URL(base_url),
+            idle=keepalive_timeout,
+            max_idle=max_connections + 1,
+            read_timeout=timeout,
         )
-        return cls(session, base_url, timeout, on_origin, max_connections)
+        return cls(pool, base_url, timeout, on_origin, max_connections)
 
     def url(self, path: str, query: str) -> URL:
         """The origin URL for a normalized path and its raw query string."""
@@ -185,24 +175,19 @@ class OriginClient:
         try:
             with self._call(method, route) as call:
                 async with asyncio.timeout_at(deadline):
-                    # Read timeouts too: the rest of an Oversized answer may not stall either.
-                    response = await self._request(method, url, headers, data)
+                    response = await self._pool.request(method, url, headers, data)
                     try:
                         call.status = str(response.status)
-                        if limit is None:
-                            body = await response.read()
-                        else:
-                            read = await _read_up_to(response, limit)
-                            if read is None or len(read) > limit:
-                                handed_over = True
-                                raise Oversized(
-                                    response,
-                                    read or b"",
-                                    limit,
-                                    partial(self._hand_back, response, slot),
-                                    self._timeout,
-                                )
-                            body = read
+                        body = await response.read(limit)
+                        if body is None:
+                            # The rest of it is read with a timeout between reads.
+                            handed_over = True
+                            raise Oversized(
+                                response,
+                                limit or 0,
+                                partial(self._hand_back, response, slot),
+                                self._timeout,
+                            )
                         return OriginResponse(response.status, response.headers, body)
                     finally:
                         if not handed_over:
@@ -211,20 +196,7 @@ class OriginClient:
             if slot and not handed_over:
                 self._free()
 
-    async def _request(
-        self, method: str, url: URL, headers: CIMultiDict[str], data: Any
-    ) -> aiohttp.ClientResponse:
-        """The origin's response head; connect and every read bounded by ``upstream.timeout``."""
-        return await self._session.request(
-            method,
-            url,
-            headers=headers,
-            data=data,
-            allow_redirects=False,
-            timeout=self._stream_timeout,
-        )
-
-    def _hand_back(self, response: aiohttp.ClientResponse, slot: bool) -> None:
+    def _hand_back(self, response: Answer, slot: bool) -> None:
         response.release()
         if slot:
             self._free()
@@ -251,15 +223,19 @@ class OriginClient:
         method: str,
         url: URL,
         headers: CIMultiDict[str],
-        data: Any = None,
+        data: AsyncIterable[bytes] | None = None,
         *,
         route: str | None = None,
-    ) -> AsyncIterator[aiohttp.ClientResponse]:
-        """The response as it arrives; errors before its head are ``OriginError``."""
+        length: int | None = None,
+    ) -> AsyncIterator[Answer]:
+        """The response as it arrives; errors before its head are ``OriginError``. ``data``
+        is sent as it comes, ``length`` its size when known (else it is sent chunked)."""
         await self._acquire(asyncio.get_running_loop().time() + self._timeout)
         try:
             with self._call(method, route) as call:
-                response = await self._request(method, url, headers, data)
+                response = await self._pool.request(
+                    method, url, headers, data, length=length, wait=self._timeout
+                )
                 call.status = str(response.status)
             try:
                 yield response
@@ -270,19 +246,20 @@ class OriginClient:
 
     @contextlib.contextmanager
     def _call(self, method: str, route: str | None) -> Iterator[_Call]:
-        """aiohttp's failures as ``OriginError``; the call reported when it has a ``route``."""
+        """http1's failures as ``OriginError``; the call reported when it has a ``route``."""
         call = _Call()
         started = time.perf_counter()
         try:
             yield call
-        except TimeoutError as exc:  # aiohttp's ServerTimeoutError is one too
+        except TimeoutError as exc:
             call.status = "timeout"
             raise OriginTimeout(f"no answer within {self._timeout:g}s") from exc
-        except aiohttp.ClientError as exc:
+        except AnswerError as exc:
             call.status = "unreachable"  # also when the answer broke off after its head
             if _caused_by(exc, RequestBodyError):
                 route = None  # the request's body failed: that says nothing about the origin
-            raise _unreachable(exc) from exc
+            where = "" if isinstance(exc, ConnectFailed) else f" ({self._pool.address})"
+            raise OriginUnreachable(f"{exc}{where}") from exc
         except asyncio.CancelledError:
             route = None  # the caller gave up: that says nothing about the origin
             raise
@@ -301,23 +278,7 @@ class OriginClient:
         return None
 
     async def aclose(self) -> None:
-        await self._session.close()
-
-
-async def _read_up_to(response: aiohttp.ClientResponse, limit: int) -> bytes | None:
-    """The whole body when it is at most ``limit`` bytes; else what was read past it (more
-    than ``limit`` bytes), or None when its Content-Length says so before any is read."""
-    length = response.content_length
-    if length is not None and length > limit:
-        return None
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in response.content.iter_any():
-        chunks.append(chunk)
-        size += len(chunk)
-        if size > limit:
-            break
-    return b"".join(chunks)
+        self._pool.close()
 
 
 @dataclass(slots=True)
@@ -335,9 +296,3 @@ def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
         chain.append(found)
         found = found.__cause__ or found.__context__
     return False
-
-
-def _unreachable(exc: aiohttp.ClientError) -> OriginUnreachable:
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return OriginUnreachable(f"cannot connect to {exc.host}:{exc.port}: {exc.os_error}")
-    return OriginUnreachable(f"{type(exc).__name__}: {exc}")

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import NamedTuple
 
 import aiohttp
 from aiohttp import web
@@ -20,6 +21,7 @@ from multidict import CIMultiDictProxy
 from proxy import headers as forwarding
 from proxy.answers import error_response
 from proxy.errors import ProxyError
+from proxy.http1 import AnswerError
 from proxy.origin import OriginClient, OriginError, RequestBodyError
 from proxy.units import format_duration, format_size
 
@@ -70,8 +72,6 @@ class PassThrough:
         body: _ClientBody | None = None
         if request.body_exists:
             body = _ClientBody(request.content, self._max_body, self._body_timeout)
-            if length is not None:
-                sent["Content-Length"] = str(length)
         try:
             async with self._origin.stream(
                 request.method,
@@ -79,10 +79,17 @@ class PassThrough:
                 sent,
                 body,
                 route=route,
+                length=length if body is not None else None,
             ) as upstream:
                 if on_answer is not None:
                     await on_answer(upstream.status, upstream.headers)
-                return await relay(request, upstream, cache_status, x_cache=x_cache)
+                return await relay(
+                    request,
+                    Head(upstream.status, upstream.reason, upstream.headers),
+                    upstream.iter_any(),
+                    cache_status,
+                    x_cache=x_cache,
+                )
         except OriginError as exc:
             if on_answer is not None:
                 await on_answer(None, None)
@@ -133,32 +140,38 @@ class PassThrough:
         )
 
 
+class Head(NamedTuple):
+    """An origin answer's head, from either client."""
+
+    status: int
+    reason: str | None
+    headers: CIMultiDictProxy[str]
+
+
 async def relay(
     request: web.Request,
-    upstream: aiohttp.ClientResponse,
+    head: Head,
+    body: AsyncIterator[bytes],
     cache_status: str,
     *,
     x_cache: str = "BYPASS",
-    prefix: bytes = b"",
 ) -> web.StreamResponse:
-    """``upstream`` streamed to the client as it comes, after ``prefix`` (already read)."""
-    response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-    response.headers.extend(forwarding.to_pass(upstream.headers))
+    """An origin answer streamed to the client as its ``body`` comes."""
+    response = web.StreamResponse(status=head.status, reason=head.reason)
+    response.headers.extend(forwarding.to_pass(head.headers))
     response.headers["X-Cache"] = x_cache
     response.headers["Cache-Status"] = cache_status
     try:
         await response.prepare(request)
-        if prefix:
-            await response.write(prefix)
     except ConnectionResetError:
         return response  # the client went away: nothing left to relay to
     try:
-        async for chunk in upstream.content.iter_any():
+        async for chunk in body:
             try:
                 await response.write(chunk)
             except ConnectionResetError:
                 return response
-    except aiohttp.ClientError as exc:
+    except (AnswerError, TimeoutError) as exc:
         # The head is sent: no error status is possible any more. Cut the connection so the
         # client sees a truncated answer as truncated, never as complete.
         logger.warning("origin broke off %s %s: %s", request.method, request.path, exc)
@@ -174,10 +187,10 @@ class _ClientBody:
     """A request body streamed to the origin, cut off once it passes ``limit`` or pauses for
     longer than ``idle`` seconds.
 
-    aiohttp reports any failure of the body as its own client error; ``exceeded`` says it was
-    this limit, ``stalled`` the pause, ``broken`` that the client's side failed (gone, or a body
-    shorter than its Content-Length). Either way the origin is not to blame:
-    ``RequestBodyError`` says so.
+    The origin client reports any failure of the body as its own error (``BodyFailed``);
+    ``exceeded`` says it was this limit, ``stalled`` the pause, ``broken`` that the client's side
+    failed (gone, or a body shorter than its Content-Length). Either way the origin is not to
+    blame: ``RequestBodyError`` says so.
     """
 
     def __init__(self, content: aiohttp.StreamReader, limit: int, idle: float) -> None:

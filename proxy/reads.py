@@ -33,7 +33,7 @@ from proxy import headers as forwarding
 from proxy.answers import BYPASS_ROUTE, HIT_L1, HIT_L2, REVALIDATED, X_CACHE, error_response
 from proxy.metrics import Metrics
 from proxy.origin import OriginClient, OriginError, Oversized
-from proxy.passthrough import PassThrough, relay
+from proxy.passthrough import Head, PassThrough, relay
 from proxy.policy import (
     UNSATISFIABLE,
     Decision,
@@ -123,9 +123,9 @@ class Reads:
             return await self._passthrough(
                 request, cached.route.name, cached.path, cached.query, status, x_cache="MISS"
             )
-        upstream, prefix = taken
+        head = Head(taken.status, taken.reason, taken.headers)
         try:
-            return await relay(request, upstream, status, x_cache="MISS", prefix=prefix)
+            return await relay(request, head, taken.iter_any(), status, x_cache="MISS")
         finally:
             exc.close()
 

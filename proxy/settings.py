@@ -118,6 +118,9 @@ class UpstreamSettings(_Section):
     url: str
     timeout: PositiveDuration = 5.0
     max_connections: int = Field(100, ge=1)
+    # Under the 5 s after which Node and Apache close an idle connection by default, so cachecar
+    # closes it first; a request on one the origin closed anyway is sent again (idempotent only).
+    keepalive_timeout: PositiveDuration = 4.0
     health_path: str = "/"
 
     @field_validator("url")
