@@ -17,17 +17,6 @@ UNEXPLAINED = "not explained yet"
 # cannot tell a right answer from a wrong one here.
 REASONS: tuple[tuple[str, str], ...] = (
     (
-        "*-Content-Length",
-        "to do: the origin sends more bytes than its Content-Length in one write; aiohttp's "
-        "client parses the rest as a next answer and fails the whole fetch, so cachecar "
-        "answers 502 (the origin client of issue 17 is where to end the answer at its length)",
-    ),
-    (
-        "headers-store-Transfer-Encoding",
-        "to do: look at it (an unknown transfer coding is read until the origin closes the "
-        "connection, 5 s later here, within the suite config's `upstream.timeout` of 10 s)",
-    ),
-    (
         "304-etag-update-response-Set-Cookie",
         "choice: a 304 with Set-Cookie is passed to the client it answers and nothing is kept: a "
         "cookie in a shared entry would go to every client",
