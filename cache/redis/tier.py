@@ -30,8 +30,8 @@ call and tells it the outcome (a guard here as well would count every call twice
 A key that holds something else (another Redis type, bytes that are not an envelope) is a
 ``CorruptEntry``: Redis is healthy, the key is dropped.
 
-Reads are auto-pipelined (``cache.redis.reads``): those of one round of the event loop share
-one round trip.
+Reads and fills are auto-pipelined (``cache.redis.reads``, ``cache.redis.fills``): those of one
+round of the event loop share one round trip.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ from cache.redis.client import MEMORY_URL as MEMORY_URL
 from cache.redis.client import RedisClient as RedisClient
 from cache.redis.client import check_client
 from cache.redis.client import client_from_url as client_from_url
+from cache.redis.fills import FILL, ROOM, PipelinedFills
 from cache.redis.reads import PipelinedReads
 from cache.tier import MAX_VARIANTS, Stored
 
@@ -66,38 +67,6 @@ TAG = "!tag:"
 OWN = ("!", "{")
 # Clocks of replicas differ a little: a fill that started this soon after a mark is not trusted.
 CLOCK_SLACK = 1.0
-
-# A key's variants, but the marks beside them ('!w' the last write, '!v' the queue version):
-# a new variant past ARGV[n] of them is not stored (``max_variants``).
-_ROOM = """
-local function room(cap)
-  if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
-    return true
-  end
-  local held = redis.call('HLEN', KEYS[1]) - redis.call('HEXISTS', KEYS[1], '!w')
-    - redis.call('HEXISTS', KEYS[1], '!v')
-  return held < tonumber(cap)
-end
-"""
-
-# KEYS: the key   ARGV: variant envelope fetched_at ttl_ms slack max_variants
-_FILL = (
-    _ROOM
-    + """
-local mark = redis.call('HGET', KEYS[1], '!w')
-if mark and tonumber(mark) + tonumber(ARGV[5]) >= tonumber(ARGV[3]) then
-  return 0
-end
-if not room(ARGV[6]) then
-  return 0
-end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[4]) then
-  redis.call('PEXPIRE', KEYS[1], ARGV[4])
-end
-return 1
-"""
-)
 
 # KEYS: the key   ARGV: now fence_ms   -> how many variants were dropped (a key of another
 # Redis type, which is not ours to read, counts as one). The queue version survives the drop.
@@ -147,9 +116,9 @@ return 1
 
 # KEYS: the key   ARGV: variant envelope ttl_ms max_variants
 _STORE = (
-    _ROOM
+    ROOM
     + """
-if room(ARGV[4]) then
+if room(KEYS[1], ARGV[1], ARGV[4]) then
   redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
   redis.call('PEXPIRE', KEYS[1], ARGV[3])
 end
@@ -186,11 +155,22 @@ class RedisTier:
         self._timeout = timeout
         self._clock: Clock = clock or SystemClock()
         self._fence_ms = max(1, round(fence * 1000))
-        self._fill = client.register_script(_FILL)
+        self._fill = client.register_script(FILL)
         self._drop = client.register_script(_DROP)
         self._replace = client.register_script(_REPLACE)
         self._store = client.register_script(_STORE)
         self._reads = PipelinedReads(client, lambda: self._bounded("get"))
+        # On a Cluster a script may touch one slot only: each fill is a call of its own there.
+        self._fills = (
+            None
+            if isinstance(client, RedisCluster)
+            else PipelinedFills(
+                client,
+                lambda: self._bounded("set"),
+                slack=CLOCK_SLACK,
+                max_variants=max_variants,
+            )
+        )
 
     async def get(self, key: str, variant: str = "") -> Stored | None:
         return await self.get_soon(key, variant)
@@ -216,8 +196,13 @@ class RedisTier:
         name = self.entry_name(key)
         data = encode(entry)
         ttl_ms = max(1, round(ttl * 1000))
+        if tags:
+            async with self._bounded("set"):
+                await self._index(key, tags, ttl_ms)
+        if fetched_at is not None and self._fills is not None:
+            await self._fills.fill_soon(name, variant, data, fetched_at, ttl_ms)
+            return
         async with self._bounded("set"):
-            await self._index(key, tags, ttl_ms)
             if fetched_at is not None:
                 await self._fill(
                     keys=[name],
@@ -343,6 +328,8 @@ class RedisTier:
 
     async def aclose(self) -> None:
         await self._reads.settle()
+        if self._fills is not None:
+            await self._fills.settle()
         await close_quietly(self._client)
 
     def _bounded(self, op: str) -> contextlib.AbstractAsyncContextManager[None]:

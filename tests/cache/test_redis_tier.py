@@ -59,6 +59,19 @@ async def test_foreign_bytes_under_our_key_are_a_corrupt_entry() -> None:
         await tier.get("users:1")
 
 
+def scripts_counted(client: Redis, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The keys of each script call ``client`` makes from now on, in order."""
+    calls: list[int] = []
+    evalsha = client.evalsha
+
+    def counted(sha: str, numkeys: int, *keys_and_args: Any) -> Any:
+        calls.append(numkeys)
+        return evalsha(sha, numkeys, *keys_and_args)
+
+    monkeypatch.setattr(client, "evalsha", counted)
+    return calls
+
+
 @pytest.mark.redis
 async def test_reads_asked_for_in_one_round_of_the_loop_take_one_round_trip(
     redis_client: Redis, key_prefix: str, monkeypatch: pytest.MonkeyPatch
@@ -66,14 +79,7 @@ async def test_reads_asked_for_in_one_round_of_the_loop_take_one_round_trip(
     tier = RedisTier(redis_client, key_prefix=key_prefix, timeout=1.0)
     for i in range(40):
         await tier.set(f"users:{i}", "", ENTRY, 60)
-    calls: list[int] = []
-    evalsha = redis_client.evalsha
-
-    def counted(sha: str, numkeys: int, *keys_and_args: Any) -> Any:
-        calls.append(numkeys)
-        return evalsha(sha, numkeys, *keys_and_args)
-
-    monkeypatch.setattr(redis_client, "evalsha", counted)
+    calls = scripts_counted(redis_client, monkeypatch)
     found = await asyncio.gather(*(tier.get(f"users:{i}") for i in range(50)))
     assert calls == [50]  # 40 there, 10 not: one script call for all
     assert [stored is not None for stored in found] == [True] * 40 + [False] * 10
@@ -110,6 +116,45 @@ async def test_a_failed_round_trip_fails_each_of_its_reads_with_one_error() -> N
         tier = RedisTier(client, key_prefix="t:", timeout=0.05)
         errors = await asyncio.gather(
             *(tier.get(f"k{i}") for i in range(10)), return_exceptions=True
+        )
+        assert all(isinstance(error, TierUnavailable) for error in errors)
+        assert len({id(error) for error in errors}) == 1
+        await tier.aclose()
+
+
+@pytest.mark.redis
+async def test_fills_asked_for_in_one_round_of_the_loop_take_one_round_trip(
+    redis_client: Redis, key_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = FakeClock()
+    tier = RedisTier(redis_client, key_prefix=key_prefix, timeout=1.0, clock=clock, fence=60.0)
+    await tier.delete("users:3")  # a write's mark: a fill that began before it stays out
+    calls = scripts_counted(redis_client, monkeypatch)
+    await redis_client.set(f"{key_prefix}users:5", b"a string, not a hash")
+    began = clock.time() - 10
+    fills = await asyncio.gather(
+        *(tier.set(f"users:{i}", "v", ENTRY, 60, fetched_at=began) for i in range(100)),
+        return_exceptions=True,
+    )
+    assert calls == [64, 36]  # at most MAX_BATCH a round trip, sent together
+    # The key of another type fails its own fill alone; the fenced one is not stored.
+    assert [i for i, fill in enumerate(fills) if isinstance(fill, CorruptEntry)] == [5]
+    assert [i for i, fill in enumerate(fills) if fill is not None] == [5]
+    monkeypatch.undo()
+    found = await asyncio.gather(
+        *(tier.get(f"users:{i}", "v") for i in range(100)), return_exceptions=True
+    )
+    assert [i for i, stored in enumerate(found) if not isinstance(stored, Stored)] == [3, 5]
+    assert 0 < await redis_client.pttl(f"{key_prefix}users:7") <= 60_000
+
+
+async def test_a_failed_round_trip_fails_each_of_its_fills_with_one_error() -> None:
+    async with silent_port() as port:
+        client = client_from_url(f"redis://127.0.0.1:{port}", timeout=0.05)
+        tier = RedisTier(client, key_prefix="t:", timeout=0.05)
+        errors = await asyncio.gather(
+            *(tier.set(f"k{i}", "", ENTRY, 5, fetched_at=0.0) for i in range(10)),
+            return_exceptions=True,
         )
         assert all(isinstance(error, TierUnavailable) for error in errors)
         assert len({id(error) for error in errors}) == 1
