@@ -81,7 +81,8 @@ class Harness:
 
     def populated_keys(self) -> int:
         fill = math.ceil(1.25 * self.params.memory / (wrk.BODY_SIZE + 300))
-        return max(self.params.warm_keys, self.params.zipf_keys, fill)
+        p = self.params
+        return max(p.warm_keys + p.fresh_keys, p.zipf_keys, fill)
 
     async def start_origin(self) -> None:
         port = free_port()
@@ -185,8 +186,8 @@ class Harness:
         )
         busy = machine_busy() - busy_before
         cpu_after, _ = target.process.usage()
-        if stop_when is not None:
-            await asyncio.sleep(SETTLE)  # what wrk sent last reaches the origin
+        # What wrk sent last is answered, and counted in this run rather than the next.
+        await asyncio.sleep(SETTLE)
         stats = await self.origin_stats()
         origin = int(stats["by_method"].get("GET", 0))
         after = await self.outcomes(target)

@@ -14,6 +14,7 @@ class Params:
     warm_keys: int  # (b) and (c)
     zipf_keys: int  # (d)
     zipf_requests: int  # (d): requests of the fill, and of the measured run
+    fresh_keys: int  # (h): keys after the warm ones that the mix and the misses read once each
     stampede: int  # (e): connections per cold key
     rounds: int  # (e): cold keys per target
     unloaded: float  # seconds of wrk -c1
@@ -23,7 +24,7 @@ class Params:
     latency: str  # the origin's
     targets: tuple[str, ...]
     quick: bool
-    workloads: tuple[str, ...] = ("hits", "l2", "zipf", "writes", "memory")
+    workloads: tuple[str, ...] = ("hits", "l2", "zipf", "mix", "writes", "memory")
 
 
 FULL: dict[str, Any] = {
@@ -32,6 +33,7 @@ FULL: dict[str, Any] = {
     "warm_keys": 10_000,
     "zipf_keys": 100_000,
     "zipf_requests": 30_000,
+    "fresh_keys": 200_000,
     "stampede": 500,
     "rounds": 5,
     "unloaded": 2.0,
@@ -46,6 +48,7 @@ QUICK: dict[str, Any] = {
     "warm_keys": 500,
     "zipf_keys": 2_000,
     "zipf_requests": 1_000,
+    "fresh_keys": 2_000,
     "stampede": 50,
     "rounds": 2,
     "unloaded": 0.3,

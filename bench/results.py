@@ -25,6 +25,8 @@ WORKLOADS = {
     "l1-warm": "(b) L1 hit, warm keys",
     "l2": "(c) L2 hit",
     "zipf": "(d) Zipf(0.99), cache = 10% of keys",
+    "mix": "(h) 75% warm keys, 25% keys not read before",
+    "misses": "(i) every read a key not read before",
 }
 
 

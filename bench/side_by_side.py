@@ -59,6 +59,7 @@ WORKLOADS = {
     "hits": workloads.hits,
     "l2": workloads.l2,
     "zipf": workloads.zipf,
+    "mix": workloads.mix,
     "writes": workloads.writes,
     "memory": workloads.memory,
 }

@@ -54,24 +54,26 @@ def verdicts(report: Report) -> list[Verdict]:
         )
     else:
         found.append(Verdict("unloaded L1-hit p50 ≤ 1.3x nginx", "not measured", None))
+    rate_ratio("zipf", "cachecar, L1 only", "varnish", 0.8, "Zipf(0.99) throughput ≥ 0.8x Varnish")
+    for name in ("cachecar, L1 only", "cachecar, L1 + L2"):
+        rate_ratio("misses", name, "varnish", 0.6, f"unique-key misses ≥ 0.6x Varnish ({name})")
+    label = "Zipf origin requests ≤ 225 per 1,000 and fewer than nginx's and Varnish's"
     ours = misses(report.find("zipf", "cachecar, L1 only"))
-    theirs = misses(report.find("zipf", "nginx"))
-    if ours is not None and theirs is not None:
+    peers = {name: misses(report.find("zipf", name)) for name in ("nginx", "varnish")}
+    theirs = {name: n for name, n in peers.items() if n is not None}
+    if ours is not None and theirs:
         same = misses(report.find("zipf", "nginx, same entry count"))
         also = f"; nginx with the same entry count: {same:.1f}" if same is not None else ""
+        against = ", ".join(f"{name} {n:.1f}" for name, n in theirs.items())
         found.append(
             Verdict(
-                "Zipf origin requests ≤ nginx's at the same memory budget",
-                f"{ours:.1f} vs {theirs:.1f} per 1,000 requests{also}",
-                ours <= theirs,
+                label,
+                f"{ours:.1f} per 1,000 requests vs {against}{also}",
+                ours <= 225 and all(ours < n for n in theirs.values()),
             )
         )
     else:
-        found.append(
-            Verdict(
-                "Zipf origin requests ≤ nginx's at the same memory budget", "not measured", None
-            )
-        )
+        found.append(Verdict(label, "not measured", None))
     stampede = next((s for s in report.stampedes if s.target == "cachecar"), None)
     if stampede is not None and stampede.bursts:
         per_key = [origin for _, origin in stampede.bursts]

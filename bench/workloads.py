@@ -4,6 +4,8 @@ hits    (a) L1 hit, one hot key (and unloaded, wrk -c1); (b) L1 hit, warm keys; 
         stampede: cachecar, nginx, varnish, aiohttp dict, each started once
 l2      (c) L2 hit: cachecar with nothing stored in L1 on the route; aiohttp + Redis GET
 zipf    (d) Zipf(0.99) with a cache of 10% of the keys, one byte budget for all
+mix     (h) 75% reads of warm keys, 25% of keys not read before; (i) every read a key not read
+        before: what a miss costs, with no L2 and with Redis
 writes  (f) write-behind beside write-through on 100 hot keys; the flush rate
 memory  (g) cachecar's RSS before and after filling L1
 """
@@ -160,6 +162,36 @@ async def zipf(h: Harness) -> None:
         found.held = await h.held(target)
         found.sent = p.zipf_requests
         found.note = note
+    await h.stop(targets)
+
+
+FRESH_SHARE = 0.25  # (h): the share of reads of keys not read before
+
+
+async def mix(h: Harness) -> None:
+    """(h) and (i): the warm keys read once through each target, then the mix, then misses
+    only. The keys after the warm ones are split: the first quarter for the mix, the rest for
+    the misses, so no target reads one of them twice (the hit ratio shows it if one did)."""
+    p = h.params
+    launch = h.launch()
+    starting: list[Any] = []
+    if "cachecar" in p.targets:
+        for name, l2 in (("cachecar, L1 only", False), ("cachecar, L1 + L2", True)):
+            starting.append(launch.cachecar(name, routes=ITEMS, l2=l2))
+    if "nginx" in p.targets and peers.NGINX.program in h.tools:
+        starting.append(launch.nginx("nginx", 1 << 30))
+    if "varnish" in p.targets and peers.VARNISH.program in h.tools:
+        starting.append(launch.varnish("varnish", 1 << 30))
+    targets: list[Target] = list(await asyncio.gather(*starting))
+    first, split, last = p.warm_keys, p.warm_keys + p.fresh_keys // 4, p.warm_keys + p.fresh_keys
+    mixed = h.script("mix", wrk.fresh_mix("/items/", p.warm_keys, first, split, FRESH_SHARE))
+    fresh = h.script("misses", wrk.fresh_mix("/items/", 0, split, last, 1.0))
+    for target in targets:
+        progress(f"(h) {1 - FRESH_SHARE:.0%} warm, {FRESH_SHARE:.0%} new keys: {target.name}")
+        await h.fill(target, p.warm_keys)
+        await h.measure(target, "mix", mixed)
+        progress(f"(i) every read a key not read before: {target.name}")
+        await h.measure(target, "misses", fresh)
     await h.stop(targets)
 
 

@@ -115,6 +115,28 @@ end
 {_DONE}"""
 
 
+def fresh_mix(prefix: str, warm: int, first: int, last: int, share: float) -> str:
+    """GET ``prefix`` + a key: with probability ``share`` the next of ``first .. last-1`` in
+    turn (a key this run has not read before, until it wraps), else one drawn uniformly from
+    the warm keys ``0 .. warm-1``. ``share`` 1: every request a key not read before."""
+    return f"""{_SEED}
+local warm, fresh = {{}}, {first}
+init = function(args)
+  math.randomseed(2000 + id)
+  for i = 1, {warm} do warm[i] = wrk.format("GET", "{prefix}" .. (i - 1)) end
+end
+request = function()
+  if {warm} == 0 or math.random() < {share} then
+    local key = fresh
+    fresh = fresh + 1
+    if fresh >= {last} then fresh = {first} end
+    return wrk.format("GET", "{prefix}" .. key)
+  end
+  return warm[math.random({warm})]
+end
+{_DONE}"""
+
+
 def puts_round_robin(prefix: str, keys: int) -> str:
     """PUT ``body(key)`` to ``prefix`` + key, round-robin over ``0 .. keys-1``."""
     return f"""{_lua_body()}

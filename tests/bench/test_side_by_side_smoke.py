@@ -93,8 +93,25 @@ def test_the_quick_run_reports_every_target_and_workload(redis_url: str, tmp_pat
                 *(["varnish"] if varnish_in else []),
             ]
         ),
+        *(
+            f"{workload} / {t}"
+            for workload in (
+                "(h) 75% warm keys, 25% keys not read before",
+                "(i) every read a key not read before",
+            )
+            for t in [
+                "cachecar, L1 only",
+                "cachecar, L1 + L2",
+                *(["nginx"] if nginx_in else []),
+                *(["varnish"] if varnish_in else []),
+            ]
+        ),
     ]
     assert sorted(table) == sorted(expected), report
+    # (i) reads each key once: a hit there would be a key read twice, not a miss measured.
+    for tiers in ("L1 only", "L1 + L2"):
+        misses = table[f"(i) every read a key not read before / cachecar, {tiers}"]
+        assert misses[5].startswith("0.0% "), misses
     for name, cells in table.items():
         _expect(cells[2], _NUMBER, f"{name} req/s")
         _expect(cells[3], _LATENCY, f"{name} p50")
