@@ -122,14 +122,21 @@ class Processes:
         self._started: list[Process] = []
 
     def spawn(
-        self, name: str, args: Sequence[str], *, env: Mapping[str, str] | None = None
+        self,
+        name: str,
+        args: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
     ) -> Process:
-        """Start ``args``; ``env``: variables set for it, beside this process's own."""
+        """Start ``args``; ``env``: variables set for it, beside this process's own; ``cwd``:
+        where it runs (``python -m`` imports from there first)."""
         log = self._logs / f"{name}.log"
         with log.open("wb") as out:
             popen = subprocess.Popen(
                 list(args),
                 env={**os.environ, **env} if env else None,
+                cwd=cwd,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
