@@ -1,12 +1,13 @@
-"""L1: the in-process tier, a time-aware LRU bounded by entry count and by bytes.
+"""L1: the in-process tier, an S3-FIFO store (``cache.s3fifo``) bounded by entry count and by
+bytes, with an expiry per item.
 
 Each logical key holds its variants together, so dropping a key drops every variant in one step.
-Expiry is per variant; the LRU item of a key lives as long as its longest-lived variant, and a
-variant that is past its own expiry reads as a miss and is removed when read.
+Expiry is per variant; the store's item of a key lives as long as its longest-lived variant, and
+a variant that is past its own expiry reads as a miss and is removed when read.
 
 ``l1.max_bytes`` bounds the memory L1 really takes: each variant is counted, when stored, at what
 its objects cost in this process (``Entry.size``, plus its slot, plus the rendering the proxy may
-keep with it), and each key at its own objects plus cachetools' bookkeeping for it.
+keep with it), and each key at its own objects plus the store's bookkeeping for it.
 """
 
 from __future__ import annotations
@@ -14,13 +15,11 @@ from __future__ import annotations
 import builtins
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
-
-from cachetools import TLRUCache
 
 from cache.clock import Clock
 from cache.entry import Entry, allocated
 from cache.observer import CacheObserver, Eviction, NullObserver
+from cache.s3fifo import S3FIFO
 from cache.tier import MAX_VARIANTS, Stored
 
 # One variant: (entry, expiry on the monotonic clock, what ``peek_rendered`` rendered of it or
@@ -35,7 +34,7 @@ class _Variants:
 
     def __init__(self, key: str, by_variant: dict[str, _Slot]) -> None:
         # The key object the store holds: setting the item again with another (equal) string,
-        # as a caller's lookup key is, would keep both alive (cachetools' expiry heap holds it).
+        # as a caller's lookup key is, would keep both alive (the store's queues hold it).
         self.key = key
         self.by_variant = by_variant
         self.expires = max(slot[1] for slot in by_variant.values())
@@ -45,18 +44,18 @@ class _Variants:
 # What L1 spends besides the entries, in bytes. Object sizes come from sys.getsizeof on this
 # interpreter, rounded as the allocator rounds them (``allocated``):
 #   per variant: its slot tuple, its expiry float, its cost int, its name (unless "", shared);
-#   per key: the key string, the _Variants and its dict, the size int cachetools keeps, and
-#   _TLRU_ITEM for cachetools' TLRU itself, which cannot be asked: a slot in each of its three
-#   dicts (data, sizes, and the OrderedDict that orders the LRU, with its linked-list node), its
-#   _Item in the expiry heap, and the dead _Items (with their keys) that replaced, re-set and
-#   evicted keys leave in that heap until it holds twice the live ones and is cleaned.
-# Measured with tracemalloc on CPython 3.11 (64 bit), fresh key strings, over an octave of L1
-# sizes (8k-16k keys; 2k-150k gave the same picture): 290 bytes a key on average while L1 first
-# fills, 418 once it is full and evicting (366-474 by where the key count falls between two dict
-# resizes; 200-620 at single instants of the heap's clean-up cycle). 430 is the full L1's
-# average plus allocator rounding: a full L1 is what runs for hours. The first fill is counted
-# about 130 bytes a key high (L1 then holds up to 4 % less than it could, for 1 KB entries).
-_TLRU_ITEM = 430
+#   per key: the key string, the _Variants and its dict, the size int the store keeps, and
+#   _STORE_ITEM for the store's own bookkeeping (cache/s3fifo.py), which cannot be asked: a slot
+#   in each of its dicts (data, sizes, reads, generation) and in its set of main's keys, the
+#   generation int, its place in a queue (a tuple), its item in the expiry heap (a tuple and a
+#   float) and the dead places and items that replaced and evicted keys leave until the queue
+#   passes them and the heap is rebuilt, and its share of ghost: as many keys as the store
+#   holds, each a slot of an ordered dict and, for a key evicted, its string.
+# Measured with tracemalloc on CPython 3.11 (64 bit), fresh key strings, L1 full and evicting
+# (4 MiB and 32 MiB, 100 B and 1 KB entries, from 1,200 to 9,800 keys): 530-555 bytes a key on
+# average (the old cachetools TLRU's 430 and 100-126 more), 360-650 at single instants. 550 is
+# that average with allocator rounding: a full L1 is what runs for hours.
+_STORE_ITEM = 550
 _SLOT = allocated(sys.getsizeof((None, None, None, None)))
 _FLOAT = allocated(sys.getsizeof(0.5))
 _INT = allocated(sys.getsizeof(1 << 20))
@@ -75,40 +74,16 @@ def _key_cost(key: str, by_variant: dict[str, _Slot]) -> int:
         + _VARIANTS
         + allocated(sys.getsizeof(by_variant))
         + _INT
-        + _TLRU_ITEM
+        + _STORE_ITEM
     )
 
 
-def _time_to_use(_key: str, value: _Variants, _now: float) -> float:
+def _time_to_use(value: _Variants) -> float:
     return value.expires
 
 
 def _size_of(value: _Variants) -> int:
     return value.size
-
-
-class _Store(TLRUCache[str, _Variants]):
-    """cachetools' TLRU that tells its owner what it expires and evicts."""
-
-    def __init__(
-        self,
-        max_bytes: int,
-        timer: Callable[[], float],
-        on_drop: Callable[[_Variants, Eviction], None],
-    ) -> None:
-        super().__init__(max_bytes, _time_to_use, timer, _size_of)
-        self._on_drop = on_drop
-
-    def expire(self, time: Any = None) -> list[tuple[str, _Variants]]:
-        expired = list(super().expire(time))
-        for _key, variants in expired:
-            self._on_drop(variants, Eviction.EXPIRED)
-        return expired
-
-    def popitem(self) -> tuple[str, _Variants]:
-        key, variants = super().popitem()
-        self._on_drop(variants, Eviction.SIZE)
-        return key, variants
 
 
 class MemoryTier:
@@ -133,7 +108,9 @@ class MemoryTier:
         self._max_entries = max_entries
         self._max_variants = max_variants
         self._observer: CacheObserver = observer or NullObserver()
-        self._store = _Store(max_bytes, clock.monotonic, self._dropped)
+        self._store: S3FIFO[str, _Variants] = S3FIFO(
+            max_bytes, _time_to_use, clock.monotonic, _size_of, self._dropped, max_entries
+        )
         self._count = 0
 
     @property
@@ -179,7 +156,7 @@ class MemoryTier:
 
         ``render`` runs once per stored variant, on its first read here: its result is kept
         with the variant, dies with it, and counts against ``max_bytes`` (making room for it
-        may evict other keys, least recently used first). It must be a pure function of the
+        may evict other keys, as the store's policy picks them). It must be a pure function of the
         entry: a variant is rendered once, whoever asks, whatever ``render`` they pass.
         """
         with self._store.timer as now:
@@ -224,30 +201,28 @@ class MemoryTier:
         if ttl <= 0:
             return
         with self._store.timer as now:
-            held_now = self._store.get(key)
+            current = self._store.held(key)
             if (
-                held_now is not None
-                and len(held_now.by_variant) >= self._max_variants
-                and variant not in held_now.by_variant
+                current is not None
+                and len(current.by_variant) >= self._max_variants
+                and variant not in current.by_variant
             ):
                 return  # no room for another variant of the key
-            current = self._store.pop(key, None)
             by_variant = dict(current.by_variant) if current is not None else {}
-            if current is not None:
-                # A replacement is not an eviction: take the old item out quietly.
-                self._count -= len(current.by_variant)
             by_variant[variant] = _slot(entry, now + ttl, variant)
+            # The key object already held, if any: the store's queues hold it too. Stored in
+            # place: the key keeps its place and its reads.
+            held = key if current is None else current.key
             try:
-                # The key object already held, if any: the expiry heap may still hold it too.
-                held = key if current is None else current.key
                 self._store[held] = _Variants(held, by_variant)
             except ValueError:
                 # Larger than max_bytes on its own: L1 cannot hold it, and the old variants must
                 # not outlive the write that replaced them.
                 if current is not None:
-                    self._observer.evicted(Eviction.SIZE, len(current.by_variant))
+                    self._store.pop(key)
+                    self._dropped(current, Eviction.SIZE)
                 return
-            self._count += len(by_variant)
+            self._count += len(by_variant) - (len(current.by_variant) if current else 0)
             while self._count > self._max_entries:
                 self._store.popitem()
 
@@ -283,7 +258,9 @@ class MemoryTier:
         with self._store.timer:
             keys = [key for key in self._store if key.startswith(prefix)]
             for key in keys:
-                self._dropped(self._store.pop(key), Eviction.INVALIDATED)
+                variants = self._store.pop(key)
+                if variants is not None:
+                    self._dropped(variants, Eviction.INVALIDATED)
         return keys
 
     async def clear(self) -> int:
@@ -304,13 +281,13 @@ class MemoryTier:
         self._observer.evicted(reason, len(variants.by_variant))
 
     def _drop_variant(self, key: str, variants: _Variants, variant: str) -> None:
-        del self._store[key]
-        self._count -= len(variants.by_variant)
+        self._count -= 1
         self._observer.evicted(Eviction.EXPIRED, 1)
         rest = {name: slot for name, slot in variants.by_variant.items() if name != variant}
         if rest:
-            self._store[variants.key] = _Variants(variants.key, rest)
-            self._count += len(rest)
+            self._store[variants.key] = _Variants(variants.key, rest)  # in place
+        else:
+            self._store.pop(key)
 
     def _keep_rendering(
         self, variants: _Variants, variant: str, rendered: builtins.bytes
@@ -323,8 +300,7 @@ class MemoryTier:
         entry, expires, _, counted = variants.by_variant[variant]
         variants.by_variant[variant] = (entry, expires, rendered, counted + cost)
         variants.size += cost
-        # Setting the same item again is how cachetools recounts its size: it evicts least
-        # recently used keys until the total fits. Never this one (the most recently used, and
-        # small enough alone), and neither its place in the LRU nor its expiry changes.
+        # Setting the same item again is how the store recounts its size: it evicts other keys
+        # until the total fits, never this one, and neither its place nor its expiry changes.
         self._store[variants.key] = variants
         return rendered

@@ -19,11 +19,11 @@ from cache.memory import MemoryTier
 from tests.fakes import FakeClock
 
 MAX_BYTES = 4 << 20
-# The bound from the performance issue: L1 within max_bytes + 10 %. cachetools' bookkeeping is
-# counted at its average once L1 is full (cache/memory.py, _TLRU_ITEM); the dict tables and the
-# expiry heap swing around that average by about 200 bytes a key, which for these entries stays
-# within 7 % at the worst instant, so 10 % leaves a margin and still fails if a part is missed
-# (an uncounted rendering alone is 8-25 % of these entries).
+# The bound from the performance issue: L1 within max_bytes + 10 %. The store's bookkeeping is
+# counted at its average once L1 is full (cache/memory.py, _STORE_ITEM); its tables, queues,
+# expiry heap and ghost swing around that average by about 200 bytes a key, which for these
+# entries stays within 7 % at the worst instant, so 10 % leaves a margin and still fails if a part
+# is missed (an uncounted rendering alone is 8-25 % of these entries).
 BOUND = 1.10
 # And L1 must not waste its budget either: counted bytes that are not there.
 FLOOR = 0.85
