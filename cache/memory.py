@@ -202,6 +202,12 @@ class MemoryTier:
             return
         with self._store.timer as now:
             current = self._store.held(key)
+            if current is not None and current.expires <= now:
+                # Every variant past its expiry: replaced whole, quietly, not kept in place
+                # (the store would drop it as expired while taking the new one).
+                self._store.pop(key)
+                self._count -= len(current.by_variant)
+                current = None
             if (
                 current is not None
                 and len(current.by_variant) >= self._max_variants
@@ -281,13 +287,13 @@ class MemoryTier:
         self._observer.evicted(reason, len(variants.by_variant))
 
     def _drop_variant(self, key: str, variants: _Variants, variant: str) -> None:
-        self._count -= 1
+        self._store.pop(key)
+        self._count -= len(variants.by_variant)
         self._observer.evicted(Eviction.EXPIRED, 1)
         rest = {name: slot for name, slot in variants.by_variant.items() if name != variant}
         if rest:
-            self._store[variants.key] = _Variants(variants.key, rest)  # in place
-        else:
-            self._store.pop(key)
+            self._store[variants.key] = _Variants(variants.key, rest)
+            self._count += len(rest)
 
     def _keep_rendering(
         self, variants: _Variants, variant: str, rendered: builtins.bytes

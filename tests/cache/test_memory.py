@@ -52,6 +52,24 @@ async def test_max_entries_evicts_the_oldest_key_not_read_since_it_came(
     assert observer.evictions == {Eviction.SIZE: 1}
 
 
+async def test_entries_stay_counted_when_variants_expire_and_keys_are_stored_again(
+    clock: FakeClock, observer: RecordingObserver
+) -> None:
+    tier = l1(clock, observer)
+    await tier.set("a", "json", entry(), 10)
+    await tier.set("a", "xml", entry(), 30)
+    clock.advance(20)  # "json" is past its expiry, "xml" is not
+    assert await tier.get("a", "json") is None
+    assert tier.entries == 1
+    clock.advance(20)  # the whole key is past its expiry
+    await tier.set("a", "json", entry(), 10)  # stored anew, the expired variant not kept
+    assert tier.entries == 1
+    assert await tier.get("a", "xml") is None
+    await tier.set("b", "", entry(), 10)
+    assert tier.entries == 2
+    assert observer.evictions == {Eviction.EXPIRED: 1}
+
+
 async def test_variants_count_against_max_entries(
     clock: FakeClock, observer: RecordingObserver
 ) -> None:
