@@ -203,10 +203,10 @@ class MemoryTier:
         with self._store.timer as now:
             current = self._store.held(key)
             if current is not None and current.expires <= now:
-                # Every variant past its expiry: replaced whole, quietly, not kept in place
-                # (the store would drop it as expired while taking the new one).
+                # Every variant past its expiry: dropped as expired, and the key stored anew
+                # (the store would drop it while taking the new one, mid-store).
                 self._store.pop(key)
-                self._count -= len(current.by_variant)
+                self._dropped(current, Eviction.EXPIRED)
                 current = None
             if (
                 current is not None

@@ -214,7 +214,8 @@ class S3FIFO(Generic[K, V]):
     def _evict(self, protect: K | None = None) -> tuple[K, V] | None:
         """Drop one item by the policy, never ``protect``; None when only it is left."""
         small, main = self._small, self._main
-        # How often ``protect`` came round in each queue: twice, and the queue holds no other.
+        # How often ``protect`` came round in each queue since another key was put back: twice,
+        # and the queue holds no other that could go. Reads only go down: this ends.
         met = {True: 0, False: 0}
         while True:
             in_small = bool(small) and met[True] < 2
@@ -237,10 +238,12 @@ class S3FIFO(Generic[K, V]):
                 self._small_size -= self._sizes[key]
                 self._in_main.add(key)
                 main.append((key, generation))
+                met[True] = met[False] = 0  # others changed: ``protect`` may not be alone
                 continue
             if not from_small and reads:  # read since last looked at: once more round
                 self._reads[key] = reads - 1
                 main.append((key, generation))
+                met[True] = met[False] = 0
                 continue
             expired = self._ttu(value) <= self.timer()
             self._drop(key, Eviction.EXPIRED if expired else Eviction.SIZE)

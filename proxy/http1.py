@@ -142,7 +142,14 @@ class Answer:
         if sending is not None and not sending.done():
             sending.cancel()  # answered before the whole body went: it will not be read
             self.keep_alive = False
-        if self._state == _DONE and self._error is None and self.keep_alive:
+        elif sending is not None and not sending.cancelled():
+            sending.exception()  # seen: the answer says what the origin made of it
+        if (
+            self._state == _DONE
+            and self._error is None
+            and self.keep_alive
+            and not self._paused  # a connection that reads nothing is no use to the next
+        ):
             connection.idle()
         else:
             connection.close()
@@ -198,6 +205,10 @@ class Answer:
             )
         else:
             self._fail(AnswerError("the origin closed the connection before its last chunk"))
+
+    def cut(self) -> None:
+        """cachecar closes the connection: what is still to come of the answer never will."""
+        self._fail(AnswerError("the connection was closed before the answer ended"))
 
     def _fail(self, error: AnswerError) -> None:
         if self._error is not None or self._state == _DONE:
@@ -312,6 +323,10 @@ class Answer:
         return line
 
     def _read_head(self, head: bytes) -> None:
+        breaks = head.count(b"\r\n")
+        if head.count(b"\r") != breaks or head.count(b"\n") != breaks or b"\x00" in head:
+            # Stored and written to every client on a hit, it would split their answers.
+            raise AnswerError("a bare CR, LF or NUL in the answer's head")
         lines = head.split(b"\r\n")
         status_line = lines[0]
         version, _, rest = status_line.partition(b" ")
@@ -375,7 +390,7 @@ class Answer:
             self.keep_alive = False
             return
         length = lengths.pop()
-        if lengths or not length.isdigit():
+        if lengths or not (length.isascii() and length.isdigit()):
             raise AnswerError(
                 f"an invalid Content-Length: {', '.join(headers.getall('Content-Length'))!r}"
             )
@@ -444,7 +459,10 @@ class _Connection(asyncio.Protocol):
         self._pool.put(self)
 
     def close(self) -> None:
+        """Closed by cachecar: an answer still coming is cut off, never taken as whole."""
         self.closed = True
+        if self.answer is not None:
+            self.answer.cut()
         if self.transport is not None:
             self.transport.abort()
 
@@ -462,11 +480,12 @@ class Pool:
             ssl.create_default_context() if base.scheme == "https" else None
         )
         authority = base.raw_authority.rpartition("@")[2]
-        extra = ""
-        if base.raw_user is not None:  # credentials in the URL: sent as Basic authentication
+        # Credentials in the URL: sent as Basic authentication, unless the request has its own.
+        self._auth = ""
+        if base.raw_user is not None:
             userinfo = f"{base.user or ''}:{base.password or ''}".encode()
-            extra = f"Authorization: Basic {base64.b64encode(userinfo).decode('ascii')}\r\n"
-        self._fixed = f" HTTP/1.1\r\nHost: {authority}\r\n{extra}"
+            self._auth = f"Authorization: Basic {base64.b64encode(userinfo).decode('ascii')}\r\n"
+        self._fixed = f" HTTP/1.1\r\nHost: {authority}\r\n"
         self._idle_for = idle
         self._max_idle = max_idle
         self._read_timeout = read_timeout
@@ -570,6 +589,9 @@ class Pool:
     ) -> bytes:
         parts = [method, " ", target, self._fixed]
         lines = self._fixed.count("\n") + len(headers) + 1  # the fixed ones, these, the end
+        if self._auth and "Authorization" not in headers:
+            parts.append(self._auth)
+            lines += 1
         for name, value in headers.items():
             parts += (name, ": ", value, "\r\n")
         if streamed and length is None:

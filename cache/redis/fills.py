@@ -134,10 +134,13 @@ class PipelinedFills:
                 args += (variant, data, at, ttl)
             async with self._bounded():
                 replies = await self._many(keys=[fill[0][0] for fill in fills], args=args)
-        except Exception as exc:  # TierError; anything else is a bug, told to every fill too
+        except BaseException as exc:  # TierError; cancelled (a shutdown); anything else: a bug
             for _, future in fills:
                 if not future.done():
-                    future.set_exception(exc)
+                    if isinstance(exc, Exception):
+                        future.set_exception(exc)
+                    else:
+                        future.cancel()
             if not isinstance(exc, TierError):
                 raise
             return

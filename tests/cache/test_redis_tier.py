@@ -161,6 +161,21 @@ async def test_a_failed_round_trip_fails_each_of_its_fills_with_one_error() -> N
         await tier.aclose()
 
 
+async def test_fills_of_a_round_trip_cut_off_at_shutdown_end_as_cancelled() -> None:
+    async with silent_port() as port:
+        client = client_from_url(f"redis://127.0.0.1:{port}", timeout=5.0)
+        tier = RedisTier(client, key_prefix="t:", timeout=5.0)
+        fills = [
+            asyncio.ensure_future(tier.set(f"k{i}", "", ENTRY, 5, fetched_at=0.0)) for i in range(3)
+        ]
+        await asyncio.sleep(0.05)
+        for task in list(tier._fills._sending if tier._fills else ()):  # the shutdown's cut
+            task.cancel()
+        done = await asyncio.wait_for(asyncio.gather(*fills, return_exceptions=True), 1.0)
+        assert all(isinstance(outcome, asyncio.CancelledError) for outcome in done)
+        await tier.aclose()
+
+
 def test_a_client_that_decodes_responses_is_refused() -> None:
     with pytest.raises(ValueError, match="decode_responses=False"):
         RedisTier(fakeredis.FakeAsyncRedis(decode_responses=True), key_prefix="", timeout=1)

@@ -86,6 +86,23 @@ def test_a_value_grown_in_place_evicts_others_never_itself(clock: FakeClock) -> 
         cache["d"] = Item(size=31)
 
 
+def test_a_value_grown_in_place_makes_room_past_keys_read_many_times(clock: FakeClock) -> None:
+    cache, _ = store(clock, maxsize=30)
+    cache["p"] = Item()
+    cache["a"] = Item()
+    assert cache["p"] is not None
+    assert cache["a"] is not None
+    cache["b"] = Item()
+    cache["c"] = Item()  # "p" and "a", read while new, go to main; "b" goes
+    for _ in range(3):
+        assert cache["a"] is not None
+    cache.pop("c")
+    cache["p"] = Item(size=25)  # "a" goes round main three times before it can go
+    assert cache.currsize <= cache.maxsize
+    assert "a" not in cache
+    assert "p" in cache
+
+
 def test_expired_items_are_dropped_as_expired_by_expire_a_read_or_eviction(
     clock: FakeClock,
 ) -> None:

@@ -201,6 +201,9 @@ async def test_a_connection_idle_past_the_keepalive_timeout_is_not_reused() -> N
         (Close(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"), "before its last chunk"),
         (Close(b"HTTP/1.1 200 OK\r\n"), "inside its answer's head"),
         (b"HTTP/1.1 101 Switching Protocols\r\n\r\n", "switched protocols"),
+        (b"HTTP/1.1 200 OK\r\nX: a\nSet-Cookie: evil=1\r\n\r\n", "bare CR, LF or NUL"),
+        (b"HTTP/1.1 200 OK\r\nX: a\rSet-Cookie: evil=1\r\n\r\n", "bare CR, LF or NUL"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: \xc2\xb2\r\n\r\n", "invalid Content-Length"),
     ],
 )
 async def test_what_is_not_an_answer_is_an_error_that_names_it(
@@ -315,6 +318,61 @@ async def test_an_answer_before_the_whole_body_ends_the_sending() -> None:
     for writer in writers:
         writer.close()
     await asyncio.sleep(0)
+
+
+async def test_a_connection_left_with_its_reading_paused_is_not_reused() -> None:
+    size = 1 << 20  # all of it queued at once: reading pauses as the answer ends
+    big = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + b"x" * size
+    async with raw_origin(big, OK) as origin:
+        pool = pool_for(origin)
+        answer = await pool.request("GET", URL(origin.url), CIMultiDict(), None)
+        assert await answer.read(1 << 10) is None  # too long: left to stream, then given up
+        await asyncio.sleep(0.2)
+        answer.release()
+        assert (await get(pool, origin))[2] == b"hello"
+        assert origin.connections == 2
+        pool.close()
+
+
+async def test_an_answer_cut_by_a_failed_request_body_is_an_error_not_a_whole_answer() -> None:
+    writers = []
+
+    async def early(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\n\r\npartial-")  # ends only when it closes
+        await writer.drain()
+        await reader.read()
+
+    async def failing() -> AsyncIterator[bytes]:
+        yield b"ab"
+        await asyncio.sleep(0.05)
+        raise OSError("the client went away")
+
+    server = await asyncio.start_server(early, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    pool = Pool(URL(url), idle=1.0, max_idle=1, read_timeout=1.0)
+    answer = await pool.request("POST", URL(url), CIMultiDict(), failing())
+    with pytest.raises(AnswerError, match="closed before the answer ended"):
+        await answer.read()
+    answer.release()
+    server.close()
+    for writer in writers:
+        writer.close()
+    await asyncio.sleep(0)
+
+
+async def test_credentials_in_the_origin_url_are_sent_unless_the_request_has_its_own() -> None:
+    async with raw_origin(OK, OK) as origin:
+        with_user = origin.url.replace("http://", "http://user:secret@")
+        pool = Pool(URL(with_user), idle=5.0, max_idle=1, read_timeout=1.0)
+        await get(pool, origin)
+        await get(pool, origin, headers=CIMultiDict({"Authorization": "Bearer own"}))
+        first, second = origin.requests
+        assert b"Authorization: Basic dXNlcjpzZWNyZXQ=\r\n" in first
+        assert second.count(b"Authorization") == 1
+        assert b"Authorization: Bearer own\r\n" in second
+        pool.close()
 
 
 async def test_the_proxy_keeps_an_answer_longer_than_its_content_length_cut_at_its_length(
