@@ -141,7 +141,7 @@ class PassThrough:
 
 
 class Head(NamedTuple):
-    """An origin answer's head, from either client."""
+    """An origin answer's head: what is relayed before its body."""
 
     status: int
     reason: str | None
