@@ -27,7 +27,7 @@ import time
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import Final, cast
 
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy, istr
 from yarl import URL
 
 from proxy.errors import ProxyError
@@ -41,6 +41,12 @@ _IDEMPOTENT: Final = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRAC
 _WITH_BODY: Final = frozenset({"POST", "PUT", "PATCH"})
 _HEX: Final = frozenset(b"0123456789abcdefABCDEF")
 _TOKEN: Final = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+# Header names as one object each, shared by every answer (and so every stored entry) that has
+# them: L1 counts an entry's header names as shared (``Entry.size``). ``istr``: a multidict keeps
+# an istr key as it is, where it makes a new one of a str. Bounded: an origin that makes up
+# names gets fresh strings past this many.
+_NAMES: dict[bytes, istr] = {}
+_MAX_NAMES: Final = 4096
 
 # What is being read of an answer.
 _HEAD, _LENGTH, _UNTIL_CLOSE, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILERS, _DONE = range(8)
@@ -339,7 +345,7 @@ class Answer:
                 raise AnswerError("the origin switched protocols (101): cachecar relays HTTP only")
             return  # an interim answer: the final one follows
         headers: CIMultiDict[str] = CIMultiDict()
-        name = ""
+        name: str = ""
         value = b""
         for line in lines[1:]:
             if line[:1] in (b" ", b"\t"):  # obs-fold: replaced by a space (RFC 9112 §5.2)
@@ -352,7 +358,7 @@ class Answer:
             raw_name, colon, raw_value = line.partition(b":")
             if not colon or not raw_name or raw_name.translate(None, _TOKEN):
                 raise AnswerError(f"not a header line: {line[:80]!r}")
-            name = raw_name.decode("latin-1")
+            name = _NAMES.get(raw_name) or _name(raw_name)
             value = raw_value.strip(b" \t")
         if name:
             headers.add(name, value.decode("utf-8", "surrogateescape"))
@@ -399,6 +405,13 @@ class Answer:
             self._state = _LENGTH
         else:
             self._finish()
+
+
+def _name(raw: bytes) -> istr:
+    name = istr(raw.decode("latin-1"))
+    if len(_NAMES) < _MAX_NAMES:
+        _NAMES[raw] = name
+    return name
 
 
 def _tokens(headers: CIMultiDict[str], name: str) -> list[str]:

@@ -390,3 +390,17 @@ async def test_the_proxy_keeps_an_answer_longer_than_its_content_length_cut_at_i
         again = await proxy.get("/users/1")
         assert (await again.read(), again.headers["X-Cache"]) == (b"hello", "HIT-L1")
         assert len(origin.requests) == 1
+
+
+async def test_header_names_are_one_object_for_every_answer() -> None:
+    # L1 counts an entry's header names as shared between entries (Entry.size).
+    answer = b"HTTP/1.1 200 OK\r\nX-Shared-Name: 1\r\nContent-Length: 0\r\n\r\n"
+    async with raw_origin(answer, answer) as origin:
+        pool = pool_for(origin)
+        first = (await get(pool, origin))[1]
+        second = (await get(pool, origin))[1]
+        names = [
+            next(name for name in headers if name == "X-Shared-Name") for headers in (first, second)
+        ]
+        assert names[0] is names[1]
+        pool.close()
