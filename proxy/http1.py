@@ -24,7 +24,7 @@ import collections
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from typing import Final, cast
 
 from multidict import CIMultiDict, CIMultiDictProxy, istr
@@ -158,7 +158,7 @@ class Answer:
         ):
             connection.idle()
         else:
-            connection.close()
+            connection.close(outstanding=self._state != _DONE)
 
     async def _wait(self) -> None:
         self._waiter = asyncio.get_running_loop().create_future()
@@ -425,6 +425,7 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.answer: Answer | None = None
         self.closed = False
+        self.lost = False  # connection_lost has been called: the socket is closed
         self.reused = False
         self.idle_since = 0.0
         self._writable: asyncio.Future[None] | None = None  # while the transport is full
@@ -443,9 +444,11 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.lost = True
         self.resume_writing()
         if self.answer is not None:
             self.answer.ended(exc)
+        self._pool.lost(self)
 
     def pause_writing(self) -> None:
         if self._writable is None:
@@ -471,12 +474,16 @@ class _Connection(asyncio.Protocol):
     def idle(self) -> None:
         self._pool.put(self)
 
-    def close(self) -> None:
-        """Closed by cachecar: an answer still coming is cut off, never taken as whole."""
+    def close(self, outstanding: bool = False) -> None:
+        """Closed by cachecar: an answer still coming is cut off, never taken as whole.
+        ``outstanding``: its request was not answered in full (the answer, if any, detached)."""
         self.closed = True
         if self.answer is not None:
             self.answer.cut()
-        if self.transport is not None:
+            outstanding = True
+        if self.transport is not None and not self.lost:
+            if outstanding:
+                self._pool.closing(self)  # the origin may still be at work on its request
             self.transport.abort()
 
 
@@ -503,6 +510,10 @@ class Pool:
         self._max_idle = max_idle
         self._read_timeout = read_timeout
         self._idle: list[_Connection] = []
+        # Closed by cachecar with a request outstanding, until their sockets are closed (the
+        # next round of the loop): a slot freed meanwhile waits (``after_closed``).
+        self._closing: set[_Connection] = set()
+        self._after: list[Callable[[], None]] = []
         self.address = f"{self._host}:{self._port}"
 
     async def request(
@@ -547,6 +558,25 @@ class Pool:
                 answer.release()
                 raise
             return answer
+
+    def after_closed(self, then: Callable[[], None]) -> None:
+        """``then()`` once no connection closed with a request outstanding is still open: a
+        request let through then cannot reach the origin before the origin sees the one given
+        up end (a slot of ``upstream.max_connections`` is freed this way)."""
+        if self._closing:
+            self._after.append(then)
+        else:
+            then()
+
+    def closing(self, connection: _Connection) -> None:
+        self._closing.add(connection)
+
+    def lost(self, connection: _Connection) -> None:
+        self._closing.discard(connection)
+        if not self._closing and self._after:
+            after, self._after = self._after, []
+            for then in after:
+                then()
 
     def put(self, connection: _Connection) -> None:
         now = time.monotonic()

@@ -215,7 +215,7 @@ class OriginClient:
 
     def _free(self) -> None:
         if self._slots is not None:
-            self._slots.release()
+            self._pool.after_closed(self._slots.release)
 
     @contextlib.asynccontextmanager
     async def stream(

@@ -404,3 +404,21 @@ async def test_header_names_are_one_object_for_every_answer() -> None:
         ]
         assert names[0] is names[1]
         pool.close()
+
+
+async def test_a_slot_given_up_mid_answer_is_freed_once_its_socket_is_closed() -> None:
+    # A request let through at once could reach the origin before the origin sees the one
+    # given up end: upstream.max_connections would be one over, for the origin.
+    async with raw_origin(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf", OK) as origin:
+        pool = pool_for(origin)
+        answer = await pool.request("GET", URL(origin.url), CIMultiDict(), None)
+        freed: list[str] = []
+        answer.release()  # given up before its end
+        pool.after_closed(lambda: freed.append("slot"))
+        assert freed == []
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert freed == ["slot"]
+        pool.after_closed(lambda: freed.append("at once"))  # nothing closing: at once
+        assert freed == ["slot", "at once"]
+        pool.close()
