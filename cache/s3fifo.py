@@ -126,12 +126,6 @@ class S3FIFO(Generic[K, V]):
             self._reads[key] = reads + 1
         return value
 
-    def get(self, key: K, default: V | None = None) -> V | None:
-        try:
-            return self[key]
-        except KeyError:
-            return default
-
     def held(self, key: K) -> V | None:
         """The value, expired or not, without counting a read."""
         return self._data.get(key)
