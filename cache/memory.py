@@ -22,67 +22,90 @@ from cache.observer import CacheObserver, Eviction, NullObserver
 from cache.s3fifo import S3FIFO
 from cache.tier import MAX_VARIANTS, Stored
 
-# One variant: (entry, expiry on the monotonic clock, what ``peek_rendered`` rendered of it or
-# None, the bytes it is counted at). A plain tuple: the hit path unpacks it on every hit.
-_Slot = tuple[Entry, float, bytes | None, int]
+
+class _Held:
+    """One variant as L1 keeps it. A key's only variant (most keys have one) is the store's value
+    itself: one object a key, besides the entry, for the collector to walk and for
+    ``max_bytes`` to count."""
+
+    __slots__ = ("cost", "entry", "expires", "key", "rendered", "variant")
+
+    def __init__(self, entry: Entry, expires: float, key: str, variant: str) -> None:
+        self.entry = entry
+        self.expires = expires  # on the monotonic clock
+        self.key = key  # the key object the store holds (see _Variants.key)
+        self.variant = variant
+        self.rendered: bytes | None = None  # what ``peek_rendered`` rendered of the entry
+        name = allocated(sys.getsizeof(variant)) if variant else 0
+        self.cost = entry.size() + _HELD + _FLOAT + _INT + name  # its bytes, counted once
 
 
 class _Variants:
-    """The variants of one key, by variant name."""
+    """The variants of a key that has more than one, by variant name."""
 
     __slots__ = ("by_variant", "expires", "key", "size")
 
-    def __init__(self, key: str, by_variant: dict[str, _Slot]) -> None:
+    def __init__(self, key: str, by_variant: dict[str, _Held]) -> None:
         # The key object the store holds: setting the item again with another (equal) string,
         # as a caller's lookup key is, would keep both alive (the store's queues hold it).
         self.key = key
         self.by_variant = by_variant
-        self.expires = max(slot[1] for slot in by_variant.values())
-        self.size = _key_cost(key, by_variant) + sum(slot[3] for slot in by_variant.values())
+        self.expires = max(held.expires for held in by_variant.values())
+        self.size = _key_cost(key, by_variant) + sum(held.cost for held in by_variant.values())
+
+
+# A key in the store: its only variant, or its variants.
+_Value = _Held | _Variants
+
+
+def _value(key: str, by_variant: dict[str, _Held]) -> _Value:
+    if len(by_variant) == 1:
+        (held,) = by_variant.values()
+        return held
+    return _Variants(key, by_variant)
+
+
+def _variants(value: _Value) -> dict[str, _Held]:
+    """The key's variants by name (the dict a _Variants holds: not to be changed)."""
+    return {value.variant: value} if isinstance(value, _Held) else value.by_variant
 
 
 # What L1 spends besides the entries, in bytes. Object sizes come from sys.getsizeof on this
 # interpreter, rounded as the allocator rounds them (``allocated``):
-#   per variant: its slot tuple, its expiry float, its cost int, its name (unless "", shared);
-#   per key: the key string, the _Variants and its dict, the size int the store keeps, and
-#   _STORE_ITEM for the store's own bookkeeping (cache/s3fifo.py), which cannot be asked: a slot
-#   in each of its dicts (data, sizes, reads, generation) and in its set of main's keys, the
-#   generation int, its place in a queue (a tuple), its item in the expiry heap (a tuple and a
-#   float) and the dead places and items that replaced and evicted keys leave until the queue
-#   passes them and the heap is rebuilt, and its share of ghost: as many keys as the store
-#   holds, each a slot of an ordered dict and, for a key evicted, its string.
+#   per variant: its _Held, its expiry float, its cost int, its name (unless "", shared);
+#   per key: the key string, the size int the store keeps, and _STORE_ITEM for
+#   the store's own bookkeeping (cache/s3fifo.py), which cannot be asked: its node, a slot in its
+#   dict and in a queue, its item in the expiry heap (a tuple) and the dead places and items
+#   that replaced and evicted keys leave until the queue passes them and the heap is rebuilt,
+#   and its share of ghost: as many keys as the store holds, each a slot of an ordered dict and
+#   a hash; and for a key of several variants, its _Variants, their dict and its size int.
 # Measured with tracemalloc on CPython 3.11 (64 bit), fresh key strings, L1 full and evicting
-# (4 MiB and 32 MiB, 100 B and 1 KB entries, from 1,200 to 9,800 keys): 530-555 bytes a key on
-# average (the old cachetools TLRU's 430 and 100-126 more), 360-650 at single instants. 550 is
-# that average with allocator rounding: a full L1 is what runs for hours.
-_STORE_ITEM = 550
-_SLOT = allocated(sys.getsizeof((None, None, None, None)))
+# (4 MiB and 32 MiB, 100 B and 1 KB entries, from 1,370 to 21,200 keys): 220-400 bytes a key,
+# 280 on average (the store's before was 550, with four dicts and a set where its node is now;
+# the old cachetools TLRU's 430). 300 is that with allocator rounding: a full L1 is what runs
+# for hours.
+_STORE_ITEM = 300
+_HELD = allocated(sys.getsizeof(_Held.__new__(_Held)))
 _FLOAT = allocated(sys.getsizeof(0.5))
 _INT = allocated(sys.getsizeof(1 << 20))
 _VARIANTS = allocated(sys.getsizeof(_Variants.__new__(_Variants)))
 
 
-def _slot(entry: Entry, expires: float, variant: str) -> _Slot:
-    """A variant as L1 keeps it, counted once, now."""
-    name = allocated(sys.getsizeof(variant)) if variant else 0
-    return (entry, expires, None, entry.size() + _SLOT + _FLOAT + _INT + name)
+def _key_cost(key: str, by_variant: dict[str, _Held] | None = None) -> int:
+    """A key's bytes besides its variants'; ``by_variant``: a key of several."""
+    cost = allocated(sys.getsizeof(key)) + _INT + _STORE_ITEM
+    if by_variant is not None:
+        cost += _VARIANTS + allocated(sys.getsizeof(by_variant)) + _INT
+    return cost
 
 
-def _key_cost(key: str, by_variant: dict[str, _Slot]) -> int:
-    return (
-        allocated(sys.getsizeof(key))
-        + _VARIANTS
-        + allocated(sys.getsizeof(by_variant))
-        + _INT
-        + _STORE_ITEM
-    )
-
-
-def _time_to_use(value: _Variants) -> float:
+def _time_to_use(value: _Value) -> float:
     return value.expires
 
 
-def _size_of(value: _Variants) -> int:
+def _size_of(value: _Value) -> int:
+    if isinstance(value, _Held):
+        return value.cost + _key_cost(value.key)
     return value.size
 
 
@@ -108,7 +131,7 @@ class MemoryTier:
         self._max_entries = max_entries
         self._max_variants = max_variants
         self._observer: CacheObserver = observer or NullObserver()
-        self._store: S3FIFO[str, _Variants] = S3FIFO(
+        self._store: S3FIFO[str, _Value] = S3FIFO(
             max_bytes, _time_to_use, clock.monotonic, _size_of, self._dropped, max_entries
         )
         self._count = 0
@@ -143,8 +166,8 @@ class MemoryTier:
             found = self._live(key, variant, now)
             if found is None:
                 return None
-            entry, expires, _, _ = found[1]
-            return Stored(entry, expires - now)
+            held = found[1]
+            return Stored(held.entry, held.expires - now)
 
     # ``builtins.bytes`` below: in this class ``bytes`` is the property.
 
@@ -163,26 +186,30 @@ class MemoryTier:
             found = self._live(key, variant, now)
             if found is None:
                 return None
-            variants, (entry, expires, rendered, _) = found
+            value, held = found
+            rendered = held.rendered
             if rendered is None:
-                rendered = self._keep_rendering(variants, variant, render(entry))
-            return entry, expires - now, rendered
+                rendered = self._keep_rendering(value, held, render(held.entry))
+            return held.entry, held.expires - now, rendered
 
-    def _live(self, key: str, variant: str, now: float) -> tuple[_Variants, _Slot] | None:
-        """The key's variants and the variant's slot, unless it is missing or past its expiry
-        (then dropped); called with the store's clock frozen at ``now``."""
+    def _live(self, key: str, variant: str, now: float) -> tuple[_Value, _Held] | None:
+        """The key's value in the store and the variant, unless it is missing or past its
+        expiry (then dropped); called with the store's clock frozen at ``now``."""
         try:
             # Indexing, not ``get``: get asks ``in`` first, which does the expiry check twice.
-            variants = self._store[key]
+            value = self._store[key]
         except KeyError:
             return None
-        slot = variants.by_variant.get(variant)
-        if slot is None:
+        if isinstance(value, _Held):
+            held: _Held | None = value if value.variant == variant else None
+        else:
+            held = value.by_variant.get(variant)
+        if held is None:
             return None
-        if slot[1] <= now:
-            self._drop_variant(key, variants, variant)
+        if held.expires <= now:
+            self._drop_variant(key, value, variant)
             return None
-        return variants, slot
+        return value, held
 
     async def set(
         self,
@@ -208,19 +235,16 @@ class MemoryTier:
                 self._store.pop(key)
                 self._dropped(current, Eviction.EXPIRED)
                 current = None
-            if (
-                current is not None
-                and len(current.by_variant) >= self._max_variants
-                and variant not in current.by_variant
-            ):
+            before = {} if current is None else _variants(current)
+            if len(before) >= self._max_variants and variant not in before:
                 return  # no room for another variant of the key
-            by_variant = dict(current.by_variant) if current is not None else {}
-            by_variant[variant] = _slot(entry, now + ttl, variant)
             # The key object already held, if any: the store's queues hold it too. Stored in
             # place: the key keeps its place and its reads.
             held = key if current is None else current.key
+            by_variant = dict(before)
+            by_variant[variant] = _Held(entry, now + ttl, held, variant)
             try:
-                self._store[held] = _Variants(held, by_variant)
+                self._store[held] = _value(held, by_variant)
             except ValueError:
                 # Larger than max_bytes on its own: L1 cannot hold it, and the old variants must
                 # not outlive the write that replaced them.
@@ -228,7 +252,7 @@ class MemoryTier:
                     self._store.pop(key)
                     self._dropped(current, Eviction.SIZE)
                 return
-            self._count += len(by_variant) - (len(current.by_variant) if current else 0)
+            self._count += len(by_variant) - len(before)
             while self._count > self._max_entries:
                 self._store.popitem()
 
@@ -282,31 +306,35 @@ class MemoryTier:
         self._store.clear()
         self._count = 0
 
-    def _dropped(self, variants: _Variants, reason: Eviction) -> None:
-        self._count -= len(variants.by_variant)
-        self._observer.evicted(reason, len(variants.by_variant))
+    def _dropped(self, value: _Value, reason: Eviction) -> None:
+        count = 1 if isinstance(value, _Held) else len(value.by_variant)
+        self._count -= count
+        self._observer.evicted(reason, count)
 
-    def _drop_variant(self, key: str, variants: _Variants, variant: str) -> None:
+    def _drop_variant(self, key: str, value: _Value, variant: str) -> None:
         self._store.pop(key)
-        self._count -= len(variants.by_variant)
+        by_variant = _variants(value)
+        self._count -= len(by_variant)
         self._observer.evicted(Eviction.EXPIRED, 1)
-        rest = {name: slot for name, slot in variants.by_variant.items() if name != variant}
+        rest = {name: held for name, held in by_variant.items() if name != variant}
         if rest:
-            self._store[variants.key] = _Variants(variants.key, rest)
+            self._store[value.key] = _value(value.key, rest)
             self._count += len(rest)
 
     def _keep_rendering(
-        self, variants: _Variants, variant: str, rendered: builtins.bytes
+        self, value: _Value, held: _Held, rendered: builtins.bytes
     ) -> builtins.bytes:
-        """Keep ``rendered`` with the variant, counted; called with the store's clock frozen,
-        the variant fresh and its key the most recently used (``peek_rendered`` just read it)."""
+        """Keep ``rendered`` with the variant ``held`` of the key whose value is ``value``,
+        counted; called with the store's clock frozen, the variant fresh and its key the most
+        recently used (``peek_rendered`` just read it)."""
         cost = allocated(sys.getsizeof(rendered))
-        if variants.size + cost > self._store.maxsize:
+        if _size_of(value) + cost > self._store.maxsize:
             return rendered  # the key would no longer fit: rendered again on every read instead
-        entry, expires, _, counted = variants.by_variant[variant]
-        variants.by_variant[variant] = (entry, expires, rendered, counted + cost)
-        variants.size += cost
+        held.rendered = rendered
+        held.cost += cost
+        if isinstance(value, _Variants):
+            value.size += cost
         # Setting the same item again is how the store recounts its size: it evicts other keys
         # until the total fits, never this one, and neither its place nor its expiry changes.
-        self._store[variants.key] = variants
+        self._store[value.key] = value
         return rendered

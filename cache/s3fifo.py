@@ -9,13 +9,16 @@ a scan, and when popularity shifts; and a read costs a counter, where LRU moves 
     main    keys read again while in small, or stored again while in ghost; evicted from when
             small is under its tenth: a key read since it was last looked at goes round once
             more (with one read less, at most 3 counted), any other leaves
-    ghost   the keys small evicted last (keys only, as many as the store holds)
-    expiry  a heap of (expires, generation, key): ``expire`` drops what has expired; a read of
-            an expired item drops it too; one met by eviction is reported expired
+    ghost   the keys small evicted last, by hash (as many as the store holds)
+    expiry  a heap of (expires, key): ``expire`` drops what has expired; a read of an expired
+            item drops it too; one met by eviction is reported expired
 
-A key's place in a queue is (key, generation): a key dropped and stored again has a new
-generation, and its old place is skipped when the queue reaches it. Storing a key held already
-changes its value in place: its queue, its place and its reads stay.
+Each key is one node, which its queue holds: a key dropped and stored again has a new node,
+and its old place is skipped when the queue reaches it (an item of the heap is taken for the
+key's only if the key expires then: strings and numbers only, which the garbage collector does
+not walk). Storing a key held already changes its
+value in place: its queue, its place and its reads stay. ``ttu`` and ``getsizeof`` are asked
+when a value is stored: a value whose expiry or size changes is stored again.
 
 Every drop but ``pop`` and ``clear`` is told to ``on_drop`` with its reason.
 """
@@ -23,7 +26,6 @@ Every drop but ``pop`` and ``clear`` is told to ``on_drop`` with its reason.
 from __future__ import annotations
 
 import heapq
-import itertools
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from types import TracebackType
@@ -64,6 +66,20 @@ class Timer:
         self._depth -= 1
 
 
+class _Node(Generic[K, V]):
+    """A key's place in the store: its value and the store's bookkeeping of it."""
+
+    __slots__ = ("expires", "key", "main", "reads", "size", "value")
+
+    def __init__(self, key: K, value: V, size: int, expires: float) -> None:
+        self.key = key
+        self.value = value
+        self.size = size
+        self.expires = expires
+        self.reads = 0
+        self.main = False  # in main (else in small)
+
+
 class S3FIFO(Generic[K, V]):
     """At most ``maxsize`` by ``getsizeof``; ``ttu(value)``: when it expires, on ``timer``'s
     clock. A value larger than ``maxsize`` on its own is refused (``ValueError``). ``maxcount``:
@@ -84,18 +100,14 @@ class S3FIFO(Generic[K, V]):
         self.timer = Timer(timer)
         self._getsizeof = getsizeof
         self._on_drop = on_drop
-        self._data: dict[K, V] = {}
-        self._sizes: dict[K, int] = {}
-        self._reads: dict[K, int] = {}
-        self._generation: dict[K, int] = {}
-        self._in_main: set[K] = set()
-        self._small: deque[tuple[K, int]] = deque()
-        self._main: deque[tuple[K, int]] = deque()
-        self._ghost: OrderedDict[K, None] = OrderedDict()
-        self._expiry: list[tuple[float, int, K]] = []
-        self._generations = itertools.count()
+        self._data: dict[K, _Node[K, V]] = {}
+        self._small: deque[_Node[K, V]] = deque()
+        self._main: deque[_Node[K, V]] = deque()
+        self._ghost: OrderedDict[int, None] = OrderedDict()
+        self._expiry: list[tuple[float, K]] = []
         self._currsize = 0
         self._small_size = 0
+        self._main_count = 0
 
     @property
     def maxsize(self) -> int:
@@ -112,23 +124,23 @@ class S3FIFO(Generic[K, V]):
         return iter(list(self._data))
 
     def __contains__(self, key: K) -> bool:
-        value = self._data.get(key)
-        return value is not None and self._ttu(value) > self.timer()
+        node = self._data.get(key)
+        return node is not None and node.expires > self.timer()
 
     def __getitem__(self, key: K) -> V:
         """The value, counted as a read; ``KeyError`` when missing or expired (then dropped)."""
-        value = self._data[key]
-        if self._ttu(value) <= self.timer():
-            self._drop(key, Eviction.EXPIRED)
+        node = self._data[key]
+        if node.expires <= self.timer():
+            self._drop(node, Eviction.EXPIRED)
             raise KeyError(key)
-        reads = self._reads[key]
-        if reads < MAX_READS:
-            self._reads[key] = reads + 1
-        return value
+        if node.reads < MAX_READS:
+            node.reads += 1
+        return node.value
 
     def held(self, key: K) -> V | None:
         """The value, expired or not, without counting a read."""
-        return self._data.get(key)
+        node = self._data.get(key)
+        return None if node is None else node.value
 
     def __setitem__(self, key: K, value: V) -> None:
         size = self._getsizeof(value)
@@ -136,36 +148,39 @@ class S3FIFO(Generic[K, V]):
             raise ValueError(f"a value of {size} bytes does not fit in {self._maxsize}")
         self.expire()
         expires = self._ttu(value)
-        if key in self._data:
-            change = size - self._sizes[key]
-            if key not in self._in_main:
+        node = self._data.get(key)
+        if node is not None:
+            change = size - node.size
+            if not node.main:
                 self._small_size += change
             self._currsize += change
-            if self._ttu(self._data[key]) != expires:
-                heapq.heappush(self._expiry, (expires, self._generation[key], key))
+            node.value = value
+            node.size = size
+            if node.expires != expires:
+                node.expires = expires
+                heapq.heappush(self._expiry, (expires, key))
         else:
-            generation = next(self._generations)
-            self._generation[key] = generation
-            self._reads[key] = 0
-            if key in self._ghost:  # evicted from small lately, wanted again: main
-                del self._ghost[key]
-                self._main.append((key, generation))
-                self._in_main.add(key)
+            node = self._data[key] = _Node(key, value, size, expires)
+            ghost = hash(key)
+            if ghost in self._ghost:  # evicted from small lately, wanted again: main
+                del self._ghost[ghost]
+                node.main = True
+                self._main_count += 1
+                self._main.append(node)
             else:
-                self._small.append((key, generation))
+                self._small.append(node)
                 self._small_size += size
             self._currsize += size
-            heapq.heappush(self._expiry, (expires, generation, key))
-        self._data[key] = value
-        self._sizes[key] = size
-        while self._currsize > self._maxsize and self._evict(protect=key) is not None:
+            heapq.heappush(self._expiry, (expires, key))
+        while self._currsize > self._maxsize and self._evict(protect=node) is not None:
             pass
 
     def pop(self, key: K, default: V | None = None) -> V | None:
         """The value taken out, quietly (no ``on_drop``)."""
-        if key not in self._data:
+        node = self._data.get(key)
+        if node is None:
             return default
-        return self._forget(key)
+        return self._forget(node)
 
     def popitem(self) -> tuple[K, V]:
         """Evict one item, as making room would."""
@@ -178,36 +193,30 @@ class S3FIFO(Generic[K, V]):
         """Drop every item expired at ``time`` (the clock's now by default)."""
         now = self.timer() if time is None else time
         heap = self._expiry
+        data = self._data
         expired: list[tuple[K, V]] = []
         while heap and heap[0][0] <= now:
-            expires, generation, key = heapq.heappop(heap)
-            value = self._data.get(key)
-            if (
-                value is not None
-                and self._generation[key] == generation
-                and self._ttu(value) == expires
-            ):
-                expired.append((key, value))
-                self._drop(key, Eviction.EXPIRED)
-        if len(heap) > 2 * len(self._data) + 64:  # mostly places of items gone: rebuilt
-            self._expiry = [
-                (self._ttu(value), self._generation[key], key) for key, value in self._data.items()
-            ]
+            expires, key = heapq.heappop(heap)
+            node = data.get(key)
+            if node is not None and node.expires == expires:
+                expired.append((key, node.value))
+                self._drop(node, Eviction.EXPIRED)
+        if len(heap) > 2 * len(data) + 64:  # mostly places of items gone: rebuilt
+            self._expiry = [(node.expires, key) for key, node in data.items()]
             heapq.heapify(self._expiry)
         return expired
 
     def clear(self) -> None:
-        for holder in (self._data, self._sizes, self._reads, self._generation, self._ghost):
-            holder.clear()
-        self._in_main.clear()
+        self._data.clear()
+        self._ghost.clear()
         self._small.clear()
         self._main.clear()
         self._expiry.clear()
-        self._currsize = self._small_size = 0
+        self._currsize = self._small_size = self._main_count = 0
 
-    def _evict(self, protect: K | None = None) -> tuple[K, V] | None:
+    def _evict(self, protect: _Node[K, V] | None = None) -> tuple[K, V] | None:
         """Drop one item by the policy, never ``protect``; None when only it is left."""
-        small, main = self._small, self._main
+        small, main, data = self._small, self._main, self._data
         # How often ``protect`` came round in each queue since another key was put back: twice,
         # and the queue holds no other that could go. Reads only go down: this ends.
         met = {True: 0, False: 0}
@@ -218,53 +227,55 @@ class S3FIFO(Generic[K, V]):
                 return None
             from_small = in_small and (not in_main or self._small_full())
             queue = small if from_small else main
-            key, generation = queue.popleft()
-            if self._generation.get(key) != generation:
-                continue  # a place of a key dropped since
-            if key == protect:
-                queue.append((key, generation))
+            node = queue.popleft()
+            if data.get(node.key) is not node:
+                continue  # the place of a key dropped since
+            if node is protect:
+                queue.append(node)
                 met[from_small] += 1
                 continue
-            value = self._data[key]
-            reads = self._reads[key]
+            reads = node.reads
             if from_small and reads:  # read while new: it stays, in main
-                self._reads[key] = 0
-                self._small_size -= self._sizes[key]
-                self._in_main.add(key)
-                main.append((key, generation))
+                node.reads = 0
+                node.main = True
+                self._small_size -= node.size
+                self._main_count += 1
+                main.append(node)
                 met[True] = met[False] = 0  # others changed: ``protect`` may not be alone
                 continue
             if not from_small and reads:  # read since last looked at: once more round
-                self._reads[key] = reads - 1
-                main.append((key, generation))
+                node.reads = reads - 1
+                main.append(node)
                 met[True] = met[False] = 0
                 continue
-            expired = self._ttu(value) <= self.timer()
-            self._drop(key, Eviction.EXPIRED if expired else Eviction.SIZE)
+            expired = node.expires <= self.timer()
+            value = node.value
+            self._drop(node, Eviction.EXPIRED if expired else Eviction.SIZE)
             if from_small and not expired:
-                self._ghost[key] = None
-                while len(self._ghost) > max(1, len(self._data)):
+                self._ghost[hash(node.key)] = None
+                while len(self._ghost) > max(1, len(data)):
                     self._ghost.popitem(last=False)
-            return key, value
+            return node.key, value
 
     def _small_full(self) -> bool:
         """Does small hold its share of the store, by bytes or by count?"""
         if self._small_size * SMALL_SHARE >= self._maxsize:
             return True
-        small = len(self._data) - len(self._in_main)
+        small = len(self._data) - self._main_count
         return self._maxcount is not None and small * SMALL_SHARE >= self._maxcount
 
-    def _drop(self, key: K, reason: Eviction) -> None:
-        self._on_drop(self._forget(key), reason)
+    def _drop(self, node: _Node[K, V], reason: Eviction) -> None:
+        self._on_drop(self._forget(node), reason)
 
-    def _forget(self, key: K) -> V:
-        value = self._data.pop(key)
-        size = self._sizes.pop(key)
-        del self._reads[key]
-        del self._generation[key]
-        if key in self._in_main:
-            self._in_main.discard(key)
+    def _forget(self, node: _Node[K, V]) -> V:
+        del self._data[node.key]
+        value = node.value
+        # Its places in the queues and the heap outlive it until they are passed: they must not
+        # keep its value alive (a dead place is one whose node is no longer the key's).
+        del node.value
+        if node.main:
+            self._main_count -= 1
         else:
-            self._small_size -= size
-        self._currsize -= size
+            self._small_size -= node.size
+        self._currsize -= node.size
         return value
