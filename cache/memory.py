@@ -131,6 +131,7 @@ class MemoryTier:
         self._max_entries = max_entries
         self._max_variants = max_variants
         self._observer: CacheObserver = observer or NullObserver()
+        self._now = clock.monotonic
         self._store: S3FIFO[str, _Value] = S3FIFO(
             max_bytes, _time_to_use, clock.monotonic, _size_of, self._dropped, max_entries
         )
@@ -154,20 +155,21 @@ class MemoryTier:
         """Bytes of memory held: entries, renderings and bookkeeping (see the module's top)."""
         return int(self._store.currsize)
 
-    # Every method freezes the store's clock (``with self._store.timer``) so that one call sees
-    # one instant: an item cannot expire between the check and the use.
+    # Every method that changes the store freezes its clock (``with self._store.timer``) so that
+    # one call sees one instant: an item cannot expire between the check and the use. A read
+    # reads the clock once and gives that time to the store.
 
     async def get(self, key: str, variant: str = "") -> Stored | None:
         return self.peek(key, variant)
 
     def peek(self, key: str, variant: str = "") -> Stored | None:
         """``get`` without a wait: what an answer that must not yield (a hit) reads."""
-        with self._store.timer as now:
-            found = self._live(key, variant, now)
-            if found is None:
-                return None
-            held = found[1]
-            return Stored(held.entry, held.expires - now)
+        now = self._now()
+        found = self._live(key, variant, now)
+        if found is None:
+            return None
+        held = found[1]
+        return Stored(held.entry, held.expires - now)
 
     # ``builtins.bytes`` below: in this class ``bytes`` is the property.
 
@@ -182,23 +184,21 @@ class MemoryTier:
         may evict other keys, as the store's policy picks them). It must be a pure function of the
         entry: a variant is rendered once, whoever asks, whatever ``render`` they pass.
         """
-        with self._store.timer as now:
-            found = self._live(key, variant, now)
-            if found is None:
-                return None
-            value, held = found
-            rendered = held.rendered
-            if rendered is None:
-                rendered = self._keep_rendering(value, held, render(held.entry))
-            return held.entry, held.expires - now, rendered
+        now = self._now()
+        found = self._live(key, variant, now)
+        if found is None:
+            return None
+        value, held = found
+        rendered = held.rendered
+        if rendered is None:
+            rendered = self._keep_rendering(value, held, render(held.entry))
+        return held.entry, held.expires - now, rendered
 
     def _live(self, key: str, variant: str, now: float) -> tuple[_Value, _Held] | None:
         """The key's value in the store and the variant, unless it is missing or past its
-        expiry (then dropped); called with the store's clock frozen at ``now``."""
-        try:
-            # Indexing, not ``get``: get asks ``in`` first, which does the expiry check twice.
-            value = self._store[key]
-        except KeyError:
+        expiry (then dropped)."""
+        value = self._store.read(key, now)
+        if value is None:
             return None
         if isinstance(value, _Held):
             held: _Held | None = value if value.variant == variant else None
@@ -207,7 +207,8 @@ class MemoryTier:
         if held is None:
             return None
         if held.expires <= now:
-            self._drop_variant(key, value, variant)
+            with self._store.timer:
+                self._drop_variant(key, value, variant)
             return None
         return value, held
 
@@ -325,16 +326,20 @@ class MemoryTier:
         self, value: _Value, held: _Held, rendered: builtins.bytes
     ) -> builtins.bytes:
         """Keep ``rendered`` with the variant ``held`` of the key whose value is ``value``,
-        counted; called with the store's clock frozen, the variant fresh and its key the most
-        recently used (``peek_rendered`` just read it)."""
+        counted; the variant was fresh and its key the most recently used (``peek_rendered``
+        just read it)."""
         cost = allocated(sys.getsizeof(rendered))
-        if _size_of(value) + cost > self._store.maxsize:
-            return rendered  # the key would no longer fit: rendered again on every read instead
-        held.rendered = rendered
-        held.cost += cost
-        if isinstance(value, _Variants):
-            value.size += cost
-        # Setting the same item again is how the store recounts its size: it evicts other keys
-        # until the total fits, never this one, and neither its place nor its expiry changes.
-        self._store[value.key] = value
+        with self._store.timer as now:
+            if held.expires <= now or _size_of(value) + cost > self._store.maxsize:
+                # It expired since the read (it is dropped at the next), or the key would no
+                # longer fit: rendered again on every read instead.
+                return rendered
+            held.rendered = rendered
+            held.cost += cost
+            if isinstance(value, _Variants):
+                value.size += cost
+            # Setting the same item again is how the store recounts its size: it evicts other
+            # keys until the total fits, never this one, and neither its place nor its expiry
+            # changes.
+            self._store[value.key] = value
         return rendered

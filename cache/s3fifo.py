@@ -137,6 +137,19 @@ class S3FIFO(Generic[K, V]):
             node.reads += 1
         return node.value
 
+    def read(self, key: K, now: float) -> V | None:
+        """``self[key]`` at ``now`` (a time the caller just read from the clock), without the
+        timer: None when missing or expired (then dropped). What a hit calls."""
+        node = self._data.get(key)
+        if node is None:
+            return None
+        if node.expires <= now:
+            self._drop(node, Eviction.EXPIRED)
+            return None
+        if node.reads < MAX_READS:
+            node.reads += 1
+        return node.value
+
     def held(self, key: K) -> V | None:
         """The value, expired or not, without counting a read."""
         node = self._data.get(key)
