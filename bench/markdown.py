@@ -26,8 +26,8 @@ def render(report: Report) -> str:
         f"- software: {versions}",
         f"- parameters: {p.seconds:g} s per measured run, {p.connections} connections (wrk -t1), "
         f"{BODY_SIZE}-byte JSON values, origin latency {p.latency}; {p.warm_keys:,} warm keys; "
-        f"Zipf: {p.zipf_keys:,} keys, {p.zipf_requests:,} requests to fill and as many "
-        f"measured; stampede {p.stampede} connections x {p.rounds} cold keys",
+        f"Zipf: {p.zipf_keys:,} keys, {p.zipf_fill:,} requests to fill and "
+        f"{p.zipf_requests:,} measured; stampede {p.stampede} connections x {p.rounds} cold keys",
     ]
     lines += [f"- skipped: {line}" for line in report.skipped]
     lines += ["", *verdicts.table(report), "", *_throughput(report), "", *_ratios(report)]
@@ -134,7 +134,7 @@ def _zipf(report: Report) -> list[str]:
     )
     small = " (its smallest)" if budget.bytes < VARNISH_SMALLEST else ""
     base = next((run for run in runs if run.target == "cachecar, L1 only"), None)
-    requests = report.params.zipf_requests
+    fill, requests = report.params.zipf_fill, report.params.zipf_requests
     lines = [
         f"#### Zipf(0.99) over {budget.keys:,} keys at one memory budget",
         "",
@@ -144,8 +144,10 @@ def _zipf(report: Report) -> list[str]:
         f"**{budget.bytes:,} bytes**: cachecar `l1.max_bytes` = that and "
         f"`l1.max_entries` = {budget.entries:,}; nginx `max_size` = that; Varnish "
         f"`-s malloc,{max(budget.bytes, VARNISH_SMALLEST)}`{small}{fit}. Every target gets the "
-        f"same {requests:,} requests to fill, then the same {requests:,} others, measured; the "
-        "origin's `/_stats` counts what reached it during the measured run.",
+        f"same {fill:,} requests to fill (enough for every cache's steady state: after "
+        "30,000, a quarter of the next requests would be keys never read before, a miss in any "
+        f"cache), then the same {requests:,} others, measured; the origin's `/_stats` counts "
+        "what reached it during the measured run.",
         "",
         "| target | entries held after | requests sent | origin requests | per 1,000 requests "
         "| req/s | cachecar L1 only ÷ this, per 1,000 |",

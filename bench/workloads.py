@@ -143,7 +143,7 @@ async def zipf(h: Harness) -> None:
         progress(f"(d) Zipf({ZIPF_EXPONENT}) over {p.zipf_keys:,} keys: {target.name}")
         # The same requests for every target, a fill and then the measured run, each a fixed
         # count: a faster target does not see more of the distribution.
-        fill, fill_marker = _zipf_script(h, target, 1)
+        fill, fill_marker = _zipf_script(h, target, 1, p.zipf_fill)
         await asyncio.to_thread(
             h.wrk.run,
             target.url + "/",
@@ -157,7 +157,7 @@ async def zipf(h: Harness) -> None:
         # A smoke run does not wait the up to 10 s this takes.
         if target.name in nginx_sizes and h.nginx_file and not p.quick:
             note = await _nginx_trimmed(h, target, nginx_sizes[target.name])
-        script, marker = _zipf_script(h, target, 2)
+        script, marker = _zipf_script(h, target, 2, p.zipf_requests)
         found = await h.measure(target, "zipf", script, seconds=WAIT_LIMIT, stop_when=marker)
         found.held = await h.held(target)
         found.sent = p.zipf_requests
@@ -195,12 +195,12 @@ async def mix(h: Harness) -> None:
     await h.stop(targets)
 
 
-def _zipf_script(h: Harness, target: Target, seed: int) -> tuple[Path, Path]:
+def _zipf_script(h: Harness, target: Target, seed: int, requests: int) -> tuple[Path, Path]:
     p = h.params
     marker = h.directory / f"zipf-{target.process.name}-{seed}"
     script = h.script(
         f"zipf-{seed}",
-        wrk.zipf("/items/", p.zipf_keys, ZIPF_EXPONENT, seed, p.zipf_requests, marker),
+        wrk.zipf("/items/", p.zipf_keys, ZIPF_EXPONENT, seed, requests, marker),
     )
     return script, marker
 
