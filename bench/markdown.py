@@ -147,17 +147,22 @@ def _zipf(report: Report) -> list[str]:
         f"same {fill:,} requests to fill (enough for every cache's steady state: after "
         "30,000, a quarter of the next requests would be keys never read before, a miss in any "
         f"cache), then the same {requests:,} others, measured; the origin's `/_stats` counts "
-        "what reached it during the measured run.",
+        "what reached it during the measured run. Each counts the budget its own way: "
+        "cachecar every byte its L1 takes, Varnish the storage of bodies and headers (its "
+        "per-object structures come on top), nginx the cache files on disk. The memory column "
+        "is what each target's processes grew by from before the fill to after the run (nginx's "
+        "files live in the kernel's page cache, which it does not include).",
         "",
         "| target | entries held after | requests sent | origin requests | per 1,000 requests "
-        "| req/s | cachecar L1 only ÷ this, per 1,000 |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| req/s | memory grown | cachecar L1 only ÷ this, per 1,000 |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for run in runs:
         per = misses(run)
         lines.append(
             f"| {run.target} | {count(run.held)} | {count(run.sent)} | {count(run.origin)} "
             f"| {'—' if per is None else f'{per:.1f}'} | {run.wrk.rate:,.0f} "
+            f"| {'—' if run.grown is None else mib(run.grown)} "
             f"| {ratio(misses(base), per)} |"
         )
     notes = [f"{run.target}: {run.note}" for run in runs if run.note]

@@ -43,6 +43,7 @@ class Run:
     origin: int | None = None  # GETs that reached the origin during the run
     held: int | None = None  # entries the cache held at the end (Zipf)
     sent: int | None = None  # requests sent, when wrk was stopped after a count (Zipf)
+    grown: int | None = None  # bytes its resident memory grew by, from before the fill (Zipf)
     note: str = ""
 
 

@@ -57,14 +57,24 @@ def verdicts(report: Report) -> list[Verdict]:
     rate_ratio("zipf", "cachecar, L1 only", "varnish", 0.8, "Zipf(0.99) throughput ≥ 0.8x Varnish")
     for name in ("cachecar, L1 only", "cachecar, L1 + L2"):
         rate_ratio("misses", name, "varnish", 0.6, f"unique-key misses ≥ 0.6x Varnish ({name})")
-    label = "Zipf origin requests ≤ 225 per 1,000 and fewer than nginx's and Varnish's"
+    # Judged against the peers holding as many entries as cachecar: neither peer's budget
+    # bounds its memory (Varnish's leaves out its per-object structures, nginx's counts disk
+    # blocks), which the report's memory column shows. At the byte budget too, for the record.
+    label = (
+        "Zipf origin requests ≤ 225 per 1,000 and fewer than nginx's and Varnish's "
+        "holding as many entries"
+    )
     ours = misses(report.find("zipf", "cachecar, L1 only"))
-    peers = {name: misses(report.find("zipf", name)) for name in ("nginx", "varnish")}
-    theirs = {name: n for name, n in peers.items() if n is not None}
-    if ours is not None and theirs:
-        same = misses(report.find("zipf", "nginx, same entry count"))
-        also = f"; nginx with the same entry count: {same:.1f}" if same is not None else ""
+    same = {
+        name: misses(report.find("zipf", f"{name}, same entry count"))
+        for name in ("nginx", "varnish")
+    }
+    budget = {name: misses(report.find("zipf", name)) for name in ("nginx", "varnish")}
+    theirs = {name: n for name, n in same.items() if n is not None}
+    if ours is not None and len(theirs) == len(same):
         against = ", ".join(f"{name} {n:.1f}" for name, n in theirs.items())
+        at_budget = ", ".join(f"{name} {n:.1f}" for name, n in budget.items() if n is not None)
+        also = f"; at the byte budget: {at_budget}" if at_budget else ""
         found.append(
             Verdict(
                 label,

@@ -90,7 +90,7 @@ def test_the_quick_run_reports_every_target_and_workload(redis_url: str, tmp_pat
             f"(d) Zipf(0.99), cache = 10% of keys / {t}"
             for t in [
                 *(["nginx", "nginx, same entry count"] if nginx_in else []),
-                *(["varnish"] if varnish_in else []),
+                *(["varnish", "varnish, same entry count"] if varnish_in else []),
             ]
         ),
         *(
