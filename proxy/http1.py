@@ -24,8 +24,8 @@ import collections
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable
-from typing import Final, cast
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from typing import Final, TypeVar, cast
 
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 from yarl import URL
@@ -33,6 +33,8 @@ from yarl import URL
 from proxy.errors import ProxyError
 
 logger = logging.getLogger("cachecar.proxy")
+
+T = TypeVar("T")
 
 MAX_HEAD: Final = 64 * 1024  # bytes of an answer's head, 1xx heads included
 _MAX_LINE: Final = 4096  # bytes of a chunk-size or trailer line
@@ -536,8 +538,7 @@ class Pool:
         while True:
             connection = self._take()
             if connection is None:
-                async with asyncio.timeout(wait):
-                    connection = await self._connect()
+                connection = await _within(wait, self._connect())
             answer = Answer(connection, method == "HEAD", self._read_timeout)
             connection.send(data, answer)
             try:
@@ -546,8 +547,7 @@ class Pool:
                         _send(connection, pieces, chunked=length is None)
                     )
                     await _sent(answer, answer.sending)
-                async with asyncio.timeout(wait):
-                    await answer.head()
+                await _within(wait, answer.head())
             except _Unanswered:
                 answer.release()
                 if not connection.reused or not again:
@@ -650,6 +650,15 @@ class Pool:
             raise ValueError(f"a line break inside a header to the origin: {text[:200]!r}")
         head = text.encode("utf-8", "surrogateescape")
         return head + body if body else head
+
+
+async def _within(seconds: float | None, awaited: Awaitable[T]) -> T:
+    """``await awaited``, a ``TimeoutError`` after ``seconds``; None: as long as it takes,
+    without a timeout's cost (most requests: the caller's deadline bounds them)."""
+    if seconds is None:
+        return await awaited
+    async with asyncio.timeout(seconds):
+        return await awaited
 
 
 async def _send(connection: _Connection, body: AsyncIterable[bytes], *, chunked: bool) -> None:

@@ -204,6 +204,9 @@ class OriginClient:
     async def _acquire(self, deadline: float) -> None:
         if self._slots is None:
             return
+        if not self._slots.locked():  # taken at once: no timeout to set up
+            await self._slots.acquire()
+            return
         try:
             async with asyncio.timeout_at(deadline):
                 await self._slots.acquire()
