@@ -210,7 +210,12 @@ class TieredCache(Tiers):
                 # entry the tiers hold must not keep answering for it, stale or fresh.
                 await self.drop(key)
             took = self._clock.monotonic() - started
-            if took > 0 and (loaded.l1_ttl > 0 or loaded.l2_ttl > 0):
+            if (
+                took > 0
+                and not loaded.entry.fetch_seconds
+                and (loaded.l1_ttl > 0 or loaded.l2_ttl > 0)
+            ):
+                # Timed here unless the loader timed its fetch (the proxy's loaders do).
                 loaded = dataclasses.replace(
                     loaded, entry=dataclasses.replace(loaded.entry, fetch_seconds=took)
                 )

@@ -17,7 +17,6 @@ headers are not forwarded on it (the entry must be whole), only the stored entry
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 
@@ -25,7 +24,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from cache.clock import Clock
-from cache.entry import Entry
+from cache.entry import Entry, Headers
 from cache.lookup import REVALIDATING, Loaded, Loader, Lookup, Revalidator, Source
 from cache.tiered import TieredCache
 from cache.write_behind.writer import WriteBehind
@@ -147,6 +146,7 @@ class Reads:
         It may run after the answer was sent (a refresh): it reads only what the request
         object keeps (headers, peer, scheme), never its connection.
         """
+        started = self._clock.monotonic()
         route = cached.route
         keyed = route.vary + learned
         sent = forwarding.forward_fill(
@@ -171,18 +171,23 @@ class Reads:
             limit=self._max_cacheable,
         )
         now = self._clock.time()
+        took = self._clock.monotonic() - started
         age = age_of(response.headers)
         if response.status == 304 and previous is not None and validators:
             return self._refresh(
-                previous, response.headers, cached, (names, present, keyed), now, age
+                previous, response.headers, cached, (names, present, keyed), now, age, took
             )
         decision = decide(response.status, response.headers, route, names, now, age, keyed, present)
         _learn(route, decision)
-        entry = Entry(
-            response.status, forwarding.to_store(response.headers), response.body, now, 0.0
-        )
+        stored = (response.status, forwarding.to_store(response.headers), response.body)
         return _loaded(
-            route, entry, response.headers, decision, now, age, tags, failed=response.status >= 500
+            route,
+            stored,
+            response.headers,
+            decision,
+            (now, age, took),
+            tags,
+            failed=response.status >= 500,
         )
 
     def _refresh(
@@ -193,6 +198,7 @@ class Reads:
         request_names: tuple[frozenset[str], frozenset[str], tuple[str, ...]],
         now: float,
         age: float,
+        took: float,
     ) -> Loaded:
         """The origin's 304 to a revalidation: ``previous`` with its headers updated by the
         304's and fresh again, for as long as those headers now say (RFC 9111 §4.3.4)."""
@@ -202,8 +208,10 @@ class Reads:
         sent, present, keyed = request_names
         decision = decide(previous.status, merged, route, sent, now, age, keyed, present)
         _learn(route, decision)
-        entry = dataclasses.replace(previous, headers=headers)
-        return _loaded(route, entry, merged, decision, now, age, cached.tags, revalidated=True)
+        stored = (previous.status, headers, previous.body)
+        return _loaded(
+            route, stored, merged, decision, (now, age, took), cached.tags, revalidated=True
+        )
 
     def _answer(self, request: web.Request, lookup: Lookup) -> web.Response:
         entry = lookup.entry
@@ -256,27 +264,33 @@ def _part(headers: CIMultiDict[str], body: bytes, wanted: str) -> web.Response:
 
 def _loaded(
     route: Route,
-    entry: Entry,
+    stored: tuple[int, Headers, bytes],
     headers: CIMultiDictProxy[str],
     decision: Decision,
-    now: float,
-    age: float,
+    times: tuple[float, float, float],
     tags: tuple[str, ...],
     *,
     failed: bool = False,
     revalidated: bool = False,
 ) -> Loaded:
-    """``entry`` as the tiers take it: fresh from ``now`` as ``decision`` says, served stale
-    only as its ``headers`` allow, kept past its freshness as ``_kept_stale`` says.
+    """The entry of ``stored`` (status, the headers to store, body) as the tiers take it: fresh
+    from now as ``decision`` says, served stale only as its ``headers`` allow, kept past its
+    freshness as ``_kept_stale`` says; ``times``: now, the answer's age, the fetch's seconds.
+    Built once, here: a miss makes one entry.
 
     stored_at is when the origin (or a cache before it) produced the answer, so Age keeps
     counting from there; the entry is fresh until now + fresh_for."""
-    entry = dataclasses.replace(
-        entry,
-        stored_at=now - age,
-        ttl=decision.fresh_for + age,
-        must_revalidate=not stale_allowed(entry.status, headers),
-        stale_limits=stale_limits(headers),
+    status, kept, body = stored
+    now, age, took = times
+    entry = Entry(
+        status,
+        kept,
+        body,
+        now - age,
+        decision.fresh_for + age,
+        took if took > 0 else 0.0,
+        not stale_allowed(status, headers),
+        stale_limits(headers),
     )
     return Loaded(
         entry,
