@@ -42,7 +42,8 @@ WARM_UP = 500  # GETs of other keys before the measured ones
 
 # Where a function's time is counted: the first pattern its file path contains.
 AREAS: tuple[tuple[str, str], ...] = (
-    ("proxy/http1.py", "origin client: cachecar's HTTP/1.1 (proxy/http1.py)"),
+    ("proxy/http1.py", "origin client: cachecar's HTTP/1.1 (proxy/http1.py, framing.py)"),
+    ("proxy/framing.py", "origin client: cachecar's HTTP/1.1 (proxy/http1.py, framing.py)"),
     ("aiohttp/client", "origin client: aiohttp's"),
     ("aiohttp/connector", "origin client: aiohttp's"),
     ("proxy/origin.py", "origin client: proxy/origin.py"),

@@ -11,12 +11,12 @@
     │   ├── BodyTooLarge            passthrough.py: past server.max_body (413)
     │   └── BodyStalled             passthrough.py: nothing for server.body_timeout (408)
     ├── ClientGone                  passthrough.py: the client left mid-body (handler counts 499)
-    ├── AnswerError                 http1.py: what the origin sent is not an answer, or broke off
+    ├── AnswerError                 framing.py: what the origin sent is not an answer, or broke off
     │   │                           (origin turns it into OriginUnreachable; relay cuts the client)
     │   ├── ConnectFailed           http1.py: no connection to the origin
     │   ├── BodyFailed              http1.py: the request body failed while it was sent (its
     │   │                           cause is passthrough's RequestBodyError)
-    │   └── _Unanswered             http1.py: closed before a byte came (Pool sends it again)
+    │   └── Unanswered              framing.py: closed before a byte came (Pool sends it again)
     ├── Oversized                   origin.py: also the engine's LoadDeclined; a fetch past its
     │                               limit, still open (handler relays it uncached)
     ├── BadPath (ValueError)        paths.py: a request target that cannot be normalized

@@ -28,7 +28,8 @@ from yarl import URL
 
 from cache.errors import LoadDeclined
 from proxy.errors import ProxyError
-from proxy.http1 import Answer, AnswerError, ConnectFailed, Pool
+from proxy.framing import Answer, AnswerError
+from proxy.http1 import ConnectFailed, Pool
 from proxy.units import format_duration, format_size
 
 

@@ -21,7 +21,7 @@ from multidict import CIMultiDictProxy
 from proxy import headers as forwarding
 from proxy.answers import error_response
 from proxy.errors import ProxyError
-from proxy.http1 import AnswerError
+from proxy.framing import AnswerError
 from proxy.origin import OriginClient, OriginError, RequestBodyError
 from proxy.units import format_duration, format_size
 

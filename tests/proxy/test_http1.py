@@ -12,7 +12,8 @@ import pytest
 from multidict import CIMultiDict
 from yarl import URL
 
-from proxy.http1 import AnswerError, BodyFailed, ConnectFailed, Pool
+from proxy.framing import AnswerError
+from proxy.http1 import BodyFailed, ConnectFailed, Pool
 from tests.proxy.conftest import MakeProxy
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
