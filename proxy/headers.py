@@ -16,6 +16,7 @@ origin 304 -> cache:                  its headers replace the stored ones, but t
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -95,17 +96,25 @@ def forward_uncached(
 
 
 def forward_fill(
-    headers: CIMultiDictProxy[str], extra: Iterable[str], peer: str | None, scheme: str
+    headers: CIMultiDictProxy[str], extra: tuple[str, ...], peer: str | None, scheme: str
 ) -> CIMultiDict[str]:
-    """Request headers for a cacheable miss: the safe few, nothing the client could poison."""
+    """Request headers for a cacheable miss: the safe few and ``extra`` (a route's), nothing
+    the client could poison."""
     out: CIMultiDict[str] = CIMultiDict()
-    for name in dict.fromkeys((*FILL_HEADERS, *extra)):  # each once: vary may name Accept
+    for name in _fill_names(extra):
         for value in headers.getall(name, ()):
             out.add(name, value)
     # The client's own X-Forwarded-For is not trusted into a shared fetch.
     _set_forwarded(out, None, peer, scheme)
     out["Surrogate-Capability"] = _CAPABILITY
     return out
+
+
+@functools.lru_cache(maxsize=1024)
+def _fill_names(extra: tuple[str, ...]) -> tuple[str, ...]:
+    """The names a miss sends with ``extra``, each once (vary may name Accept): worked out once
+    per route (and per set of names it learned), not per miss."""
+    return tuple(dict.fromkeys((*FILL_HEADERS, *extra)))
 
 
 def _set_forwarded(out: CIMultiDict[str], prior: str | None, peer: str | None, scheme: str) -> None:
