@@ -73,12 +73,12 @@ def _variants(value: _Value) -> dict[str, _Held]:
 # What L1 spends besides the entries, in bytes. Object sizes come from sys.getsizeof on this
 # interpreter, rounded as the allocator rounds them (``allocated``):
 #   per variant: its _Held, its expiry float, its cost int, its name (unless "", shared);
-#   per key: the key string, the size int the store keeps, and _STORE_ITEM for
-#   the store's own bookkeeping (cache/s3fifo.py), which cannot be asked: its node, a slot in its
-#   dict and in a queue, its item in the expiry heap (a tuple) and the dead places and items
-#   that replaced and evicted keys leave until the queue passes them and the heap is rebuilt,
-#   and its share of ghost: as many keys as the store holds, each a slot of an ordered dict and
-#   a hash; and for a key of several variants, its _Variants, their dict and its size int.
+#   per key: the key string, the size int the store keeps, and _STORE_ITEM for the store's own
+#   bookkeeping (cache/s3fifo.py), which cannot be asked: its node, a slot in its dict and in a
+#   queue, its item in the expiry heap (a tuple), the dead places and items that replaced and
+#   evicted keys leave until the queues pass them or are compacted and the heap is rebuilt, and
+#   its share of ghost: as many keys as the store holds, each a slot of an ordered dict and a
+#   hash; and for a key of several variants, its _Variants, their dict and its size int.
 # Measured with tracemalloc on CPython 3.11 (64 bit), fresh key strings, L1 full and evicting
 # (4 MiB and 32 MiB, 100 B and 1 KB entries, from 1,370 to 21,200 keys): 220-400 bytes a key,
 # 280 on average (the store's before was 550, with four dicts and a set where its node is now;

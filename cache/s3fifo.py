@@ -14,9 +14,9 @@ a scan, and when popularity shifts; and a read costs a counter, where LRU moves 
             item drops it too; one met by eviction is reported expired
 
 Each key is one node, which its queue holds: a key dropped and stored again has a new node,
-and its old place is skipped when the queue reaches it (an item of the heap is taken for the
-key's only if the key expires then: strings and numbers only, which the garbage collector does
-not walk). Storing a key held already changes its
+and its old place is skipped when the queue reaches it, or dropped once such places outnumber
+the keys. An item of the heap is taken for the key's only if the key expires then: strings and
+numbers only, which the garbage collector does not walk. Storing a key held already changes its
 value in place: its queue, its place and its reads stay. ``ttu`` and ``getsizeof`` are asked
 when a value is stored: a value whose expiry or size changes is stored again.
 
@@ -108,6 +108,7 @@ class S3FIFO(Generic[K, V]):
         self._currsize = 0
         self._small_size = 0
         self._main_count = 0
+        self._dead = 0  # places in the queues of keys dropped since (compacted past a bound)
 
     @property
     def maxsize(self) -> int:
@@ -225,7 +226,7 @@ class S3FIFO(Generic[K, V]):
         self._small.clear()
         self._main.clear()
         self._expiry.clear()
-        self._currsize = self._small_size = self._main_count = 0
+        self._currsize = self._small_size = self._main_count = self._dead = 0
 
     def _evict(self, protect: _Node[K, V] | None = None) -> tuple[K, V] | None:
         """Drop one item by the policy, never ``protect``; None when only it is left."""
@@ -242,6 +243,7 @@ class S3FIFO(Generic[K, V]):
             queue = small if from_small else main
             node = queue.popleft()
             if data.get(node.key) is not node:
+                self._dead -= 1
                 continue  # the place of a key dropped since
             if node is protect:
                 queue.append(node)
@@ -263,7 +265,7 @@ class S3FIFO(Generic[K, V]):
                 continue
             expired = node.expires <= self.timer()
             value = node.value
-            self._drop(node, Eviction.EXPIRED if expired else Eviction.SIZE)
+            self._drop(node, Eviction.EXPIRED if expired else Eviction.SIZE, placed=False)
             if from_small and not expired:
                 self._ghost[hash(node.key)] = None
                 while len(self._ghost) > max(1, len(data)):
@@ -277,11 +279,13 @@ class S3FIFO(Generic[K, V]):
         small = len(self._data) - self._main_count
         return self._maxcount is not None and small * SMALL_SHARE >= self._maxcount
 
-    def _drop(self, node: _Node[K, V], reason: Eviction) -> None:
-        self._on_drop(self._forget(node), reason)
+    def _drop(self, node: _Node[K, V], reason: Eviction, *, placed: bool = True) -> None:
+        self._on_drop(self._forget(node, placed=placed), reason)
 
-    def _forget(self, node: _Node[K, V]) -> V:
-        del self._data[node.key]
+    def _forget(self, node: _Node[K, V], *, placed: bool = True) -> V:
+        """Take ``node`` out; ``placed``: its place is still in a queue (not being evicted)."""
+        data = self._data
+        del data[node.key]
         value = node.value
         # Its places in the queues and the heap outlive it until they are passed: they must not
         # keep its value alive (a dead place is one whose node is no longer the key's).
@@ -291,4 +295,12 @@ class S3FIFO(Generic[K, V]):
         else:
             self._small_size -= node.size
         self._currsize -= node.size
+        if placed:
+            self._dead += 1
+            # A store under its budget evicts nothing, and nothing else passes the queues:
+            # keys dropped and stored again (invalidated, rewritten) would grow them for ever.
+            if self._dead > len(data) + 64:
+                self._small = deque(n for n in self._small if data.get(n.key) is n)
+                self._main = deque(n for n in self._main if data.get(n.key) is n)
+                self._dead = 0
         return value

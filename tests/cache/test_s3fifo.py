@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import random
+import tracemalloc
 
 import pytest
 
@@ -167,3 +169,33 @@ def test_the_byte_bound_holds_whatever_the_traffic(clock: FakeClock) -> None:
     assert cache.currsize == sum(item.size for item in alive.values())
     assert len(cache) == len(alive)
     assert dropped
+
+
+def test_keys_dropped_and_stored_again_under_budget_take_no_memory_for_it(
+    clock: FakeClock,
+) -> None:
+    """A store that never fills evicts nothing, so nothing passes its queues: a key invalidated
+    and stored again on every write must not leave its old place behind each time."""
+    cache, _ = store(clock, maxsize=1 << 30)
+    for n in range(100):
+        cache[f"k{n}"] = Item()
+
+    def churn(times: int) -> None:
+        for n in range(times):
+            key = f"k{n % 100}"
+            cache.pop(key)
+            cache[key] = Item()
+            assert cache[key] is not None
+
+    churn(2_000)  # the queues at their working size
+    gc.collect()
+    tracemalloc.start()
+    try:
+        churn(20_000)
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    # 20,000 places left behind would be 1.6 MB and more; the queues' own swing is a few KB.
+    assert grown < 100_000
+    assert len(cache) == 100
