@@ -151,7 +151,9 @@ def _zipf(report: Report) -> list[str]:
         "cachecar every byte its L1 takes, Varnish the storage of bodies and headers (its "
         "per-object structures come on top), nginx the cache files on disk. The memory column "
         "is what each target's processes grew by from before the fill to after the run (nginx's "
-        "files live in the kernel's page cache, which it does not include).",
+        "files live in the kernel's page cache, and cachecar L1 + L2's Redis in its own "
+        'process, which it does not include). "varnish, same entry count" is Varnish again, '
+        f"its storage {budget.entries:,} times the bytes an entry took it at the budget.",
         "",
         "| target | entries held after | requests sent | origin requests | per 1,000 requests "
         "| req/s | memory grown | cachecar L1 only ÷ this, per 1,000 |",

@@ -71,7 +71,7 @@ def verdicts(report: Report) -> list[Verdict]:
     }
     budget = {name: misses(report.find("zipf", name)) for name in ("nginx", "varnish")}
     theirs = {name: n for name, n in same.items() if n is not None}
-    if ours is not None and len(theirs) == len(same):
+    if ours is not None and theirs:
         against = ", ".join(f"{name} {n:.1f}" for name, n in theirs.items())
         at_budget = ", ".join(f"{name} {n:.1f}" for name, n in budget.items() if n is not None)
         also = f"; at the byte budget: {at_budget}" if at_budget else ""
