@@ -130,13 +130,10 @@ class S3FIFO(Generic[K, V]):
 
     def __getitem__(self, key: K) -> V:
         """The value, counted as a read; ``KeyError`` when missing or expired (then dropped)."""
-        node = self._data[key]
-        if node.expires <= self.timer():
-            self._drop(node, Eviction.EXPIRED)
+        value = self.read(key, self.timer())
+        if value is None:
             raise KeyError(key)
-        if node.reads < MAX_READS:
-            node.reads += 1
-        return node.value
+        return value
 
     def read(self, key: K, now: float) -> V | None:
         """``self[key]`` at ``now`` (a time the caller just read from the clock), without the
