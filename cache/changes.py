@@ -14,7 +14,17 @@ read (``cache.tiered``).
     forget(keys), forget_prefix(prefix)
                        -> another replica changed them: L1 drops them, L2 already knows
     distrust_l1(), trust_l1()
-                       -> coherence lost (L1 emptied and unused), or back (emptied, used again)
+                       -> coherence lost, or back (see below)
+
+While coherence is lost a change another replica makes goes unheard here. L1 is emptied at
+the loss (what it holds may outlive a change it will not hear of), and then:
+
+    degraded_ttl > 0 (degraded mode) -> L1 still read and filled, but every entry kept lives at
+                                        most degraded_ttl: a missed change is served that
+                                        long at most, and the origin sees about one request
+                                        per key per degraded_ttl, not every read
+    degraded_ttl = 0                 -> L1 neither read nor filled
+    coherence back                   -> L1 emptied once more, entries live their full TTL
 
 That side of L2 (fills, writes in order, deletes remembered through an outage) is
 ``cache.l2``'s.
@@ -23,6 +33,7 @@ That side of L2 (fills, writes in order, deletes remembered through an outage) i
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
@@ -52,10 +63,12 @@ class Tiers:
         observer: CacheObserver | None = None,
         breaker: Breaker | None = None,
         trust_l1: bool = True,
+        degraded_ttl: float = 0.0,
         leases: Leases | None = None,
         rand: Callable[[], float] = random.random,
     ) -> None:
-        """``trust_l1=False``: L1 unused until ``trust_l1()`` (coherence not subscribed yet).
+        """``trust_l1=False``: coherence not subscribed yet, as after ``distrust_l1()`` until
+        ``trust_l1()``; ``degraded_ttl``: how L1 serves meanwhile (the module docstring).
         ``rand`` draws early refreshes (XFetch), uniform in [0, 1)."""
         self._l1 = l1
         self._rand = rand
@@ -75,9 +88,7 @@ class Tiers:
         # purge, another replica's change, L1 emptied): a read started before stores nothing.
         self._flights = Flights()
         self._background: set[asyncio.Task[Any]] = set()
-        # False while this replica may be missing other replicas' changes (coherence): L1 is
-        # then neither read nor filled.
-        self._l1_trusted = trust_l1
+        self._degraded_ttl = degraded_ttl
         self._hit_path = HitPath(
             l1,
             self._shared,
@@ -87,6 +98,11 @@ class Tiers:
             rand=rand,
             l1_trusted=trust_l1,
         )
+        self._hearing = trust_l1
+        # False while L1 is neither read nor filled: this replica may be missing the other
+        # replicas' changes (coherence), and there is no degraded mode.
+        self._l1_trusted = trust_l1
+        self._hear(trust_l1)
         self._announce: Announce | None = None
 
     @property
@@ -177,19 +193,35 @@ class Tiers:
         return len(dropped)
 
     async def distrust_l1(self) -> None:
-        """Stop using L1 (changes may go unheard from now on) and empty it."""
-        if self._l1_trusted:
-            self._l1_trusted = self._hit_path.l1_trusted = False
+        """Changes may go unheard from now on: empty L1, then serve it degraded or not at all
+        (the module docstring). Once per loss: a retry that fails again keeps what degraded
+        mode has kept since."""
+        if self._hearing:
+            self._hear(False)
             await self._empty_l1()
 
     async def trust_l1(self) -> None:
-        """Use L1 again, emptied: it may hold what an unheard change dropped."""
+        """Changes are heard again: empty L1 (it may hold what an unheard change dropped) and
+        let its entries live their full TTL."""
         await self._empty_l1()
-        self._l1_trusted = self._hit_path.l1_trusted = True
+        self._hear(True)
+
+    def _hear(self, hearing: bool) -> None:
+        degraded = not hearing and self._degraded_ttl > 0
+        self._hearing = hearing
+        self._l1_trusted = self._hit_path.l1_trusted = hearing or degraded
+        self._hit_path.degraded = degraded
+        self._l1.ttl_cap = self._degraded_ttl if degraded else math.inf
 
     @property
     def l1_trusted(self) -> bool:
+        """L1 is read and filled: coherence heard, or degraded mode."""
         return self._l1_trusted
+
+    @property
+    def degraded(self) -> bool:
+        """Coherence lost, L1 served with its entries' lives capped at ``degraded_ttl``."""
+        return self._hit_path.degraded
 
     async def _empty_l1(self) -> None:
         # Lookups under way may have read what an unheard change replaced: they answer their

@@ -13,6 +13,7 @@ keep with it), and each key at its own objects plus the store's bookkeeping for 
 from __future__ import annotations
 
 import builtins
+import math
 import sys
 from collections.abc import Callable, Sequence
 
@@ -136,6 +137,7 @@ class MemoryTier:
             max_bytes, _time_to_use, clock.monotonic, _size_of, self._dropped, max_entries
         )
         self._count = 0
+        self.ttl_cap = math.inf  # see LocalTier.ttl_cap
 
     @property
     def max_entries(self) -> int:
@@ -226,6 +228,7 @@ class MemoryTier:
         self.keep(key, variant, entry, ttl)
 
     def keep(self, key: str, variant: str, entry: Entry, ttl: float) -> None:
+        ttl = min(ttl, self.ttl_cap)
         if ttl <= 0:
             return
         with self._store.timer as now:

@@ -51,6 +51,10 @@ class CacheObserver(Protocol):
     def coherence_lag(self, seconds: float) -> None:
         """Another replica's change reached this one ``seconds`` after it was announced."""
 
+    def degraded_read(self) -> None:
+        """L1 answered a read while this replica did not hear the others' changes (each entry
+        then lives at most ``coherence.degraded_ttl``)."""
+
     def flushed(self, result: str) -> None:
         """The flusher sent a write: ``ok``, ``retry`` (will be sent again) or ``dead``."""
 
@@ -82,6 +86,9 @@ class NullObserver:
         pass
 
     def coherence_lag(self, seconds: float) -> None:
+        pass
+
+    def degraded_read(self) -> None:
         pass
 
     def flushed(self, result: str) -> None:
@@ -127,6 +134,10 @@ class Observers:
     def coherence_lag(self, seconds: float) -> None:
         for observer in self._all:
             observer.coherence_lag(seconds)
+
+    def degraded_read(self) -> None:
+        for observer in self._all:
+            observer.degraded_read()
 
     def flushed(self, result: str) -> None:
         for observer in self._all:

@@ -89,6 +89,7 @@ class HitPath:
         self._observer = observer
         self._rand = rand
         self.l1_trusted = l1_trusted  # set by the tiered cache whenever it changes
+        self.degraded = False  # coherence lost, L1 served in degraded mode (cache.changes)
         self._kept: dict[str, dict[str, tuple[float, Stored | None]]] = {}
 
     def peek(
@@ -107,6 +108,8 @@ class HitPath:
                 if judge(entry, self._clock.time(), stale.early_refresh, self._rand) != FRESH:
                     return None
                 self._observer.lookup("l1", True)
+                if self.degraded:
+                    self._observer.degraded_read()
                 return entry, rendered
         shared = self._shared
         if l1_ttl is None or shared is None or key in self.flights:

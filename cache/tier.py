@@ -76,6 +76,10 @@ class LocalTier(Tier, Protocol):
     """A tier in this process (L1): it can also be read without a wait, and emptied, wholly or
     by key prefix."""
 
+    # Every entry kept from now on lives at most this long (seconds), whatever its TTL: set
+    # while this replica may miss the others' changes (``cache.changes``); infinite otherwise.
+    ttl_cap: float
+
     def peek(self, key: str, variant: str = "") -> Stored | None:
         """``get``, answered at once."""
         ...

@@ -80,6 +80,8 @@ class TieredCache(Tiers):
                 verdict = judge(entry, self._clock.time(), stale.early_refresh, self._rand)
                 if verdict != EXPIRED:
                     self._observer.lookup("l1", True)
+                    if self._hit_path.degraded:
+                        self._observer.degraded_read()
                     hit = Lookup(entry, Source.L1)
                     if verdict == DUE:
                         self._start(key, variant, l1_ttl, (loader, revalidate), lease, stale, hit)

@@ -2,7 +2,8 @@
 
     GET  /healthz                       200 while the process lives
     GET  /readyz                        200 when the origin and L2 answer; 503 naming what does not
-                                        (L2's ping may be the L2 breaker's probe)
+                                        (L2's ping may be the L2 breaker's probe), and
+                                        how L1 serves (coherence: subscribed, degraded ...)
     GET  /metrics                       Prometheus exposition (``proxy.metrics``)
     GET  /admin/stats                   the same figures as JSON: last minute and since start
     GET  /dashboard                     a live page over /admin/stats (``proxy/static``)
@@ -32,6 +33,7 @@ from cache.errors import CacheError, CircuitOpen, TierError, TierUnavailable
 from cache.redis.tier import RedisTier
 from cache.write_behind.queue import describe
 from proxy.app import RUNTIME
+from proxy.stats import coherence_state
 
 PROXY_APP = web.AppKey("proxy_app", web.Application)
 _NO_STORE = {"Cache-Control": "no-store"}
@@ -130,6 +132,11 @@ async def readyz(request: web.Request) -> web.Response:
         body["workers"] = f"{running} of {wanted} up"
         if running == 0:
             problems["workers"] = f"none of {wanted} workers is running"
+        # Every worker's: "subscribed" only while all of them are.
+        body["coherence"] = (await workers.stats())["coherence"]["state"]
+    else:
+        # Not a reason to be unready: degraded mode serves, and L2's own check says why.
+        body["coherence"] = coherence_state(runtime.metrics.figures())
     if problems:
         reason = "; ".join(f"{name}: {problem}" for name, problem in problems.items())
         return web.json_response({"status": "unavailable", "reason": reason, **body}, status=503)

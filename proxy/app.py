@@ -109,6 +109,7 @@ class Runtime:
             breaker=breaker,
             # Until subscribed, another replica's change could go unheard.
             trust_l1=not coherent,
+            degraded_ttl=settings.coherence.degraded_ttl,
             leases=_leases(settings, guard),
         )
         coherence = _coherence(settings, cache, clock, observer, guard) if coherent else None
@@ -143,6 +144,7 @@ class Runtime:
             l1,
             l2=l2 is not None,
             coherence=coherence is not None,
+            degraded_ttl=settings.coherence.degraded_ttl,
             queue=write_behind.queue if write_behind is not None else None,
         )
         purger = Purger(cache, l2, coherence, guard)
@@ -222,6 +224,7 @@ def _coherence(
         replica=replica,
         observer=observer,
         guard=guard,
+        degraded_ttl=settings.coherence.degraded_ttl,
     )
     cache.announce = coherence.publish
     return coherence

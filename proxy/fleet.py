@@ -122,6 +122,7 @@ class Fleet:
             breaker_open=any(s["l2"]["breaker"] == "open" for s in snapshots),
             coherence_enabled=control.coherence_enabled,
             subscribed=bool(snapshots) and all(s["coherence"]["subscribed"] for s in snapshots),
+            degraded_ttl=control.degraded_ttl,
             write_behind=control.write_behind,
             queue_available=control.queue_available,
             queue_depth=control.queue_depth,
@@ -162,4 +163,5 @@ def _totals(snapshot: dict[str, Any]) -> Counter[str]:
     for result, n in snapshot["write_behind"]["flushed_total"].items():
         totals[f"flushed:{result}"] = n
     totals["wb_coalesced"] = snapshot["write_behind"]["coalesced_total"]
+    totals["degraded_reads"] = snapshot["coherence"]["degraded_reads_total"]
     return totals

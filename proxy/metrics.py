@@ -186,6 +186,12 @@ class Metrics:
             "1 while this replica hears the others' changes (and uses its L1); 0 without.",
             registry=r,
         )
+        self._degraded_reads = Counter(
+            "cachecar_coherence_degraded_reads",
+            "Reads L1 answered while this replica did not hear the others' changes "
+            "(degraded mode: each entry at most coherence.degraded_ttl old).",
+            registry=r,
+        )
         self._coherence_lag = Histogram(
             "cachecar_coherence_lag_seconds",
             "Time from another replica announcing a change to this one dropping the key from L1.",
@@ -216,6 +222,7 @@ class Metrics:
         self._l2_enabled = False
         self._coherence_enabled = False
         self._coherence_subscribed = False
+        self._degraded_ttl = 0.0
         self._breaker_open = False
 
     def routes(self, cached: list[str]) -> None:
@@ -354,6 +361,10 @@ class Metrics:
     def coherence_lag(self, seconds: float) -> None:
         self._coherence_lag.observe(seconds)
 
+    def degraded_read(self) -> None:
+        self._degraded_reads.inc()
+        self._totals["degraded_reads"] += 1
+
     def queued(self, coalesced: bool) -> None:
         if coalesced:
             self._wb_coalesced.inc()
@@ -365,11 +376,20 @@ class Metrics:
 
     # -- gauges read when asked for --------------------------------------------------------------
 
-    def watch(self, l1: MemoryTier, *, l2: bool, coherence: bool, queue: WriteQueue | None) -> None:
+    def watch(
+        self,
+        l1: MemoryTier,
+        *,
+        l2: bool,
+        coherence: bool,
+        queue: WriteQueue | None,
+        degraded_ttl: float = 0.0,
+    ) -> None:
         """Read L1's size from ``l1`` and the write-behind gauges from ``queue``."""
         self._l1 = l1
         self._l2_enabled = l2
         self._coherence_enabled = coherence
+        self._degraded_ttl = degraded_ttl
         self._queue.watch(queue)
         self._l1_entries.set_function(lambda: l1.entries)
         self._l1_bytes.set_function(lambda: l1.bytes)
@@ -391,6 +411,7 @@ class Metrics:
             breaker_open=self._breaker_open,
             coherence_enabled=self._coherence_enabled,
             subscribed=self._coherence_subscribed,
+            degraded_ttl=self._degraded_ttl,
             write_behind=self._queue.queue is not None,
             queue_available=self._queue.available,
             queue_depth=queue.depth if queue else 0,

@@ -283,6 +283,9 @@ class RouteSettings(_Section):
 class CoherenceSettings(_Section):
     enabled: bool = True
     channel: str = "cachecar:invalidate"
+    # While not subscribed (Redis down): L1 still serves, each entry living at most this long;
+    # 0: L1 unused until subscribed again.
+    degraded_ttl: Duration = 1.0
 
     @field_validator("channel")
     @classmethod

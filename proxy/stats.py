@@ -310,7 +310,8 @@ def _point(second: _Second) -> dict[str, Any]:
 class Figures:
     """What ``/admin/stats`` says beside the window: one process's, or the workers' added up."""
 
-    # Since start: coalesced, evicted:<reason>, l2_errors, flushed:<result>, wb_coalesced.
+    # Since start: coalesced, evicted:<reason>, l2_errors, flushed:<result>, wb_coalesced,
+    # degraded_reads.
     totals: Counter[str] = field(default_factory=Counter)
     l1_entries: int = 0
     l1_bytes: int = 0
@@ -320,11 +321,23 @@ class Figures:
     breaker_open: bool = False
     coherence_enabled: bool = False
     subscribed: bool = False
+    degraded_ttl: float = 0.0  # coherence.degraded_ttl: L1's entries' lives while unsubscribed
     write_behind: bool = False  # a queue is configured
     queue_available: bool = False  # its figures were read, the last time successfully
     queue_depth: int = 0
     oldest_pending_age: float = 0.0
     dead_letters: int = 0
+
+
+def coherence_state(figures: Figures) -> str:
+    """How L1 serves: ``subscribed`` (hearing the other replicas), ``degraded`` (not hearing
+    them, entries capped at ``degraded_ttl``), ``unsubscribed`` (not hearing them, L1 unused),
+    or ``off`` (coherence not enabled: one replica, or no Redis)."""
+    if not figures.coherence_enabled:
+        return "off"
+    if figures.subscribed:
+        return "subscribed"
+    return "degraded" if figures.degraded_ttl > 0 else "unsubscribed"
 
 
 def document(window: Window, now: float, figures: Figures) -> dict[str, Any]:
@@ -347,7 +360,13 @@ def document(window: Window, now: float, figures: Figures) -> dict[str, Any]:
             "breaker": "open" if figures.breaker_open else "closed",
             "errors_total": totals["l2_errors"],
         },
-        "coherence": {"enabled": figures.coherence_enabled, "subscribed": figures.subscribed},
+        "coherence": {
+            "enabled": figures.coherence_enabled,
+            "subscribed": figures.subscribed,
+            "state": coherence_state(figures),
+            "degraded_ttl_seconds": figures.degraded_ttl,
+            "degraded_reads_total": totals["degraded_reads"],
+        },
         "write_behind": {
             "enabled": figures.write_behind,
             "available": figures.queue_available,

@@ -43,6 +43,7 @@ class RecordingObserver:
         self.invalidations: Counter[Invalidation] = Counter()
         self.subscribed: list[bool] = []
         self.lags: list[float] = []
+        self.degraded_reads = 0
 
     def lookup(self, tier: str, hit: bool) -> None:
         self.lookups[tier, hit] += 1
@@ -70,6 +71,9 @@ class RecordingObserver:
 
     def coherence_lag(self, seconds: float) -> None:
         self.lags.append(seconds)
+
+    def degraded_read(self) -> None:
+        self.degraded_reads += 1
 
 
 class FlakyTier:

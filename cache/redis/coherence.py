@@ -11,10 +11,13 @@ every node), and invalidation traffic is one message per write, never per read: 
 never announced.
 
 Pub/sub delivers at most once: a replica that is not subscribed misses messages for good. So a
-replica trusts its L1 only while it is subscribed:
+replica trusts its L1 fully only while it is subscribed:
 
-    start, or the subscription lost -> L1 cleared and not used (reads go to L2 and the origin)
-    SUBSCRIBE confirmed             -> L1 cleared once more, then used again
+    start, or the subscription lost -> L1 cleared; then, with coherence.degraded_ttl > 0, used
+                                       with every entry living at most degraded_ttl (a missed
+                                       change is served that long at most); with 0, not used
+                                       (reads go to L2 and the origin)
+    SUBSCRIBE confirmed             -> L1 cleared once more, then used with full TTLs
 
 The subscription's connection has no retries of its own: a reconnect that redis-py made quietly
 would hide the gap in which messages were lost.
@@ -68,10 +71,11 @@ class Local(Protocol):
         """Drop every key starting with ``prefix`` from L1."""
 
     async def distrust_l1(self) -> None:
-        """Clear L1 and stop using it: messages may be missed from now on."""
+        """Clear L1 and stop trusting it (degraded mode, or unused): messages may be missed
+        from now on."""
 
     async def trust_l1(self) -> None:
-        """Clear L1 (it may hold what a missed message dropped) and use it again."""
+        """Clear L1 (it may hold what a missed message dropped) and trust it again."""
 
 
 def replica_name() -> str:
@@ -94,9 +98,11 @@ class Coherence:
         replica: str | None = None,
         observer: CacheObserver | None = None,
         guard: Guard | None = None,
+        degraded_ttl: float = 0.0,
     ) -> None:
         """``client`` publishes; ``listener()`` makes the subscription's client (one per try).
-        ``guard``: the process's L2 breaker, for the announcements (counts their failures)."""
+        ``guard``: the process's L2 breaker, for the announcements (counts their failures).
+        ``degraded_ttl``: what ``local`` does with L1 meanwhile, for the log."""
         check_client(client, "announcements'")
         self._client = client
         self._listener = listener
@@ -116,6 +122,11 @@ class Coherence:
         self._unsent_keys: set[str] = set()
         self._unsent_prefixes: set[str] = set()
         self._resending: asyncio.Task[None] | None = None
+        self._degraded_note = (
+            f"its entries live at most {degraded_ttl:g}s (degraded mode)"
+            if degraded_ttl > 0
+            else "unused"
+        )
 
     @property
     def subscribed(self) -> bool:
@@ -233,11 +244,11 @@ class Coherence:
             except Exception as exc:  # anything but a cancel: listen again, never give up
                 if self._subscribed.is_set() or first:
                     logger.warning(
-                        "not subscribed to %r (%s: %s): L1 cleared and unused until subscribed "
-                        "again",
+                        "not subscribed to %r (%s: %s): L1 cleared, and %s until subscribed again",
                         self._channel,
                         type(exc).__name__,
                         exc,
+                        self._degraded_note,
                     )
                     first = False
             finally:

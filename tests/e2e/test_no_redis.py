@@ -3,8 +3,8 @@ says it is not ready because of L2, refuses write-behind writes it cannot make d
 uses Redis as soon as a redis-server comes up on that port.
 
 The processes are real (cachecar, the demo origin, a redis-server of the test's own); every
-wait polls with a deadline. One replica with coherence off: with coherence on, L1 also waits
-for Redis (for the subscription), by design; ``test_serve`` covers that.
+wait polls with a deadline. One replica with coherence off: with coherence on, L1 serves in
+degraded mode until the subscription is up (``test_serve`` and ``tests/faults/test_degraded``).
 """
 
 from __future__ import annotations

@@ -109,7 +109,9 @@ async def test_workers_share_the_port_stay_coherent_and_add_up_their_figures(
         async with session.get(config.admin + "/admin/stats") as response:
             stats = await response.json()
         assert stats["requests_total"]["total"] == sent
-        assert stats["coherence"] == {"enabled": True, "subscribed": True}
+        coherence = stats["coherence"]
+        assert (coherence["enabled"], coherence["subscribed"]) == (True, True)
+        assert (coherence["state"], coherence["degraded_ttl_seconds"]) == ("subscribed", 1.0)
     assert proxy.process.stop() == 0  # SIGTERM: the workers stop with the supervisor
     for pid in pids:
         with pytest.raises(ProcessLookupError):
@@ -187,7 +189,9 @@ async def test_a_second_cachecar_cannot_share_the_port_and_readyz_counts_the_wor
     config, _ = await start_workers(spawn, tmp_path, redis_url, key_prefix)
     async with aiohttp.ClientSession() as session, session.get(config.admin + "/readyz") as r:
         assert r.status == 200
-        assert (await r.json())["workers"] == f"{WORKERS} of {WORKERS} up"
+        ready = await r.json()
+        assert ready["workers"] == f"{WORKERS} of {WORKERS} up"
+        assert ready["coherence"] == "subscribed"  # every worker's
     # The same proxy port, another admin port: SO_REUSEPORT must not let it join in.
     other = tmp_path / "other.yaml"
     admin = config.admin.removeprefix("http://")

@@ -35,7 +35,12 @@ async def test_readyz_is_200_when_origin_and_l2_answer(
     admin = await admin_for(aiohttp_client, origin)
     response = await admin.get("/readyz")
     assert response.status == 200
-    assert await response.json() == {"status": "ready", "origin": "up", "l2": "up"}
+    assert await response.json() == {
+        "status": "ready",
+        "origin": "up",
+        "l2": "up",
+        "coherence": "off",  # L2 in memory: no replicas to hear
+    }
     assert origin.last("/").method == "GET"  # upstream.health_path
 
 
@@ -71,13 +76,33 @@ async def test_readyz_is_503_naming_l2_when_redis_is_down(
     assert body["origin"] == "up"
     assert body["l2"].startswith("ping: ")
     assert body["reason"].startswith("l2: ping")
+    # L1 still answers, each entry for coherence.degraded_ttl at most: said, not a reason.
+    assert body["coherence"] == "degraded"
+
+
+async def test_readyz_says_l1_is_unused_without_degraded_mode(
+    aiohttp_client: AiohttpClient, origin: Origin
+) -> None:
+    admin = await admin_for(
+        aiohttp_client,
+        origin,
+        l2=f"redis://127.0.0.1:{free_port()}",
+        extra="coherence: {degraded_ttl: 0s}",
+    )
+    body = await (await admin.get("/readyz")).json()
+    assert body["coherence"] == "unsubscribed"
+    assert "coherence" not in body["reason"]
 
 
 async def test_readyz_without_l2_checks_the_origin_only(
     aiohttp_client: AiohttpClient, origin: Origin
 ) -> None:
     admin = await admin_for(aiohttp_client, origin, l2="")
-    assert await (await admin.get("/readyz")).json() == {"status": "ready", "origin": "up"}
+    assert await (await admin.get("/readyz")).json() == {
+        "status": "ready",
+        "origin": "up",
+        "coherence": "off",
+    }
 
 
 async def test_read_only_calls_need_no_token_and_mutating_ones_need_exactly_it(

@@ -9,7 +9,7 @@ import pytest
 from aiohttp import web
 
 from proxy.app import RUNTIME
-from tests.fakes import RecordingObserver
+from tests.fakes import FakeClock, RecordingObserver
 from tests.ports import free_port, silent_port
 from tests.proxy.conftest import MakeProxy, Origin
 
@@ -80,15 +80,40 @@ async def test_an_l2_on_a_dead_port_changes_nothing_for_clients(
     assert observer.errors["l2", "get"] >= 1
 
 
-async def test_with_coherence_and_redis_dead_reads_go_to_the_origin_never_to_l1(
+async def test_with_coherence_and_redis_dead_l1_serves_each_entry_for_degraded_ttl(
+    make_proxy: MakeProxy, origin: Origin, observer: RecordingObserver, clock: FakeClock
+) -> None:
+    # Other replicas' changes cannot be heard: an L1 copy could be one they replaced, so it
+    # answers for coherence.degraded_ttl (1s by default) at most, then the origin is asked.
+    proxy = await make_proxy(l2=f"redis://127.0.0.1:{free_port()}")
+    answers = [await proxy.get("/users/1") for _ in range(3)]
+    assert [(a.status, a.headers["X-Cache"]) for a in answers] == [
+        (200, "MISS"),
+        (200, "HIT-L1"),
+        (200, "HIT-L1"),
+    ]
+    assert observer.degraded_reads == 2
+    clock.advance(0.99)
+    assert (await proxy.get("/users/1")).headers["X-Cache"] == "HIT-L1"
+    clock.advance(0.02)  # the route's TTL is 60s: only degraded mode ends the entry's life
+    assert (await proxy.get("/users/1")).headers["X-Cache"] == "MISS"
+    assert origin.count("/users/1") == 2
+    metrics = proxy.app[RUNTIME].metrics.registry
+    assert metrics.get_sample_value("cachecar_coherence_degraded_reads_total") == 3
+    assert metrics.get_sample_value("cachecar_coherence_subscribed") == 0
+
+
+async def test_with_degraded_ttl_0_and_redis_dead_reads_go_to_the_origin_never_to_l1(
     make_proxy: MakeProxy, origin: Origin, observer: RecordingObserver
 ) -> None:
-    # Other replicas' changes cannot be heard: an L1 copy could be one they replaced.
-    proxy = await make_proxy(l2=f"redis://127.0.0.1:{free_port()}")
+    proxy = await make_proxy(
+        "coherence: {degraded_ttl: 0s}\n", l2=f"redis://127.0.0.1:{free_port()}"
+    )
     answers = [await proxy.get("/users/1") for _ in range(3)]
     assert [(a.status, a.headers["X-Cache"]) for a in answers] == [(200, "MISS")] * 3
     assert origin.count("/users/1") == 3
     assert observer.lookups["l1", True] == 0
+    assert observer.degraded_reads == 0
 
 
 async def test_a_hung_l2_is_cut_off_and_reads_are_served_from_the_origin(

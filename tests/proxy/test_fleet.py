@@ -111,6 +111,7 @@ def busy_worker(clock: FakeClock) -> Metrics:
     metrics.evicted(Eviction.SIZE, 2)
     metrics.tier_error("l2", "get")
     metrics.flushed("ok")
+    metrics.degraded_read()
     clock.advance(2.0)
     return metrics
 
@@ -138,3 +139,4 @@ def test_workers_stats_add_up_and_a_retired_workers_totals_stay() -> None:
     assert merged["history"][-2]["requests"]["hit_l1"] == 1  # its last minute went with it
     assert merged["l1"]["max_entries"] == 10  # its L1 too
     assert merged["coherence"]["subscribed"] is True
+    assert merged["coherence"]["degraded_reads_total"] == 2

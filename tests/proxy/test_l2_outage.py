@@ -394,6 +394,7 @@ async def test_in_half_open_exactly_one_call_is_the_probe(
         "status": "ready",
         "origin": "up",
         "l2": "up",
+        "coherence": "off",
     }
     assert observer.breaker == [("l2", True)]
     assert gauge(proxy) == 1
@@ -425,6 +426,7 @@ async def test_a_write_may_be_the_probe_and_closing_restores_everything(
         "status": "ready",
         "origin": "up",
         "l2": "up",
+        "coherence": "off",
     }
 
     # Reads use L2 again: a fill lands there, and L1 without the key finds it in L2.

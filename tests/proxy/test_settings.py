@@ -33,6 +33,7 @@ def test_a_minimal_config_gets_the_documented_defaults() -> None:
     assert settings.l2.timeout == 0.05
     assert settings.l2.key_prefix == "cachecar:"
     assert settings.l2.breaker.failures == 5
+    assert settings.coherence.degraded_ttl == 1.0
     assert settings.routes == ()
 
 
@@ -368,6 +369,10 @@ UPSTREAM = "upstream: {url: 'http://o'}\n"
             "routes[0].tags: tags are indexed in Redis; set l2.url",
         ),
         ("coherence: {channel: ''}", "coherence.channel: a channel name cannot be empty"),
+        (
+            "coherence: {degraded_ttl: -1s}",
+            "coherence.degraded_ttl: '-1s' is not a duration (use 250ms, 30s, 10m, 1h)",
+        ),
     ],
 )
 def test_tags_keys_and_coherence_are_checked(text: str, expected: str) -> None:
