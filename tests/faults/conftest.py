@@ -32,6 +32,7 @@ START, END = "<!-- figures:start -->", "<!-- figures:end -->"
 # The report's order; a scenario not listed here comes after these, in the order measured.
 ORDER = (
     "Redis killed under read load",
+    "Redis killed for 10 s under Zipf read load, 3 replicas (degraded mode)",
     "Redis slower than l2.timeout",
     "Origin slower than upstream.timeout",
     "Origin down for 10 s under read load",
