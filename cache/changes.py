@@ -98,10 +98,9 @@ class Tiers:
             rand=rand,
             l1_trusted=trust_l1,
         )
-        self._hearing = trust_l1
-        # False while L1 is neither read nor filled: this replica may be missing the other
-        # replicas' changes (coherence), and there is no degraded mode.
-        self._l1_trusted = trust_l1
+        # Whether this replica hears the others' changes (coherence), and whether L1 is read
+        # and filled (heard, or degraded mode): set by _hear.
+        self._hearing = self._l1_trusted = trust_l1
         self._hear(trust_l1)
         self._announce: Announce | None = None
 
