@@ -62,6 +62,7 @@ class Proxy:
         max_cacheable: int | None = None,
         max_key_length: int = 1024,
         body_timeout: float = 30.0,
+        body_deadline: float = 60.0,
     ) -> None:
         """``max_cacheable``: larger answers are relayed uncached; ``max_key_length``: requests
         whose key or a tag is longer are not cached (a write-behind write is refused)."""
@@ -69,7 +70,7 @@ class Proxy:
         self._max_key_length = max_key_length
         self._metrics = metrics
         self._access_log = access_log
-        self._passthrough = PassThrough(origin, max_body, body_timeout)
+        self._passthrough = PassThrough(origin, max_body, body_timeout, body_deadline)
         self._clock = clock
         self._reads = Reads(
             cache,
