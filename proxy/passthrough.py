@@ -8,7 +8,10 @@ small is held whole in between (``HELD_WHOLE``, by Content-Length), the rest str
       either way cut off past server.max_body (413), after a pause longer than
       server.body_timeout or once server.body_deadline has passed since the head (408; a
       streamed one's origin connection is closed, not reused: it holds part of a request)
-    answer -> relayed as it comes
+    answer <= HELD_WHOLE -> read whole, the origin connection given back, then written
+           larger, or without a length (it may be a stream of events) -> relayed as it comes;
+      a client that leaves it unread for server.send_timeout is cut off (``proxy.fastpath``),
+      and the relay's origin connection is closed with it
 
 Who failed is kept apart: a client whose body broke off is ``ClientGone`` (counted 499), never
 the origin's failure.
@@ -30,13 +33,19 @@ from proxy import headers as forwarding
 from proxy.answers import error_response
 from proxy.errors import ProxyError
 from proxy.framing import AnswerError
-from proxy.origin import OriginClient, OriginError, RequestBodyError
+from proxy.origin import (
+    OriginClient,
+    OriginError,
+    OriginTimeout,
+    OriginUnreachable,
+    RequestBodyError,
+)
 from proxy.units import format_duration, format_size
 
 logger = logging.getLogger("cachecar.proxy")
 
-# Request bodies up to this size (by their Content-Length) are read whole before they are
-# sent: a slow client then holds this much memory at most, never an origin connection.
+# Request bodies and answers up to this size (by their Content-Length) are held whole in
+# between: a slow client then holds this much memory at most, never an origin connection.
 HELD_WHOLE = 256 << 10
 
 # Hears the origin's status and headers before an answer is relayed; (None, None): no answer.
@@ -113,14 +122,23 @@ class PassThrough:
                 length=length if body is not None else None,
             ) as upstream:
                 if on_answer is not None:
-                    await on_answer(upstream.status, upstream.headers)
-                return await relay(
-                    request,
-                    Head(upstream.status, upstream.reason, upstream.headers),
-                    upstream.iter_any(),
-                    cache_status,
-                    x_cache=x_cache,
-                )
+                    told, on_answer = on_answer, None
+                    await told(upstream.status, upstream.headers)
+                head = Head(upstream.status, upstream.reason, upstream.headers)
+                if upstream.length is None or upstream.length > HELD_WHOLE:
+                    return await relay(
+                        request, head, upstream.iter_any(), cache_status, x_cache=x_cache
+                    )
+                try:
+                    answer = [chunk async for chunk in upstream.iter_any()]
+                except TimeoutError as exc:
+                    raise OriginTimeout(
+                        "the origin paused inside its answer's body for upstream.timeout"
+                    ) from exc
+                except AnswerError as exc:
+                    raise OriginUnreachable(f"the answer broke off: {exc}") from exc
+            # The origin connection is back in the pool (or closed) before the client reads.
+            return await relay(request, head, _replay(answer), cache_status, x_cache=x_cache)
         except OriginError as exc:
             if on_answer is not None:
                 await on_answer(None, None)
@@ -222,6 +240,9 @@ async def relay(
                 await response.write(chunk)
             except ConnectionResetError:
                 return response
+            if request.transport is None or request.transport.is_closing():
+                # Cut off (server.send_timeout) while it waited: a write can return then.
+                return response
     except (AnswerError, TimeoutError) as exc:
         # The head is sent: no error status is possible any more. Cut the connection so the
         # client sees a truncated answer as truncated, never as complete.
@@ -232,6 +253,11 @@ async def relay(
     with contextlib.suppress(ConnectionResetError):
         await response.write_eof()
     return response
+
+
+async def _replay(chunks: list[bytes]) -> AsyncIterator[bytes]:
+    for chunk in chunks:
+        yield chunk
 
 
 class _ClientBody:
