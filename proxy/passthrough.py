@@ -142,12 +142,9 @@ class PassThrough:
         except OriginError as exc:
             if on_answer is not None:
                 await on_answer(None, None)
-            if body is not None and body.exceeded:
-                return self.too_large(cache_status)
-            if body is not None and body.overdue:
-                return self.overdue(cache_status)
-            if body is not None and body.stalled:
-                return self.stalled(cache_status)
+            refusal = self._refusal(body, cache_status) if body is not None else None
+            if refusal is not None:
+                return refusal
             if body is not None and body.broken:
                 raise ClientGone("the request body broke off while it was being forwarded") from exc
             return error_response(exc.status, exc.title, str(exc), cache_status)
@@ -166,38 +163,32 @@ class PassThrough:
             async for chunk in body:
                 chunks.append(chunk)
         except RequestBodyError as exc:
-            if body.exceeded:
-                return self.too_large(cache_status)
-            if body.overdue:
-                return self.overdue(cache_status)
-            if body.stalled:
-                return self.stalled(cache_status)
+            refusal = self._refusal(body, cache_status)
+            if refusal is not None:
+                return refusal
             raise ClientGone(f"the request body broke off: {exc}") from exc
         return b"".join(chunks)
 
     def _body(self, request: web.Request) -> _ClientBody:
         return _ClientBody(request.content, self._max_body, self._body_timeout, self._body_deadline)
 
-    def overdue(self, cache_status: str) -> web.Response:
-        response = error_response(
-            408,
-            "request body too slow",
-            "the request body was not whole within server.body_deadline "
-            f"({format_duration(self._body_deadline)})",
-            cache_status,
-        )
-        response.force_close()
-        return response
-
-    def stalled(self, cache_status: str) -> web.Response:
-        response = error_response(
-            408,
-            "request body stalled",
-            "no byte of the request body arrived for server.body_timeout "
-            f"({format_duration(self._body_timeout)})",
-            cache_status,
-        )
-        response.force_close()
+    def _refusal(self, body: _ClientBody, cache_status: str) -> web.Response | None:
+        """The answer to a body cut off by one of its limits (413, 408); None when it failed
+        on the client's side."""
+        if body.exceeded:
+            return self.too_large(cache_status)
+        if body.overdue:
+            title = "request body too slow"
+            detail = "the request body was not whole within server.body_deadline "
+            limit = self._body_deadline
+        elif body.stalled:
+            title = "request body stalled"
+            detail = "no byte of the request body arrived for server.body_timeout "
+            limit = self._body_timeout
+        else:
+            return None
+        response = error_response(408, title, f"{detail}({format_duration(limit)})", cache_status)
+        response.force_close()  # the rest of the body is not waited for
         return response
 
     def too_large(self, cache_status: str) -> web.Response:

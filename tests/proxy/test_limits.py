@@ -129,18 +129,26 @@ async def test_an_origin_call_that_waits_too_long_for_a_connection_is_503(
         await client.aclose()
 
 
+async def connect_for_bodies(
+    make_proxy: MakeProxy, limits: str
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection to a proxy with ``limits`` whose /raw/{id} is passed through and whose
+    /files/{id} is write-through (a PUT's body read whole)."""
+    routes = ROUTES + "  - path: /raw/{id}\n    mode: bypass\n"
+    routes = routes.replace('key: "files:{id}"', 'key: "files:{id}"\n    mode: write-through')
+    proxy = await make_proxy(limits, routes=routes)
+    assert proxy.server.host is not None
+    assert proxy.server.port is not None
+    return await asyncio.open_connection(proxy.server.host, proxy.server.port)
+
+
 @pytest.mark.parametrize(
     ("path", "mode"), [("/raw/1", "passed through"), ("/files/1", "read whole (write-through)")]
 )
 async def test_a_request_body_that_stalls_is_answered_408_and_not_sent_on(
     make_proxy: MakeProxy, origin: Origin, path: str, mode: str
 ) -> None:
-    routes = ROUTES + "  - path: /raw/{id}\n    mode: bypass\n"
-    routes = routes.replace('key: "files:{id}"', 'key: "files:{id}"\n    mode: write-through')
-    proxy = await make_proxy("server: {body_timeout: 300ms}\n", routes=routes)
-    assert proxy.server.host is not None
-    assert proxy.server.port is not None
-    reader, writer = await asyncio.open_connection(proxy.server.host, proxy.server.port)
+    reader, writer = await connect_for_bodies(make_proxy, "server: {body_timeout: 300ms}\n")
     try:
         writer.write(f"PUT {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc".encode())
         async with asyncio.timeout(5):
@@ -165,12 +173,8 @@ async def test_a_request_body_that_stalls_is_answered_408_and_not_sent_on(
 async def test_a_request_body_that_trickles_past_body_deadline_is_answered_408(
     make_proxy: MakeProxy, origin: Origin, path: str, length: int, mode: str
 ) -> None:
-    routes = ROUTES + "  - path: /raw/{id}\n    mode: bypass\n"
-    routes = routes.replace('key: "files:{id}"', 'key: "files:{id}"\n    mode: write-through')
-    proxy = await make_proxy("server: {body_timeout: 1s, body_deadline: 400ms}\n", routes=routes)
-    assert proxy.server.host is not None
-    assert proxy.server.port is not None
-    reader, writer = await asyncio.open_connection(proxy.server.host, proxy.server.port)
+    limits = "server: {body_timeout: 1s, body_deadline: 400ms}\n"
+    reader, writer = await connect_for_bodies(make_proxy, limits)
     started = asyncio.get_running_loop().time()
     try:
         writer.write(f"PUT {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n".encode())
