@@ -8,10 +8,10 @@
       -> PUT/PATCH/POST/DELETE, or a method it does not know, on a cached route
                                                   -> by the route's mode: ``proxy.writes``
 
-Everything passed through is streamed both ways (``proxy.passthrough``). Each answer is counted
-once, by its X-Cache, in ``proxy.metrics`` (and in the access log when it is on). The hit path
-(``proxy.fastpath``) answers the hits it can before a request reaches this handler, from the same
-request model and the same answer lines (``proxy.answers``).
+Everything passed through goes by ``proxy.passthrough`` (small bodies held whole, the rest
+streamed). Each answer is counted once, by its X-Cache, in ``proxy.metrics`` (and in the access
+log when it is on). The hit path (``proxy.fastpath``) answers the hits it can before a request
+reaches this handler, from the same request model and the same answer lines (``proxy.answers``).
 """
 
 from __future__ import annotations
