@@ -134,6 +134,7 @@ class Runtime:
             max_cacheable=settings.server.max_cacheable,
             max_key_length=settings.server.max_key_length,
             body_timeout=settings.server.body_timeout,
+            body_deadline=settings.server.body_deadline,
             clock=clock,
             metrics=metrics,
             access_log=settings.server.access_log,

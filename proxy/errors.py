@@ -9,7 +9,8 @@
     ├── RequestBodyError            origin.py: the client's body failed while being sent (caught
     │   │                           by passthrough: the client's fault, not the origin's)
     │   ├── BodyTooLarge            passthrough.py: past server.max_body (413)
-    │   └── BodyStalled             passthrough.py: nothing for server.body_timeout (408)
+    │   ├── BodyStalled             passthrough.py: nothing for server.body_timeout (408)
+    │   └── BodyOverdue             passthrough.py: not whole within server.body_deadline (408)
     ├── ClientGone                  passthrough.py: the client left mid-body (handler counts 499)
     ├── AnswerError                 framing.py: what the origin sent is not an answer, or broke off
     │   │                           (origin turns it into OriginUnreachable; relay cuts the client)

@@ -15,6 +15,12 @@ connection's bytes, without aiohttp.
              (the read's one future and three calls are drawn in ``cache.peek``)
       anything else -> aiohttp's protocol, from that head on: the full handler answers it
 
+A client that leaves its answers unread is cut off: once the transport's buffer is past its
+high-water mark (writes paused, for the hit path and aiohttp's alike) and stays there for
+``server.send_timeout``, the connection is aborted. Whatever waits to write to it then fails,
+and a relay that held an origin connection closes that connection (``proxy.passthrough``).
+While writes are paused the hit path writes nothing: heads go to aiohttp, which waits to drain.
+
 Answers leave in the order requests came: while aiohttp has a request in hand, every head goes
 to it, and the hit path answers again only once aiohttp waits for the next one. aiohttp is only
 ever given whole heads; once it is given a body, a partial head or an upgrade, the connection is
@@ -31,8 +37,12 @@ them. The loop and the keep-alive timeout are not read from it: the timeout is
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http
+import logging
 import re
+import socket
+import struct
 import time
 from collections.abc import Callable
 from email.utils import formatdate
@@ -49,6 +59,9 @@ from proxy.metrics import Metrics
 from proxy.paths import is_canonical
 from proxy.request import CacheRequest, locate
 from proxy.routes import Router
+
+logger = logging.getLogger("cachecar.proxy")
+_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST, drops what is unsent
 
 _REQUEST_LINE = re.compile(rb"(GET|HEAD) (/[^ \r\n]*) HTTP/1\.([01])")
 _FIELDS = re.compile(rb"(?:\r\n[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\r\n]*)*")
@@ -252,14 +265,18 @@ class Hits:
 
 
 class FastPath(asyncio.Protocol):
-    """One connection: hits answered here, everything else by ``inner`` (aiohttp's)."""
+    """One connection: hits answered here, everything else by ``inner`` (aiohttp's); a client
+    that leaves answers unread for ``send_timeout`` seconds is cut off. ``hits`` None: every
+    request is aiohttp's (the access log is on), only the cut-off is done here."""
 
-    def __init__(self, inner: Any, hits: Hits) -> None:
+    def __init__(self, inner: Any, hits: Hits | None, send_timeout: float | None = None) -> None:
         self._inner = inner
         self._hits = hits
+        self._send_timeout = send_timeout
+        self._unread: asyncio.TimerHandle | None = None  # while writes are paused
         self._transport: asyncio.Transport | None = None
         self._buffer = b""
-        self._handed_over = False  # aiohttp's for good
+        self._handed_over = hits is None  # aiohttp's for good
         self._waiting: bytes | None = None  # the head whose answer waits for L2
         self._writing_paused = False
         self._loop = asyncio.get_running_loop()
@@ -270,15 +287,41 @@ class FastPath(asyncio.Protocol):
         self._inner.connection_made(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._unread is not None:
+            self._unread.cancel()
+            self._unread = None
         self._inner.connection_lost(exc)
 
     def pause_writing(self) -> None:
         self._writing_paused = True
+        if self._send_timeout is not None and self._unread is None:
+            self._unread = self._loop.call_later(self._send_timeout, self._cut_off)
         self._inner.pause_writing()
 
     def resume_writing(self) -> None:
         self._writing_paused = False
+        if self._unread is not None:
+            self._unread.cancel()
+            self._unread = None
         self._inner.resume_writing()
+
+    def _cut_off(self) -> None:
+        """The client read nothing of what waits for it for ``send_timeout``: it goes."""
+        self._unread = None
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            logger.debug(
+                "cut off %s: answers left unread for server.send_timeout (%gs)",
+                transport.get_extra_info("peername"),
+                self._send_timeout,
+            )
+            # A reset, not a close: a close would leave the kernel pushing what is buffered
+            # to a peer that reads nothing, for minutes (nginx's reset_timedout_connection).
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+            transport.abort()
 
     def eof_received(self) -> bool | None:
         result: bool | None = self._inner.eof_received()
@@ -306,7 +349,8 @@ class FastPath(asyncio.Protocol):
             if _HANDED_OVER.search(head) is not None:
                 self._hand_over(buffer)
                 return
-            answer = self._hits.answer(head, self._later) if self._idle() else None
+            hits = self._hits
+            answer = hits.answer(head, self._later) if hits is not None and self._idle() else None
             if answer is None:
                 self._inner.data_received(buffer[: end + 4])  # one whole head, no body
             elif answer is ASKED:
@@ -359,7 +403,8 @@ class FastPath(asyncio.Protocol):
 
     def _busy(self) -> None:
         """The connection is in use: aiohttp's idle timer must not count this as idle time."""
-        self._inner._next_keepalive_close_time = self._loop.time() + self._hits.idle_timeout
+        if self._hits is not None:
+            self._inner._next_keepalive_close_time = self._loop.time() + self._hits.idle_timeout
 
     def _hand_over(self, buffer: bytes) -> None:
         self._handed_over = True

@@ -8,10 +8,10 @@
       -> PUT/PATCH/POST/DELETE, or a method it does not know, on a cached route
                                                   -> by the route's mode: ``proxy.writes``
 
-Everything passed through is streamed both ways (``proxy.passthrough``). Each answer is counted
-once, by its X-Cache, in ``proxy.metrics`` (and in the access log when it is on). The hit path
-(``proxy.fastpath``) answers the hits it can before a request reaches this handler, from the same
-request model and the same answer lines (``proxy.answers``).
+Everything passed through goes by ``proxy.passthrough`` (small bodies held whole, the rest
+streamed). Each answer is counted once, by its X-Cache, in ``proxy.metrics`` (and in the access
+log when it is on). The hit path (``proxy.fastpath``) answers the hits it can before a request
+reaches this handler, from the same request model and the same answer lines (``proxy.answers``).
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ class Proxy:
         max_cacheable: int | None = None,
         max_key_length: int = 1024,
         body_timeout: float = 30.0,
+        body_deadline: float = 60.0,
     ) -> None:
         """``max_cacheable``: larger answers are relayed uncached; ``max_key_length``: requests
         whose key or a tag is longer are not cached (a write-behind write is refused)."""
@@ -69,7 +70,7 @@ class Proxy:
         self._max_key_length = max_key_length
         self._metrics = metrics
         self._access_log = access_log
-        self._passthrough = PassThrough(origin, max_body, body_timeout)
+        self._passthrough = PassThrough(origin, max_body, body_timeout, body_deadline)
         self._clock = clock
         self._reads = Reads(
             cache,

@@ -1,7 +1,8 @@
 """The listeners: the proxy port (hit path in front of aiohttp), and binding errors worded once.
 
     proxy_site      the proxy port's site: a ``FastSite`` (L1 hits answered by
-                    ``proxy.fastpath``), or a plain ``TCPSite`` with the access log on
+                    ``proxy.fastpath``; with the access log on, every request by the app),
+                    which cuts off clients that leave answers unread (server.send_timeout)
     listen_on       starts a site; a port that cannot be bound is a ``ListenError`` naming it
     check_free      refuses an address something else holds (workers bind with SO_REUSEPORT)
 
@@ -64,9 +65,15 @@ def proxy_site(
     """The proxy port: L1 hits answered by ``proxy.fastpath``, the rest by the app. With the
     access log on, every request goes through the app (it writes the log lines)."""
     address = settings.server.listen
+    send_timeout = settings.server.send_timeout
     if settings.server.access_log:
-        return web.TCPSite(
-            runner, address.host, address.port, backlog=BACKLOG, reuse_port=reuse_port
+        return FastSite(
+            runner,
+            None,
+            address.host,
+            address.port,
+            reuse_port=reuse_port,
+            send_timeout=send_timeout,
         )
     runtime = app[RUNTIME]
     hits = Hits(
@@ -79,11 +86,14 @@ def proxy_site(
         max_headers=settings.server.max_headers,
         idle_timeout=settings.server.idle_timeout,
     )
-    return FastSite(runner, hits, address.host, address.port, reuse_port=reuse_port)
+    return FastSite(
+        runner, hits, address.host, address.port, reuse_port=reuse_port, send_timeout=send_timeout
+    )
 
 
 class FastSite(web.BaseSite):
-    """A TCP site whose connections go through ``FastPath`` first.
+    """A TCP site whose connections go through ``FastPath`` first (``hits`` None: only to be
+    cut off past ``send_timeout``; None: never).
 
     Takes what ``TCPSite`` takes that cachecar uses, ``ssl_context`` included (the hit path
     reads the decrypted bytes, as aiohttp's protocol would).
@@ -92,16 +102,18 @@ class FastSite(web.BaseSite):
     def __init__(
         self,
         runner: web.BaseRunner,
-        hits: Hits,
+        hits: Hits | None,
         host: str,
         port: int,
         *,
         backlog: int = BACKLOG,
         reuse_port: bool = False,
         ssl_context: SSLContext | None = None,
+        send_timeout: float | None = None,
     ) -> None:
         super().__init__(runner, ssl_context=ssl_context, backlog=backlog)
         self._hits = hits
+        self._send_timeout = send_timeout
         self._app_runner = runner
         self._host = host
         self._port = port
@@ -124,10 +136,10 @@ class FastSite(web.BaseSite):
         await super().start()
         server = self._app_runner.server
         assert server is not None
-        hits = self._hits
+        hits, send_timeout = self._hits, self._send_timeout
 
         def connection() -> FastPath:
-            return FastPath(server(), hits)
+            return FastPath(server(), hits, send_timeout)
 
         loop = asyncio.get_running_loop()
         listening = await loop.create_server(

@@ -227,13 +227,13 @@ class OriginClient:
         method: str,
         url: URL,
         headers: CIMultiDict[str],
-        data: AsyncIterable[bytes] | None = None,
+        data: bytes | AsyncIterable[bytes] | None = None,
         *,
         route: str | None = None,
         length: int | None = None,
     ) -> AsyncIterator[Answer]:
         """The response as it arrives; errors before its head are ``OriginError``. ``data``
-        is sent as it comes, ``length`` its size when known (else it is sent chunked)."""
+        is sent whole, or as it comes with ``length`` its size when known (else chunked)."""
         await self._acquire(asyncio.get_running_loop().time() + self._timeout)
         try:
             with self._call(method, route) as call:

@@ -100,6 +100,8 @@ class ServerSettings(_Section):
     workers: int = Field(1, ge=1, le=MAX_WORKERS)
     max_body: Size = 10 << 20
     body_timeout: PositiveDuration = 30.0  # the longest pause while a request body arrives
+    body_deadline: PositiveDuration = 60.0  # the longest a request body may take in all
+    send_timeout: PositiveDuration = 30.0  # the longest a client may leave an answer unread
     idle_timeout: PositiveDuration = 60.0  # a connection without a whole request head: closed
     max_header_size: Size = Field(8 << 10, ge=256, le=1 << 20)  # the request line, each header
     max_headers: int = Field(100, ge=8, le=10_000)

@@ -39,6 +39,7 @@ ORDER = (
     "Proxy killed (kill -9) under write-behind load",
     "Malformed and hostile HTTP",
     "Slowloris",
+    "Slow clients holding origin connections",
 )
 
 

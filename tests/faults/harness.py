@@ -2,6 +2,7 @@
 config writer, and small readers of what cachecar and the kernel report.
 
     Load           N client loops for as long as the test runs; every answer is a Sample
+    serving        a test's own aiohttp origin on 127.0.0.1, for as long as a block runs
     DelayProxy     cachecar -> 127.0.0.1:proxy -> (sleep ``delay`` per chunk) -> Redis
     KillableRedis  a redis-server of the test's own: kill -9, start again on the same port
     established_to how many ESTABLISHED TCP connections lead to a port (/proc/net/tcp)
@@ -19,12 +20,13 @@ import os
 import signal
 import textwrap
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
 
 import aiohttp
 import redis.asyncio
+from aiohttp import web
 from redis.exceptions import RedisError
 
 from tests.e2e.conftest import Config, Process, Spawn
@@ -172,6 +174,22 @@ def by_window(samples: Sequence[Sample], width: float) -> list[tuple[float, list
 def ms(seconds: float) -> str:
     """A latency for the figures."""
     return "n/a" if math.isnan(seconds) else f"{seconds * 1000:.1f} ms"
+
+
+# -- an origin of the test's own ------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def serving(app: web.Application, port: int) -> AsyncIterator[None]:
+    """``app`` on 127.0.0.1:``port`` until the block ends."""
+    # A request whose client left is cancelled, so a stop never waits out a slow answer.
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=1)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield
+    finally:
+        await runner.cleanup()
 
 
 # -- a TCP proxy that delays what it forwards -----------------------------------------------------

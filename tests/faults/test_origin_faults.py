@@ -30,6 +30,7 @@ from tests.faults.harness import (
     ms,
     percentile,
     proxy_config,
+    serving,
     unanswered,
 )
 from tests.ports import free_port
@@ -71,14 +72,8 @@ class SlowOrigin:
     async def running(self) -> AsyncIterator[SlowOrigin]:
         app = web.Application()
         app.router.add_get("/{tail:.*}", self.answer)
-        # A request whose client left is cancelled, so a stop never waits out a slow answer.
-        runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=1)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", self.port).start()
-        try:
+        async with serving(app, self.port):
             yield self
-        finally:
-            await runner.cleanup()
 
 
 async def get(session: aiohttp.ClientSession, url: str) -> tuple[int, str, bytes, float]:

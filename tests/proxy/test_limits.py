@@ -129,18 +129,26 @@ async def test_an_origin_call_that_waits_too_long_for_a_connection_is_503(
         await client.aclose()
 
 
+async def connect_for_bodies(
+    make_proxy: MakeProxy, limits: str
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection to a proxy with ``limits`` whose /raw/{id} is passed through and whose
+    /files/{id} is write-through (a PUT's body read whole)."""
+    routes = ROUTES + "  - path: /raw/{id}\n    mode: bypass\n"
+    routes = routes.replace('key: "files:{id}"', 'key: "files:{id}"\n    mode: write-through')
+    proxy = await make_proxy(limits, routes=routes)
+    assert proxy.server.host is not None
+    assert proxy.server.port is not None
+    return await asyncio.open_connection(proxy.server.host, proxy.server.port)
+
+
 @pytest.mark.parametrize(
     ("path", "mode"), [("/raw/1", "passed through"), ("/files/1", "read whole (write-through)")]
 )
 async def test_a_request_body_that_stalls_is_answered_408_and_not_sent_on(
     make_proxy: MakeProxy, origin: Origin, path: str, mode: str
 ) -> None:
-    routes = ROUTES + "  - path: /raw/{id}\n    mode: bypass\n"
-    routes = routes.replace('key: "files:{id}"', 'key: "files:{id}"\n    mode: write-through')
-    proxy = await make_proxy("server: {body_timeout: 300ms}\n", routes=routes)
-    assert proxy.server.host is not None
-    assert proxy.server.port is not None
-    reader, writer = await asyncio.open_connection(proxy.server.host, proxy.server.port)
+    reader, writer = await connect_for_bodies(make_proxy, "server: {body_timeout: 300ms}\n")
     try:
         writer.write(f"PUT {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc".encode())
         async with asyncio.timeout(5):
@@ -152,6 +160,39 @@ async def test_a_request_body_that_stalls_is_answered_408_and_not_sent_on(
     assert b'"error": "request body stalled"' in body
     assert b"server.body_timeout (300ms)" in body
     assert origin.count(path, "PUT") == 0 or mode == "passed through"
+
+
+@pytest.mark.parametrize(
+    ("path", "length", "mode"),
+    [
+        ("/raw/1", 10, "passed through, held whole first"),
+        ("/raw/2", 1 << 20, "passed through, streamed"),
+        ("/files/1", 10, "read whole (write-through)"),
+    ],
+)
+async def test_a_request_body_that_trickles_past_body_deadline_is_answered_408(
+    make_proxy: MakeProxy, origin: Origin, path: str, length: int, mode: str
+) -> None:
+    limits = "server: {body_timeout: 1s, body_deadline: 400ms}\n"
+    reader, writer = await connect_for_bodies(make_proxy, limits)
+    started = asyncio.get_running_loop().time()
+    try:
+        writer.write(f"PUT {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n".encode())
+        answer = asyncio.ensure_future(reader.read(4096))
+        async with asyncio.timeout(5):
+            while not answer.done():  # a byte every 100 ms: never a pause of body_timeout
+                writer.write(b"a")
+                await asyncio.wait([answer], timeout=0.1)
+        took = asyncio.get_running_loop().time() - started
+    finally:
+        writer.close()
+    head, _, body = answer.result().partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 "), head
+    assert b'"error": "request body too slow"' in body
+    assert b"not whole within server.body_deadline (400ms)" in body
+    assert 0.4 <= took < 1.0
+    if mode != "passed through, streamed":
+        assert origin.count(path, "PUT") == 0  # held whole first: the origin never heard of it
 
 
 def trickled(body: bytes, pause: float) -> web.StreamResponse:

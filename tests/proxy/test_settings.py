@@ -24,6 +24,9 @@ def test_a_minimal_config_gets_the_documented_defaults() -> None:
     settings = parse_settings(MINIMAL, env={})
     assert settings.server.listen == Address("127.0.0.1", 8080)
     assert settings.server.max_body == 10 << 20
+    assert settings.server.body_timeout == 30.0
+    assert settings.server.body_deadline == 60.0
+    assert settings.server.send_timeout == 30.0
     assert settings.admin.listen == Address("127.0.0.1", 8081)
     assert settings.admin.token == ""
     assert settings.upstream.timeout == 5.0
@@ -42,7 +45,7 @@ def test_durations_and_sizes_are_numbers_after_loading() -> None:
         MINIMAL
         + "l1: {ttl: 1h, max_bytes: 512KiB}\n"
         + "l2: {url: 'memory://', timeout: 250ms, ttl: 10m}\n"
-        + "server: {max_body: 1048576, shutdown_grace: 1.5s}\n"
+        + "server: {max_body: 1048576, shutdown_grace: 1.5s, body_deadline: 2m, send_timeout: 250ms}\n"
         + "routes: [{path: /a, ttl: {l1: 2m}, negative_ttl: 1d}]\n",
         env={},
     )
@@ -51,6 +54,7 @@ def test_durations_and_sizes_are_numbers_after_loading() -> None:
     assert settings.l2.timeout == 0.25
     assert settings.server.max_body == 1 << 20
     assert settings.server.shutdown_grace == 1.5
+    assert (settings.server.body_deadline, settings.server.send_timeout) == (120.0, 0.25)
     route = settings.routes[0]
     assert (route.ttl.l1, route.ttl.l2, route.negative_ttl) == (120.0, None, 86400.0)
     assert route.mode is Mode.CACHE_ASIDE
@@ -157,6 +161,16 @@ def test_an_unset_variable_without_a_default_names_the_variable_and_the_key() ->
         ),
         ("routes: {path: /a}", "routes: expected a list, got {'path': '/a'}"),
         ("server: [1]", "server: expected a mapping of keys, got [1]"),
+        ("server: {body_deadline: 0s}", "server.body_deadline: '0s' must be more than 0"),
+        (
+            "server: {body_deadline: a minute}",
+            "server.body_deadline: 'a minute' is not a duration (use 250ms, 30s, 10m, 1h)",
+        ),
+        (
+            "server: {send_timeout: -1s}",
+            "server.send_timeout: '-1s' is not a duration (use 250ms, 30s, 10m, 1h)",
+        ),
+        ("server: {send_timeout: 0ms}", "server.send_timeout: '0ms' must be more than 0"),
     ],
 )
 def test_each_problem_names_its_key_and_value(text: str, expected: str) -> None:
