@@ -223,6 +223,10 @@ class TieredCache(Tiers):
                 )
             now = self._clock.time()
             l1_keep = _keep(loaded.l1_ttl, loaded, now)
+            if self._hit_path.degraded:
+                # Counted from when the fetch began: a change another replica made while it
+                # ran goes unheard, and must not be served for longer than degraded_ttl.
+                l1_keep = min(l1_keep, self._degraded_ttl - (now - fetched_at))
             if l1_keep > 0 and self._l1_trusted:
                 await self._l1.set(key, variant, loaded.entry, l1_keep)
             stored_l2 = loaded.l2_ttl > 0 and shared is not None

@@ -66,11 +66,13 @@ async def start(
     channel = f"{key_prefix}invalidate"
     replicas: list[Replica] = []
 
-    async def make(name: str, url: str = deployment.url) -> Replica:
+    async def make(name: str, url: str = deployment.url, degraded_ttl: float = 0.0) -> Replica:
         observer = RecordingObserver()
         l1 = MemoryTier(max_entries=100, max_bytes=1 << 20, clock=CLOCK, observer=observer)
         l2 = RedisTier(client_from_url(url, timeout=1.0), key_prefix=key_prefix, timeout=1.0)
-        cache = TieredCache(l1, l2, clock=CLOCK, observer=observer, trust_l1=False)
+        cache = TieredCache(
+            l1, l2, clock=CLOCK, observer=observer, trust_l1=False, degraded_ttl=degraded_ttl
+        )
         coherence = Coherence(
             client_from_url(url, timeout=1.0),
             listener_client(url, name=f"cachecar-coherence-{name}-{uuid.uuid4().hex}", timeout=1.0),
@@ -169,6 +171,38 @@ async def test_a_lost_subscription_clears_l1_and_a_value_overwritten_meanwhile_i
     assert b.observer.subscribed == [True, False, True]
     assert await b.read("users:1") == (Source.L2, b"new")  # L1 was emptied on the way back
     assert await b.read("users:1") == (Source.L1, b"new")
+
+
+async def test_in_degraded_mode_a_value_overwritten_meanwhile_is_served_degraded_ttl_at_most(
+    start: Start, deployment: Deployment
+) -> None:
+    a, b = await start("a"), await start("b", degraded_ttl=0.3)
+    await subscribed(a, b)
+    await b.read("users:1")
+    assert await b.read("users:1") == (Source.L1, b"origin")
+
+    listener = b.coherence._listener  # held deaf, as in the test above
+    b.coherence._listener = listener_client(
+        f"redis://127.0.0.1:{free_port()}", name="cachecar-coherence-b-deaf", timeout=1.0
+    )
+    async with Redis.from_url(deployment.node_url) as node:
+        assert await kill_subscription(node, "cachecar-coherence-b-") == 1
+    await until(lambda: not b.coherence.subscribed)
+    assert b.cache.degraded
+    assert await b.read("users:1") == (Source.L2, b"origin")  # emptied at the loss
+    assert await b.read("users:1") == (Source.L1, b"origin")  # then served, degraded
+    await a.write("users:1", b"new")  # b cannot hear this
+    assert await b.read("users:1") == (Source.L1, b"origin")  # within degraded_ttl
+    await asyncio.sleep(0.35)
+    assert await b.read("users:1") == (Source.L2, b"new")
+    assert b.observer.degraded_reads == 2
+
+    b.coherence._listener = listener
+    await until(lambda: b.coherence.subscribed)
+    assert [b.cache.degraded] == [False]  # (a list: mypy keeps the narrowing above)
+    assert await b.read("users:1") == (Source.L2, b"new")  # emptied once more
+    await asyncio.sleep(0.35)
+    assert await b.read("users:1") == (Source.L1, b"new")  # full TTL again
 
 
 async def test_a_prefix_change_drops_every_matching_key(start: Start) -> None:

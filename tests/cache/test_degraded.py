@@ -105,3 +105,20 @@ async def test_degraded_ttl_0_leaves_l1_unused_while_unsubscribed() -> None:
     await replica.cache.trust_l1()
     await replica.read()
     assert await replica.read() is Source.L1
+
+
+async def test_a_slow_fetch_is_kept_degraded_ttl_from_when_it_began() -> None:
+    # A change another replica made while the fetch ran goes unheard: the old answer it may
+    # bring must not outlive the change by more than degraded_ttl.
+    replica = Replica(degraded_ttl=1.0, subscribed=False)
+
+    async def slow() -> Loaded:
+        entry = Entry(200, (), b"old", replica.clock.time(), TTL)
+        replica.clock.advance(0.7)  # the origin took 0.7 s to answer
+        return Loaded(entry, l1_ttl=TTL, l2_ttl=0)
+
+    await replica.cache.get("users:1", "", l1_ttl=TTL, loader=slow)
+    replica.clock.advance(0.29)
+    assert await replica.read() is Source.L1
+    replica.clock.advance(0.02)  # 1 s after the fetch began
+    assert await replica.read() is Source.LOADER
