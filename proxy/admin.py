@@ -32,7 +32,7 @@ from cache.breaker import Guard
 from cache.errors import CacheError, CircuitOpen, TierError, TierUnavailable
 from cache.redis.tier import RedisTier
 from cache.write_behind.queue import describe
-from proxy.app import RUNTIME
+from proxy.app import RUNTIME, Runtime
 from proxy.stats import coherence_state
 
 PROXY_APP = web.AppKey("proxy_app", web.Application)
@@ -123,24 +123,30 @@ async def readyz(request: web.Request) -> web.Response:
     checks = {"origin": runtime.origin.probe(runtime.settings.upstream.health_path)}
     if runtime.l2 is not None:
         checks["l2"] = _l2_problem(runtime.l2, runtime.guard)
+    workers = request.app.get(WORKERS)
+    state = asyncio.ensure_future(_coherence(runtime, workers))  # asked beside the checks
     results = dict(zip(checks, await asyncio.gather(*checks.values()), strict=True))
     problems = {name: problem for name, problem in results.items() if problem is not None}
     body = {name: problems.get(name, "up") for name in results}
-    workers = request.app.get(WORKERS)
     if workers is not None:  # the supervisor's: ready while any worker serves the port
         running, wanted = workers.up, runtime.settings.server.workers
         body["workers"] = f"{running} of {wanted} up"
         if running == 0:
             problems["workers"] = f"none of {wanted} workers is running"
-        # Every worker's: "subscribed" only while all of them are.
-        body["coherence"] = (await workers.stats())["coherence"]["state"]
-    else:
-        # Not a reason to be unready: degraded mode serves, and L2's own check says why.
-        body["coherence"] = coherence_state(runtime.metrics.figures())
+    # Not a reason to be unready: degraded mode serves, and L2's own check says why.
+    body["coherence"] = await state
     if problems:
         reason = "; ".join(f"{name}: {problem}" for name, problem in problems.items())
         return web.json_response({"status": "unavailable", "reason": reason, **body}, status=503)
     return web.json_response({"status": "ready", **body})
+
+
+async def _coherence(runtime: Runtime, workers: Aggregate | None) -> str:
+    """How L1 serves (``proxy.stats.coherence_state``); the supervisor's: every worker's,
+    "subscribed" only while all of them are."""
+    if workers is not None:
+        return str((await workers.stats())["coherence"]["state"])
+    return coherence_state(runtime.metrics.figures())
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -159,7 +159,7 @@ class Runtime:
         # Each Redis client connects (a Cluster client learns its slots) before traffic comes:
         # a first burst would otherwise pay for that inside l2.timeout, and a call that runs
         # out of it counts against the breaker, or loses a cluster lease. With Redis up, L1 is
-        # in use from the first request; without, it waits for Redis.
+        # trusted from the first request; without, it serves in degraded mode until subscribed.
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(SUBSCRIBE_WAIT):
                 await asyncio.gather(*self._connections())

@@ -126,6 +126,7 @@ class Metrics:
         self._second_ends = -math.inf
         self._answers: dict[Series, list[float]] = {}  # per slot, then the sum
         self._looked_up: dict[str, list[int]] = {"l1": [0, 0], "l2": [0, 0]}  # [misses, hits]
+        self._degraded = 0  # L1 hits in degraded mode, not yet taken in
         r = self.registry
         r.register(_TakeIn(self._take_in))
         self._requests = Counter(
@@ -183,7 +184,8 @@ class Metrics:
         )
         self._coherence = Gauge(
             "cachecar_coherence_subscribed",
-            "1 while this replica hears the others' changes (and uses its L1); 0 without.",
+            "1 while this replica hears the others' changes (and trusts its L1); 0 without "
+            "(L1 in degraded mode, or unused).",
             registry=r,
         )
         self._degraded_reads = Counter(
@@ -274,6 +276,10 @@ class Metrics:
         """Move the hot path's counts into the Prometheus metrics and the stats window."""
         answers, self._answers = self._answers, {}
         looked_up, self._looked_up = self._looked_up, {"l1": [0, 0], "l2": [0, 0]}
+        degraded, self._degraded = self._degraded, 0
+        if degraded:
+            self._degraded_reads.inc(degraded)
+            self._totals["degraded_reads"] += degraded
         second, window = self._second, self._window
         for (route, method, status, outcome), counts in answers.items():
             buckets = [0] * (len(REQUEST_BUCKETS) + 1)
@@ -362,8 +368,7 @@ class Metrics:
         self._coherence_lag.observe(seconds)
 
     def degraded_read(self) -> None:
-        self._degraded_reads.inc()
-        self._totals["degraded_reads"] += 1
+        self._degraded += 1  # on the hit path: taken in with the lookups
 
     def queued(self, coalesced: bool) -> None:
         if coalesced:
@@ -400,6 +405,7 @@ class Metrics:
 
     def figures(self) -> Figures:
         """What ``/admin/stats`` says beside the window (call ``refresh`` first)."""
+        self._take_in()
         l1, queue = self._l1, self._queue.stats
         return Figures(
             totals=self._totals.copy(),
