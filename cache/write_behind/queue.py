@@ -48,9 +48,9 @@ the old value cannot outlive the write's arrival at the origin.
 
 Every step is one Lua script on one shard, so a crash between two steps leaves the queue
 consistent: a claimed key whose holder died becomes ready again when its lease runs out. A
-flusher's claim asks every shard for its share of the batch at once (a turn that rotates says
-who gets the remainder), then gives what is left of the batch to the shards that had more, in
-turn: no shard waits behind a busy one, and a busy one still fills a batch. Times come from the
+flusher's claim asks the shards a few at a time (``SPREAD``), from a turn that moves on each
+call, each for its part of what the batch lacks: no shard starves, and a backlog still fills a
+batch from few shards (each costs a claim and an ack). Times come from the
 caller's clock (injected); replicas' clocks only need to agree to well within a lease.
 
 Every call goes through the process's L2 ``guard``: while the L2 breaker is open each one is
@@ -66,8 +66,8 @@ import dataclasses
 import json
 import logging
 import math
-from collections.abc import Awaitable, Sequence
-from typing import Any, TypeVar, cast
+from collections.abc import Sequence
+from typing import Any, cast
 
 from cache.breaker import Guard
 from cache.clock import Clock
@@ -93,7 +93,8 @@ logger = logging.getLogger("cachecar.write_behind")
 # Seconds between looks for a single-slot queue that an older cachecar still running writes to.
 MIGRATE_EVERY = 60.0
 
-T = TypeVar("T")
+# Shards a claim asks at once: a backlog fills a batch from this many, a claim and an ack each.
+SPREAD = 4
 _FAIL_KEYS = ("ready", "values", "seqs", "since", "tries", "dead", "corpses", "unsettled")
 _ENQUEUE_KEYS = ("seq", "values", "seqs", "ready", "since", "dead", "corpses", "unsettled")
 
@@ -215,9 +216,12 @@ class WriteQueue:
         ``early`` also takes keys due within that many seconds (a stop flushes keys still in
         their coalescing window; keys leased elsewhere or backing off longer stay).
 
-        Every shard is first asked for its share of ``limit`` at once; the shards that gave all
-        they were asked for may have more, and share what is left, in turn. Shards that fail
-        (their master is down) are skipped while another answers.
+        The shards are asked ``SPREAD`` at a time, from a turn that moves on by one each call,
+        each for its part of what the batch still lacks; then the shards that gave all they were
+        asked for, or were not asked (a batch smaller than ``SPREAD``), in turn, for the rest.
+        A backlog fills a batch from a few shards (a claim and an ack per shard is what a batch
+        costs), and each shard is among the first asked in ``SPREAD`` of every ``shards`` calls:
+        none starves. A shard that fails (its master down) is passed over while others answer.
         """
         await self._migrated("claim")
         now = self._now_ms()
@@ -225,19 +229,39 @@ class WriteQueue:
         count = len(self._shards)
         order = [(self._turn + i) % count for i in range(count)]
         self._turn = (self._turn + 1) % count
-        share, extra = divmod(limit, count)
-        asked = [(shard, share + (i < extra)) for i, shard in enumerate(order)]
-        asked = [(shard, wanted) for shard, wanted in asked if wanted]
-        answers = await self._each([self._claim_from(s, n, *args) for s, n in asked])
-        claims = [claim for answer in answers for claim in answer]
-        drained = {
-            shard for (shard, wanted), got in zip(asked, answers, strict=True) if len(got) < wanted
-        }
-        for shard in order:
+        claims: list[Claim] = []
+        more: list[int] = []  # shards not asked, or that gave all they were asked: may have more
+        failure: Exception | None = None
+        for start in range(0, count, SPREAD):
+            lacking = limit - len(claims)
+            if lacking <= 0:
+                break
+            group = order[start : start + SPREAD]
+            share, extra = divmod(lacking, len(group))
+            asked = [(shard, share + (i < extra)) for i, shard in enumerate(group)]
+            more += [shard for shard, wanted in asked if not wanted]  # a batch smaller than it
+            asked = [(shard, wanted) for shard, wanted in asked if wanted]
+            answers = await asyncio.gather(
+                *(self._claim_from(shard, wanted, *args) for shard, wanted in asked),
+                return_exceptions=True,
+            )
+            for (shard, wanted), answer in zip(asked, answers, strict=True):
+                if isinstance(answer, Exception):
+                    failure = answer
+                elif isinstance(answer, BaseException):
+                    raise answer  # cancelled
+                else:
+                    claims += answer
+                    if len(answer) == wanted:
+                        more.append(shard)
+        for shard in more:
             if len(claims) >= limit:
                 break
-            if shard not in drained:
-                claims += await self._claim_from(shard, limit - len(claims), *args)
+            claims += await self._claim_from(shard, limit - len(claims), *args)
+        if failure is not None:
+            if not claims:
+                raise failure
+            logger.warning("write-behind: a shard of the queue did not answer: %s", failure)
         return claims
 
     async def _claim_from(
@@ -261,20 +285,6 @@ class WriteQueue:
                 continue
             claims.append(Claim(write, seq, int(tries), until, unsettled=flat[i + 4] == 1))
         return claims
-
-    async def _each(self, calls: list[Awaitable[list[T]]]) -> list[list[T]]:
-        """The answers of ``calls``, made at once; one that failed answers nothing, unless all
-        did (then the first error is raised): a master down stalls only its own shards."""
-        answers = await asyncio.gather(*calls, return_exceptions=True)
-        errors = [answer for answer in answers if isinstance(answer, BaseException)]
-        for error in errors:
-            if not isinstance(error, Exception):
-                raise error  # cancelled
-        if errors and len(errors) == len(answers):
-            raise errors[0]
-        if errors:
-            logger.warning("write-behind: %d shard(s) did not answer: %s", len(errors), errors[0])
-        return [[] if isinstance(answer, BaseException) else answer for answer in answers]
 
     async def _bury(
         self, key: str, seq: int, record: bytes, tries: int, lease: int, error: str
