@@ -1,4 +1,5 @@
-"""Draining the queue of an older cachecar (one slot, ``{prefix}{wb}:...``) into the shards.
+"""Draining the queue of an older cachecar (one slot, ``{prefix}{wb}:...``), or of another
+shard count, into the shards.
 
 The old slot and a shard's slot differ on a Cluster, so no one script can move a write: each
 is copied into its shard, then dropped from the old slot, and every step may be repeated::
@@ -16,6 +17,13 @@ is copied into its shard, then dropped from the old slot, and every step may be 
     dead letters likewise (a corpse only where no write of the key waits, as ``FAIL`` keeps it)
     tidy    (old slot) once neither writes nor dead letters are left, what remains of the old
             queue but its seq is deleted
+
+The shards do the same when ``write_behind.shards`` changed: ``{prefix}{wb}:shards`` says the
+count the queue was last laid out in, and while it differs from this process's, each of the
+former shards is drained as above into the shards its keys belong to now (a key that stays in
+its shard is left alone, and a shard that is still one is not tidied away); then the count is
+recorded. Replicas must agree on the count: two counts at once move keys to and fro, and a
+key written by both is not ordered.
 
 A migrator that dies after an adopt leaves the write in both places: the next pass (this
 replica's, or any other's: every replica migrates before its first queue call) adopts it again,
@@ -35,7 +43,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from cache.redis.tier import RedisClient
-from cache.write_behind.shards import Layout, shard_of
+from cache.write_behind.shards import Layout, shard_of, single_slot
 
 logger = logging.getLogger("cachecar.write_behind")
 
@@ -171,16 +179,21 @@ return 1
 """
 
 _WRITE = ("values", "seqs", "ready", "since", "tries", "unsettled")
+_LEFTOVERS = ("values", "dead", "ready", "since", "tries", "unsettled", "corpses")
 
 
 class Migration:
-    """Moves what ``old`` holds into ``shards``; ``run`` is safe to repeat, from any replica."""
+    """Moves into ``shards`` what the single-slot queue holds, and what shards of another count
+    hold (``write_behind.shards`` changed); ``run`` is safe to repeat, from any replica."""
 
-    def __init__(self, client: RedisClient, old: Layout, shards: list[Layout]) -> None:
+    def __init__(self, client: RedisClient, key_prefix: str, shards: list[Layout]) -> None:
         self._client = client
-        self._old = old
+        self._prefix = key_prefix
+        self._single = single_slot(key_prefix)
+        # The shard count the queue was last laid out in, beside the single slot's seq.
+        self._count = f"{key_prefix}{{wb}}:shards"
         self._shards = shards
-        self._floored = -1  # the old seq every shard's seq was last raised to
+        self._floored: dict[str, int] = {}  # per source: the seq the shards were raised to
         self._floor = client.register_script(FLOOR)
         self._peek = client.register_script(PEEK)
         self._adopt = client.register_script(ADOPT)
@@ -193,59 +206,89 @@ class Migration:
     async def run(self, bounded: Bounded) -> int:
         """One pass; returns how many writes and dead letters it moved. Each Redis call is
         made within ``bounded(op)``."""
-        old = self._old
+        count = len(self._shards)
         async with bounded("migrate"):
             pipe = self._client.pipeline(transaction=False)
-            pipe.get(old["seq"])
-            pipe.exists(old["values"], old["dead"])
-            seq, left = await pipe.execute()
-        if seq is None:
-            return 0  # no older cachecar ever queued here
-        if int(seq) != self._floored:
-            async with bounded("migrate"):
-                await asyncio.gather(
-                    *(self._floor(keys=[shard["seq"]], args=[int(seq)]) for shard in self._shards)
-                )
-            self._floored = int(seq)
-        if not left:
-            return 0
+            pipe.get(self._single["seq"])
+            pipe.exists(self._single["values"], self._single["dead"])
+            pipe.get(self._count)
+            seq, left, before = await pipe.execute()
         moved = 0
-        for _ in range(PASSES):
-            moved += await self._each(bounded, "values", self._move)
-            moved += await self._each(bounded, "dead", self._move_dead)
+        if seq is not None:
+            moved += await self._drain(bounded, self._single, int(seq), bool(left), None)
+        if before is None:
             async with bounded("migrate"):
-                gone = await self._tidy(
-                    keys=old.keys(
-                        "values", "dead", "ready", "since", "tries", "unsettled", "corpses"
-                    )
-                )
-            if gone:
-                break
+                if not await self._client.set(self._count, count, nx=True):
+                    before = await self._client.get(self._count)  # another replica's, just now
+        if before is not None and int(before) != count:
+            # The shards' count changed: each key whose shard is another now is moved there.
+            for i in range(int(before)):
+                source = Layout(self._prefix, f"wb:{i}")
+                async with bounded("migrate"):
+                    pipe = self._client.pipeline(transaction=False)
+                    pipe.get(source["seq"])
+                    pipe.exists(source["values"], source["dead"])
+                    seq, left = await pipe.execute()
+                if seq is not None:
+                    own = i if i < count else None
+                    moved += await self._drain(bounded, source, int(seq), bool(left), own)
+            async with bounded("migrate"):
+                await self._client.set(self._count, count)
         if moved:
             logger.info("write-behind: moved %d queued writes and dead letters into shards", moved)
         return moved
 
-    async def _each(self, bounded: Bounded, name: str, move: Any) -> int:
-        """``move`` every field of the old hash ``name``, a batch at a time."""
+    async def _drain(
+        self, bounded: Bounded, source: Layout, seq: int, left: bool, own: int | None
+    ) -> int:
+        """Move what ``source`` holds into the shards; ``own``: its index when it is one of
+        them (its keys that stay in it are left alone, and it is not tidied away)."""
+        if self._floored.get(source.tag) != seq:
+            async with bounded("migrate"):
+                await asyncio.gather(
+                    *(self._floor(keys=[shard["seq"]], args=[seq]) for shard in self._shards)
+                )
+            self._floored[source.tag] = seq
+        if not left:
+            return 0
+        moved = 0
+        for _ in range(PASSES):
+            moved += await self._each(bounded, source, own, "values", self._move)
+            moved += await self._each(bounded, source, own, "dead", self._move_dead)
+            if own is not None:
+                break
+            async with bounded("migrate"):
+                if await self._tidy(keys=source.keys(*_LEFTOVERS)):
+                    break
+        return moved
+
+    async def _each(
+        self, bounded: Bounded, source: Layout, own: int | None, name: str, move: Any
+    ) -> int:
+        """``move`` the fields of ``source``'s hash ``name`` that belong in another shard, a
+        batch at a time."""
         moved, cursor = 0, 0
         while True:
             async with bounded("migrate"):
-                cursor, found = await self._client.hscan(self._old[name], cursor, count=BATCH)
-            if found:
-                moved += await move(bounded, [cast(bytes, key).decode() for key in found])
+                cursor, found = await self._client.hscan(source[name], cursor, count=BATCH)
+            keys = [cast(bytes, key).decode() for key in found]
+            keys = [key for key in keys if own is None or self._shard_of(key) != own]
+            if keys:
+                moved += await move(bounded, source, keys)
             if cursor == 0:
                 return moved
 
-    async def _move(self, bounded: Bounded, keys: list[str]) -> int:
+    def _shard_of(self, key: str) -> int:
+        return shard_of(key, len(self._shards))
+
+    async def _move(self, bounded: Bounded, source: Layout, keys: list[str]) -> int:
         async with bounded("migrate"):
-            flat = await self._peek(keys=self._old.keys(*_WRITE), args=keys)
+            flat = await self._peek(keys=source.keys(*_WRITE), args=keys)
         by_shard: dict[int, list[Any]] = {}
         forget: list[Any] = []
         for i in range(0, len(flat), 7):
             key = flat[i].decode()
-            by_shard.setdefault(shard_of(key, len(self._shards)), []).extend(
-                [key, *flat[i + 1 : i + 7]]
-            )
+            by_shard.setdefault(self._shard_of(key), []).extend([key, *flat[i + 1 : i + 7]])
             forget += [key, flat[i + 2]]
         if not forget:
             return 0
@@ -261,19 +304,17 @@ class Migration:
             )
         # Only once every shard has them: a write is never in neither place.
         async with bounded("migrate"):
-            await self._forget(keys=self._old.keys(*_WRITE), args=forget)
+            await self._forget(keys=source.keys(*_WRITE), args=forget)
         return len(forget) // 2
 
-    async def _move_dead(self, bounded: Bounded, keys: list[str]) -> int:
+    async def _move_dead(self, bounded: Bounded, source: Layout, keys: list[str]) -> int:
         async with bounded("migrate"):
-            flat = await self._peek_dead(keys=self._old.keys("dead", "corpses"), args=keys)
+            flat = await self._peek_dead(keys=source.keys("dead", "corpses"), args=keys)
         by_shard: dict[int, list[Any]] = {}
         forget: list[Any] = []
         for i in range(0, len(flat), 3):
             key = flat[i].decode()
-            by_shard.setdefault(shard_of(key, len(self._shards)), []).extend(
-                [key, flat[i + 1], flat[i + 2]]
-            )
+            by_shard.setdefault(self._shard_of(key), []).extend([key, flat[i + 1], flat[i + 2]])
             forget += [key, flat[i + 1]]
         if not forget:
             return 0
@@ -288,5 +329,5 @@ class Migration:
                 )
             )
         async with bounded("migrate"):
-            await self._forget_dead(keys=self._old.keys("dead", "corpses"), args=forget)
+            await self._forget_dead(keys=source.keys("dead", "corpses"), args=forget)
         return len(forget) // 2

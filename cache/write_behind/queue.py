@@ -20,6 +20,7 @@ layout::
     {prefix}{wb:i}:unsettled hash   key -> the seq of its newest write while the tiers may not
                                     hold it yet (see below)
     {prefix}{wb:i}:adopted  hash    marks of what ``cache.write_behind.migration`` moved in
+    {prefix}{wb}:shards     string  the shard count the queue is laid out in
 
 A sequence number orders the writes of one key (L2 keeps the highest it was given, and the ack
 compares it): a key lives in one shard, so a counter per shard is enough. Each shard's counter
@@ -86,7 +87,7 @@ from cache.write_behind.records import (
     load,
 )
 from cache.write_behind.scripts import ACK, CLAIM, ENQUEUE, FAIL, REPLAY
-from cache.write_behind.shards import DEFAULT_SHARDS, shard_layouts, shard_of, single_slot
+from cache.write_behind.shards import DEFAULT_SHARDS, shard_layouts, shard_of
 
 logger = logging.getLogger("cachecar.write_behind")
 
@@ -127,7 +128,7 @@ class WriteQueue:
         self._shard_max = math.ceil(max_pending / shards)
         self._window_ms = round(coalesce_for * 1000)
         self._guard = guard or Guard()
-        self._migration = Migration(client, single_slot(key_prefix), self._shards)
+        self._migration = Migration(client, key_prefix, self._shards)
         self._migrated_at: float | None = None
         self._migrating = asyncio.Lock()
         self._turn = 0  # the shard first in line for a claim's remainder, rotating

@@ -5,8 +5,10 @@
 Each shard is a whole queue of its own under its own hash tag (one Redis Cluster slot), so a
 script touches one shard, and on a Cluster the shards' slots spread over the masters. A key
 always lands in the same shard (crc32 is the same in every process and version, unlike
-``hash()``), so its writes are coalesced and ordered in one place. Before sharding the queue
-was one slot, ``{prefix}{wb}:...``: ``cache.write_behind.migration`` drains it into the shards.
+``hash()``), so its writes are coalesced and ordered in one place, as long as the count stays
+the same. Before sharding the queue was one slot, ``{prefix}{wb}:...``:
+``cache.write_behind.migration`` drains it into the shards, and the shards of a former count
+too.
 """
 
 from __future__ import annotations

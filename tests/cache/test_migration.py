@@ -136,10 +136,10 @@ async def test_an_older_queue_is_moved_into_the_shards_whole(
     queue = new_queue(client, key_prefix, clock)
     stats = await queue.stats()
     assert (stats.depth, stats.dead) == (21, 1)
-    # What was left of the old queue is gone, but its seq: the floor of the shards'.
-    assert [key async for key in client.scan_iter(match=f"{key_prefix}{{wb}}*")] == [
-        old.layout["seq"].encode()
-    ]
+    # What was left of the old queue is gone, but its seq (the floor of the shards') and the
+    # shard count the queue is laid out in now.
+    left = {key async for key in client.scan_iter(match=f"{key_prefix}{{wb}}*")}
+    assert left == {old.layout["seq"].encode(), f"{key_prefix}{{wb}}:shards".encode()}
     assert (await queue.enqueue(put("k:5", b"new"))).seq > old_seq
 
     # Every write keeps what it was: the leases and backoff of the older cachecar's flusher
@@ -242,3 +242,35 @@ async def test_writes_an_older_replica_still_makes_are_moved_by_a_later_look(
     assert (await queue.stats()).depth == 2
     written = await queue.enqueue(put("k:3", b"3"))
     assert written.seq > await old.enqueue("k:4", b"4") - 1  # the floor follows the old seq
+
+
+@pytest.mark.parametrize(("before", "after"), [(4, 16), (16, 4), (4, 6)])
+async def test_a_changed_shard_count_moves_each_key_to_its_new_shard(
+    client: RedisClient, key_prefix: str, clock: FakeClock, before: int, after: int
+) -> None:
+    former = WriteQueue(client, key_prefix=key_prefix, timeout=5.0, clock=clock, shards=before)
+    answers = {f"k:{n}": await former.enqueue(put(f"k:{n}", b"1")) for n in range(40)}
+    [refused] = [c for c in await former.claim(40, LEASE) if c.write.key == "k:0"]
+    await former.fail(refused, "refused", retry_in=None)
+    clock.advance(LEASE)
+
+    now = WriteQueue(client, key_prefix=key_prefix, timeout=5.0, clock=clock, shards=after)
+    stats = await now.stats()
+    assert (stats.depth, stats.dead) == (39, 1)
+    claims = await now.claim(100, LEASE)
+    assert sorted(c.write.key for c in claims) == sorted(f"k:{n}" for n in range(1, 40))
+    for claim in claims:  # each in the shard it belongs to now, with the seq it had
+        assert claim.seq == answers[claim.write.key].seq
+        assert await now.pending(claim.write.key) == claim.write
+    # A new write of a key that moved is numbered above its old one (L2 keeps the highest).
+    assert (await now.enqueue(put("k:1", b"2"))).seq > answers["k:1"].seq
+    assert [letter.key for letter in await now.dead_letters()] == ["k:0"]
+    assert await now.replay() == ["k:0"]
+    # Only the shards of the new count hold anything, but former shards' seqs.
+    held = {key.decode() async for key in client.scan_iter(match=f"{key_prefix}{{wb:*")}
+    assert {key.rsplit(":", 1)[1] for key in held if _shard(key) >= after} <= {"seq"}
+
+
+def _shard(name: str) -> int:
+    """The shard of a queue key's name (``...{wb:3}:values`` -> 3)."""
+    return int(name.split("{wb:", 1)[1].split("}", 1)[0])
