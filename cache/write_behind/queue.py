@@ -48,11 +48,9 @@ unsettled, and the flusher that sends it has the key dropped from the tiers befo
 the old value cannot outlive the write's arrival at the origin.
 
 Every step is one Lua script on one shard, so a crash between two steps leaves the queue
-consistent: a claimed key whose holder died becomes ready again when its lease runs out. A
-flusher's claim asks the shards a few at a time (``SPREAD``), from a turn that moves on each
-call, each for its part of what the batch lacks: no shard starves, and a backlog still fills a
-batch from few shards (each costs a claim and an ack). Times come from the
-caller's clock (injected); replicas' clocks only need to agree to well within a lease.
+consistent: a claimed key whose holder died becomes ready again when its lease runs out (how a
+claim shares a batch among the shards: ``WriteQueue.claim``). Times come from the caller's
+clock (injected); replicas' clocks only need to agree to well within a lease.
 
 Every call goes through the process's L2 ``guard``: while the L2 breaker is open each one is
 refused at once with ``CircuitOpen`` (Redis not asked), so a write is refused without waiting
@@ -292,16 +290,7 @@ class WriteQueue:
     ) -> None:
         """Dead-letter a queued record that cannot be decoded, as it is."""
         now = self._now_ms()
-        letter = json.dumps(
-            {
-                "key": key,
-                "method": "?",
-                "path": "?",
-                "attempts": tries,
-                "last_error": error,
-                "failed_at": now / 1000,
-            }
-        )
+        letter = _letter(DeadLetter(key, "?", "?", tries, error, now / 1000))
         async with self._bounded("fail"):
             await self._fail(
                 keys=self._k(self._shard(key), *_FAIL_KEYS),
@@ -359,15 +348,9 @@ class WriteQueue:
         """
         now = self._now_ms()
         dead = retry_in is None
-        letter = json.dumps(
-            {
-                "key": claim.write.key,
-                "method": claim.write.method,
-                "path": claim.write.target,
-                "attempts": claim.tries + 1,
-                "last_error": error,
-                "failed_at": now / 1000,
-            }
+        write = claim.write
+        letter = _letter(
+            DeadLetter(write.key, write.method, write.target, claim.tries + 1, error, now / 1000)
         )
         async with self._bounded("fail"):
             gone = await self._fail(
@@ -461,11 +444,5 @@ class WriteQueue:
         return bounded(f"queue {op}", self._timeout, self._guard)
 
 
-def describe(stats: QueueStats, letters: list[DeadLetter]) -> dict[str, Any]:
-    """The admin API's view of the queue."""
-    return {
-        "queue_depth": stats.depth,
-        "oldest_pending_age_seconds": round(stats.oldest_age, 3),
-        "dead_letter_count": stats.dead,
-        "dead_letters": [dataclasses.asdict(letter) for letter in letters],
-    }
+def _letter(letter: DeadLetter) -> str:
+    return json.dumps(dataclasses.asdict(letter))
