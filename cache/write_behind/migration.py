@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable
 from typing import Any, cast
@@ -178,7 +179,29 @@ redis.call('DEL', KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7])
 return 1
 """
 
+
+@dataclasses.dataclass(frozen=True)
+class _Kind:
+    """What is moved: queued writes or dead letters."""
+
+    hash: str  # the source's hash that lists them
+    source: tuple[str, ...]  # the source's keys its peek and forget scripts take
+    target: tuple[str, ...]  # a shard's keys its adopt script takes
+    width: int  # fields per entry the peek returns (the key first)
+    token: int  # which of them the forget compares
+    scripts: tuple[str, str, str]  # peek, adopt, forget
+
+
 _WRITE = ("values", "seqs", "ready", "since", "tries", "unsettled")
+_WRITES = _Kind("values", _WRITE, (*_WRITE, "adopted"), 7, 2, (PEEK, ADOPT, FORGET))
+_DEAD = _Kind(
+    "dead",
+    ("dead", "corpses"),
+    ("values", "dead", "corpses", "adopted"),
+    3,
+    1,
+    (PEEK_DEAD, ADOPT_DEAD, FORGET_DEAD),
+)
 _LEFTOVERS = ("values", "dead", "ready", "since", "tries", "unsettled", "corpses")
 
 
@@ -195,13 +218,11 @@ class Migration:
         self._shards = shards
         self._floored: dict[str, int] = {}  # per source: the seq the shards were raised to
         self._floor = client.register_script(FLOOR)
-        self._peek = client.register_script(PEEK)
-        self._adopt = client.register_script(ADOPT)
-        self._forget = client.register_script(FORGET)
-        self._peek_dead = client.register_script(PEEK_DEAD)
-        self._adopt_dead = client.register_script(ADOPT_DEAD)
-        self._forget_dead = client.register_script(FORGET_DEAD)
         self._tidy = client.register_script(TIDY)
+        self._scripts = {
+            kind.hash: tuple(client.register_script(script) for script in kind.scripts)
+            for kind in (_WRITES, _DEAD)
+        }
 
     async def run(self, bounded: Bounded) -> int:
         """One pass; returns how many writes and dead letters it moved. Each Redis call is
@@ -253,8 +274,8 @@ class Migration:
             return 0
         moved = 0
         for _ in range(PASSES):
-            moved += await self._each(bounded, source, own, "values", self._move)
-            moved += await self._each(bounded, source, own, "dead", self._move_dead)
+            moved += await self._each(bounded, source, own, _WRITES)
+            moved += await self._each(bounded, source, own, _DEAD)
             if own is not None:
                 break
             async with bounded("migrate"):
@@ -262,72 +283,45 @@ class Migration:
                     break
         return moved
 
-    async def _each(
-        self, bounded: Bounded, source: Layout, own: int | None, name: str, move: Any
-    ) -> int:
-        """``move`` the fields of ``source``'s hash ``name`` that belong in another shard, a
-        batch at a time."""
+    async def _each(self, bounded: Bounded, source: Layout, own: int | None, kind: _Kind) -> int:
+        """Move the writes (or dead letters) of ``source`` that belong in another shard, a
+        batch at a time; returns how many."""
         moved, cursor = 0, 0
         while True:
             async with bounded("migrate"):
-                cursor, found = await self._client.hscan(source[name], cursor, count=BATCH)
+                cursor, found = await self._client.hscan(source[kind.hash], cursor, count=BATCH)
             keys = [cast(bytes, key).decode() for key in found]
             keys = [key for key in keys if own is None or self._shard_of(key) != own]
             if keys:
-                moved += await move(bounded, source, keys)
+                moved += await self._move(bounded, source, kind, keys)
             if cursor == 0:
                 return moved
 
     def _shard_of(self, key: str) -> int:
         return shard_of(key, len(self._shards))
 
-    async def _move(self, bounded: Bounded, source: Layout, keys: list[str]) -> int:
+    async def _move(self, bounded: Bounded, source: Layout, kind: _Kind, keys: list[str]) -> int:
+        """peek (source), adopt (each target shard, at once), then forget (source)."""
+        peek, adopt, forget = self._scripts[kind.hash]
         async with bounded("migrate"):
-            flat = await self._peek(keys=source.keys(*_WRITE), args=keys)
+            flat = await peek(keys=source.keys(*kind.source), args=keys)
         by_shard: dict[int, list[Any]] = {}
-        forget: list[Any] = []
-        for i in range(0, len(flat), 7):
+        forgotten: list[Any] = []
+        for i in range(0, len(flat), kind.width):
             key = flat[i].decode()
-            by_shard.setdefault(self._shard_of(key), []).extend([key, *flat[i + 1 : i + 7]])
-            forget += [key, flat[i + 2]]
-        if not forget:
+            by_shard.setdefault(self._shard_of(key), []).extend(flat[i : i + kind.width])
+            # What the forget compares: the seq copied, or the dead letter itself.
+            forgotten += [key, flat[i + kind.token]]
+        if not forgotten:
             return 0
         async with bounded("migrate"):
             await asyncio.gather(
                 *(
-                    self._adopt(
-                        keys=self._shards[i].keys(*_WRITE, "adopted"),
-                        args=[MARKS_FOR_MS, *writes],
-                    )
-                    for i, writes in by_shard.items()
+                    adopt(keys=self._shards[i].keys(*kind.target), args=[MARKS_FOR_MS, *found])
+                    for i, found in by_shard.items()
                 )
             )
         # Only once every shard has them: a write is never in neither place.
         async with bounded("migrate"):
-            await self._forget(keys=source.keys(*_WRITE), args=forget)
-        return len(forget) // 2
-
-    async def _move_dead(self, bounded: Bounded, source: Layout, keys: list[str]) -> int:
-        async with bounded("migrate"):
-            flat = await self._peek_dead(keys=source.keys("dead", "corpses"), args=keys)
-        by_shard: dict[int, list[Any]] = {}
-        forget: list[Any] = []
-        for i in range(0, len(flat), 3):
-            key = flat[i].decode()
-            by_shard.setdefault(self._shard_of(key), []).extend([key, flat[i + 1], flat[i + 2]])
-            forget += [key, flat[i + 1]]
-        if not forget:
-            return 0
-        async with bounded("migrate"):
-            await asyncio.gather(
-                *(
-                    self._adopt_dead(
-                        keys=self._shards[i].keys("values", "dead", "corpses", "adopted"),
-                        args=[MARKS_FOR_MS, *letters],
-                    )
-                    for i, letters in by_shard.items()
-                )
-            )
-        async with bounded("migrate"):
-            await self._forget_dead(keys=source.keys("dead", "corpses"), args=forget)
-        return len(forget) // 2
+            await forget(keys=source.keys(*kind.source), args=forgotten)
+        return len(forgotten) // 2

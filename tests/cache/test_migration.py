@@ -1,48 +1,27 @@
 """A queue left by an older cachecar (one slot, ``{wb}``) is drained into the shards: nothing
 lost, nothing sent twice over a newer write, dead letters kept, whoever migrates and however
-often; on fakeredis, the real Redis and the session's three-master Cluster (where the old slot
-and the shards' are on different masters)."""
+often; on fakeredis, the real Redis, the session's three-master Cluster (where the old slot
+and the shards' are on different masters) and behind Sentinel."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
-import fakeredis
 import pytest
-from redis.asyncio import Redis
 
 from cache.clock import Clock
-from cache.redis.tier import RedisClient, client_from_url
+from cache.redis.tier import RedisClient
 from cache.write_behind.migration import Migration
 from cache.write_behind.queue import MIGRATE_EVERY, WriteQueue
 from cache.write_behind.records import dump
 from cache.write_behind.scripts import CLAIM, ENQUEUE, FAIL
 from cache.write_behind.shards import Layout, single_slot
 from tests.cache.test_queue import LEASE, put
-from tests.conftest import deployment_of
 from tests.fakes import FakeClock
-from tests.redis_keys import drop_prefix
 
 SHARDS = 4
-
-
-@pytest.fixture(params=["fakeredis", "redis", "cluster"])
-async def client(request: pytest.FixtureRequest, key_prefix: str) -> AsyncIterator[RedisClient]:
-    found: RedisClient
-    if request.param == "fakeredis":
-        found = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
-    elif request.param == "redis":
-        found = Redis.from_url(request.getfixturevalue("redis_url"))
-    else:
-        found = client_from_url(deployment_of(request, "cluster").url, timeout=2.0)
-    try:
-        yield found
-    finally:
-        await drop_prefix(found, key_prefix)
-        await found.aclose()
 
 
 class OldQueue:
@@ -169,7 +148,8 @@ async def test_a_migration_cut_short_is_finished_by_the_next_without_loss(
     async def die(*args: object, **kwargs: object) -> None:
         raise ConnectionError("killed")
 
-    monkeypatch.setattr(dying._migration, "_forget", die)
+    peek, adopt, _ = dying._migration._scripts["values"]
+    monkeypatch.setitem(dying._migration._scripts, "values", (peek, adopt, die))
     with pytest.raises(Exception, match="killed"):
         await dying.stats()
     survivor = new_queue(client, key_prefix, clock)
@@ -202,7 +182,7 @@ async def test_a_migrator_that_read_a_write_before_another_moved_it_never_sends_
     await old.enqueue("k:1", b"old")
     stalled = new_queue(client, key_prefix, clock)
     migration: Migration = stalled._migration
-    adopt = migration._adopt
+    peek, adopt, forget = migration._scripts["values"]
     peeked, release = asyncio.Event(), asyncio.Event()
 
     async def slow_adopt(**kwargs: Any) -> Any:
@@ -210,7 +190,7 @@ async def test_a_migrator_that_read_a_write_before_another_moved_it_never_sends_
         await release.wait()
         return await adopt(**kwargs)
 
-    migration._adopt = slow_adopt  # type: ignore[assignment]
+    migration._scripts["values"] = (peek, slow_adopt, forget)  # type: ignore[assignment]
     stalling = asyncio.create_task(stalled.stats())
     await peeked.wait()
 

@@ -4,11 +4,10 @@ Cluster (every script's keys in one slot, or the cluster refuses it) and behind 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import fakeredis
 import pytest
-from redis.asyncio import Redis
 
 from cache.breaker import Breaker, Guard
 from cache.entry import Entry
@@ -17,10 +16,8 @@ from cache.redis.tier import RedisClient, client_from_url
 from cache.write_behind.queue import WriteQueue
 from cache.write_behind.records import Queued, QueuedWrite
 from cache.write_behind.shards import DEFAULT_SHARDS, shard_of
-from tests.conftest import deployment_of
 from tests.fakes import FakeClock
 from tests.ports import free_port
-from tests.redis_keys import drop_prefix
 
 LEASE = 10.0
 
@@ -28,22 +25,6 @@ LEASE = 10.0
 def put(key: str, body: bytes) -> QueuedWrite:
     entry = Entry(200, (("Content-Type", "application/json"),), body, 1_700_000_000.0, 60.0)
     return QueuedWrite(key, "PUT", f"/{key.replace(':', '/')}", entry)
-
-
-@pytest.fixture(params=["fakeredis", "redis", "cluster", "sentinel"])
-async def client(request: pytest.FixtureRequest, key_prefix: str) -> AsyncIterator[RedisClient]:
-    found: RedisClient
-    if request.param == "fakeredis":
-        found = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
-    elif request.param == "redis":
-        found = Redis.from_url(request.getfixturevalue("redis_url"))
-    else:  # built from its URL, as cachecar builds it
-        found = client_from_url(deployment_of(request, request.param).url, timeout=2.0)
-    try:
-        yield found
-    finally:
-        await drop_prefix(found, key_prefix)
-        await found.aclose()
 
 
 def queue_on(

@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import zlib
 from collections import Counter
-from collections.abc import AsyncIterator
 
-import fakeredis
 import pytest
-from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 from cache.redis.tier import RedisClient, client_from_url
@@ -19,22 +16,6 @@ from tests.cache.test_queue import LEASE, put
 from tests.conftest import deployment_of
 from tests.fakes import FakeClock
 from tests.redis_keys import drop_prefix
-
-
-@pytest.fixture(params=["fakeredis", "redis", "cluster"])
-async def client(request: pytest.FixtureRequest, key_prefix: str) -> AsyncIterator[RedisClient]:
-    found: RedisClient
-    if request.param == "fakeredis":
-        found = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
-    elif request.param == "redis":
-        found = Redis.from_url(request.getfixturevalue("redis_url"))
-    else:
-        found = client_from_url(deployment_of(request, "cluster").url, timeout=2.0)
-    try:
-        yield found
-    finally:
-        await drop_prefix(found, key_prefix)
-        await found.aclose()
 
 
 def sharded(client: RedisClient, key_prefix: str, clock: FakeClock, shards: int) -> WriteQueue:

@@ -18,11 +18,27 @@ from cache.clock import SystemClock
 from cache.redis.tier import client_from_url
 from cache.write_behind.shards import DEFAULT_SHARDS, shard_of
 from tests.cache.test_migration import OldQueue
-from tests.e2e.conftest import Spawn, start_origin, start_proxy, until, write_config
+from tests.e2e.conftest import Config, Spawn, start_origin, start_proxy, until, write_config
 from tests.redis_keys import drop_prefix
 from tests.redis_servers import Deployment
 
 TOKEN = "cluster-token"
+
+
+def cluster_config(tmp_path: Path, origin: str, cluster: Deployment, key_prefix: str) -> Config:
+    """One write-behind route on the cluster, under this test's key prefix and channel."""
+    return write_config(
+        tmp_path / "c.yaml",
+        origin,
+        l2=cluster.url,
+        key_prefix=key_prefix,
+        mode="write-behind",
+        admin_token=TOKEN,
+        extra=(
+            f'coherence: {{channel: "{key_prefix}invalidate"}}\n'
+            "write_behind: {flush_interval: 100ms}\n"
+        ),
+    )
 
 
 async def test_serve_on_a_cluster_reads_writes_behind_and_purges(
@@ -32,18 +48,7 @@ async def test_serve_on_a_cluster_reads_writes_behind_and_purges(
     assert isinstance(cluster, RedisCluster)
     origin = await start_origin(spawn)
     await origin.put("/users/1", {"name": "ada"})
-    config = write_config(
-        tmp_path / "c.yaml",
-        origin.url,
-        l2=redis_cluster.url,
-        key_prefix=key_prefix,
-        mode="write-behind",
-        admin_token=TOKEN,
-        extra=(
-            f'coherence: {{channel: "{key_prefix}invalidate"}}\n'
-            "write_behind: {flush_interval: 100ms}\n"
-        ),
-    )
+    config = cluster_config(tmp_path, origin.url, redis_cluster, key_prefix)
     try:
         async with aiohttp.ClientSession() as session:
 
@@ -106,17 +111,7 @@ async def test_a_queue_left_by_an_older_cachecar_reaches_the_origin_from_the_sha
     for path, body in written.items():
         await old.enqueue(path.strip("/").replace("/", ":"), body)
     origin = await start_origin(spawn)
-    config = write_config(
-        tmp_path / "c.yaml",
-        origin.url,
-        l2=redis_cluster.url,
-        key_prefix=key_prefix,
-        mode="write-behind",
-        extra=(
-            f'coherence: {{channel: "{key_prefix}invalidate"}}\n'
-            "write_behind: {flush_interval: 100ms}\n"
-        ),
-    )
+    config = cluster_config(tmp_path, origin.url, redis_cluster, key_prefix)
     try:
         proxy = await start_proxy(spawn, config)
         async with aiohttp.ClientSession() as session:
