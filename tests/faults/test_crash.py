@@ -18,7 +18,7 @@ import itertools
 import json
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -145,8 +145,14 @@ async def crash_mid_load(
 
 
 async def _crash(
-    spawn: Spawn, origin: str, first_config: Config, config: Config, keys_each: int
+    spawn: Spawn,
+    origin: str,
+    first_config: Config,
+    config: Config,
+    keys_each: int,
+    after_kill: Callable[[], Awaitable[None]] | None = None,
 ) -> CrashRun:
+    """``after_kill``: looks at what the killed process left, before the restart."""
     first = await start_proxy(spawn, first_config, "first")
 
     acked: dict[str, list[bytes]] = {}
@@ -183,6 +189,8 @@ async def _crash(
         stopping = True
         await asyncio.wait_for(asyncio.gather(*writers), timeout=10)
         assert refused == [], refused[:3]
+        if after_kill is not None:
+            await after_kill()
 
         restarted = await start_proxy(spawn, config, "restarted")
         depth_at_restart = (await queue_state(session, restarted.admin))["queue_depth"]
@@ -285,15 +293,27 @@ async def test_after_a_kill_9_mid_write_reads_agree_with_the_origin_once_drained
 async def test_on_a_cluster_a_kill_9_mid_flush_loses_nothing_and_keeps_each_keys_order(
     spawn: Spawn, tmp_path: Path, redis_cluster: Deployment, key_prefix: str
 ) -> None:
-    """The queue sharded over the session's three masters: the killed process held leases on
-    keys of every shard; the restarted one sends them once they run out, each key's writes in
-    order (each key lives in one shard, whichever master that is)."""
-    origin = await start_origin(spawn, db=tmp_path / "origin.sqlite")
+    """The queue sharded over the session's three masters. The origin takes 50 ms a write, so
+    the flusher always has a batch on its way: the killed process held leases on keys of
+    several shards, which the restarted one sends once they run out, each key's writes in order
+    (each key lives in one shard, whichever master that is)."""
+    origin = await start_origin(spawn, latency="50ms", db=tmp_path / "origin.sqlite")
     config = wb_config(tmp_path / "c.yaml", origin.url, redis_cluster.url, key_prefix)
     cluster = client_from_url(redis_cluster.url, timeout=2.0)
     assert isinstance(cluster, RedisCluster)
     try:
-        run = await _crash(spawn, origin.url, config, config, KEYS_EACH)
+        leased = 0
+
+        async def count_leased() -> None:
+            # A key leased to the killed flusher is due a lease (3.2 s) from its claim; one in
+            # its coalescing window, at most 200 ms from its write.
+            nonlocal leased
+            due_after = (time.time() + 1.0) * 1000
+            for shard in range(DEFAULT_SHARDS):
+                ready = f"{key_prefix}{{wb:{shard}}}:ready"
+                leased += await cluster.zcount(ready, due_after, "+inf")
+
+        run = await _crash(spawn, origin.url, config, config, KEYS_EACH, count_leased)
         masters = {
             str(cluster.get_node_from_key(f"{key_prefix}{{wb:{shard}}}:seq"))
             async for shard in _written_shards(cluster, key_prefix)
@@ -303,6 +323,7 @@ async def test_on_a_cluster_a_kill_9_mid_flush_loses_nothing_and_keeps_each_keys
         await cluster.aclose()
     assert sum(len(bodies) for bodies in run.acked.values()) > 0
     assert run.depth_at_kill > 0
+    assert leased > 0  # killed mid-flush: it held keys it was sending
     assert run.lost() == [], run.lost()[:3]
     assert run.backwards() == {}, list(run.backwards().items())[:3]
     assert run.dead_letters == []
