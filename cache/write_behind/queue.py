@@ -65,8 +65,8 @@ import dataclasses
 import json
 import logging
 import math
-from collections.abc import Sequence
-from typing import Any, cast
+from collections.abc import Awaitable, Sequence
+from typing import Any, TypeVar, cast
 
 from cache.breaker import Guard
 from cache.clock import Clock
@@ -92,6 +92,7 @@ logger = logging.getLogger("cachecar.write_behind")
 # Seconds between looks for a single-slot queue that an older cachecar still running writes to.
 MIGRATE_EVERY = 60.0
 
+T = TypeVar("T")
 # Shards a claim asks at once: a backlog fills a batch from this many, a claim and an ack each.
 SPREAD = 4
 _FAIL_KEYS = ("ready", "values", "seqs", "since", "tries", "dead", "corpses", "unsettled")
@@ -142,10 +143,6 @@ class WriteQueue:
         self._fail = client.register_script(FAIL)
         self._replay = client.register_script(REPLAY)
 
-    @property
-    def shards(self) -> int:
-        return len(self._shards)
-
     def _shard(self, key: str) -> int:
         return shard_of(key, len(self._shards))
 
@@ -156,9 +153,8 @@ class WriteQueue:
         return round(self._clock.time() * 1000)
 
     async def _migrated(self, op: str) -> None:
-        """Before the first call, and once a ``MIGRATE_EVERY`` after: drain a single-slot
-        queue into the shards. No write goes to a shard before that, so every shard's seq is
-        above the old queue's first."""
+        """Before the first call, and every ``MIGRATE_EVERY`` after: ``Migration.run``. No
+        write goes to a shard before, so every shard's seq is above the former queue's."""
         now = self._clock.time()
         if self._migrated_at is not None and now - self._migrated_at < MIGRATE_EVERY:
             return
@@ -215,12 +211,10 @@ class WriteQueue:
         ``early`` also takes keys due within that many seconds (a stop flushes keys still in
         their coalescing window; keys leased elsewhere or backing off longer stay).
 
-        The shards are asked ``SPREAD`` at a time, from a turn that moves on by one each call,
-        each for its part of what the batch still lacks; then the shards that gave all they were
-        asked for, or were not asked (a batch smaller than ``SPREAD``), in turn, for the rest.
-        A backlog fills a batch from a few shards (a claim and an ack per shard is what a batch
-        costs), and each shard is among the first asked in ``SPREAD`` of every ``shards`` calls:
-        none starves. A shard that fails (its master down) is passed over while others answer.
+        Shards are asked ``SPREAD`` at a time from a turn that moves on by one each call, each
+        for its part of what the batch lacks; then those that may have more, in turn. A backlog
+        fills a batch from few shards (each costs a claim and an ack); each shard is among the
+        first asked in ``SPREAD`` of every ``shards`` calls. A failing shard is passed over.
         """
         await self._migrated("claim")
         now = self._now_ms()
@@ -240,19 +234,14 @@ class WriteQueue:
             asked = [(shard, share + (i < extra)) for i, shard in enumerate(group)]
             more += [shard for shard, wanted in asked if not wanted]  # a batch smaller than it
             asked = [(shard, wanted) for shard, wanted in asked if wanted]
-            answers = await asyncio.gather(
-                *(self._claim_from(shard, wanted, *args) for shard, wanted in asked),
-                return_exceptions=True,
-            )
+            answers = await _tolerant([self._claim_from(s, wanted, *args) for s, wanted in asked])
             for (shard, wanted), answer in zip(asked, answers, strict=True):
                 if isinstance(answer, Exception):
                     failure = answer
-                elif isinstance(answer, BaseException):
-                    raise answer  # cancelled
-                else:
-                    claims += answer
-                    if len(answer) == wanted:
-                        more.append(shard)
+                    continue
+                claims += answer
+                if len(answer) == wanted:
+                    more.append(shard)
         for shard in more:
             if len(claims) >= limit:
                 break
@@ -371,7 +360,9 @@ class WriteQueue:
         return bool(gone == 1)
 
     async def replay(self) -> list[str]:
-        """Queue every dead letter again (tries reset); returns the keys queued."""
+        """Queue every dead letter again (tries reset); returns the keys queued. A shard that
+        fails keeps its dead letters (logged); the keys the others queued are still returned,
+        for the caches to drop them: only when every shard fails is the error raised."""
         await self._migrated("replay")
         now = self._now_ms()
 
@@ -385,8 +376,13 @@ class WriteQueue:
                 )
             return [key.decode() for key in replayed]
 
-        answers = await asyncio.gather(*(replay_shard(s) for s in range(len(self._shards))))
-        return [key for answer in answers for key in answer]
+        answers = await _tolerant([replay_shard(s) for s in range(len(self._shards))])
+        failures = [answer for answer in answers if isinstance(answer, Exception)]
+        if len(failures) == len(answers):
+            raise failures[0]
+        if failures:
+            logger.warning("write-behind: %d shard(s) not replayed: %s", len(failures), failures[0])
+        return [key for answer in answers if not isinstance(answer, Exception) for key in answer]
 
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
         """Up to ``limit`` dead letters, the oldest first, of every shard."""
@@ -446,3 +442,12 @@ class WriteQueue:
 
 def _letter(letter: DeadLetter) -> str:
     return json.dumps(dataclasses.asdict(letter))
+
+
+async def _tolerant(calls: Sequence[Awaitable[T]]) -> list[T | Exception]:
+    """Each call's answer, or the error it raised, all made at once (a cancellation raises)."""
+    answers = await asyncio.gather(*calls, return_exceptions=True)
+    for answer in answers:
+        if isinstance(answer, BaseException) and not isinstance(answer, Exception):
+            raise answer
+    return cast(list[T | Exception], answers)

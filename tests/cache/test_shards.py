@@ -126,3 +126,23 @@ async def test_on_a_cluster_the_queue_spreads_over_every_master(
     finally:
         await drop_prefix(cluster, key_prefix)
         await cluster.aclose()
+
+
+async def test_a_failing_shard_holds_up_only_its_own_keys(
+    client: RedisClient, key_prefix: str, clock: FakeClock
+) -> None:
+    """A shard whose keys are not the queue's (WRONGTYPE: any Redis error of one shard, a
+    master down) leaves the others' claims and replays going."""
+    queue = sharded(client, key_prefix, clock, 4)
+    for shard in (0, 1, 2):
+        await queue.enqueue(put(keys_in(shard, 4, 1)[0], b"x"))
+    for claim in await queue.claim(4, LEASE):
+        await queue.fail(claim, "refused", retry_in=None)
+    for shard in (0, 1):
+        await queue.enqueue(put(keys_in(shard, 4, 1, start=1000)[0], b"x"))
+    broken = shard_layouts(key_prefix, 4)[2]
+    await client.set(broken["ready"], b"not a sorted set")
+    await client.set(broken["corpses"], b"not a hash")
+    claims = await queue.claim(4, LEASE)
+    assert sorted(shard_of(claim.write.key, 4) for claim in claims) == [0, 1]
+    assert sorted(shard_of(key, 4) for key in await queue.replay()) == [0, 1]
