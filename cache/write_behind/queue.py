@@ -130,7 +130,7 @@ class WriteQueue:
         self._migration = Migration(client, key_prefix, self._shards)
         self._migrated_at: float | None = None
         self._migrating = asyncio.Lock()
-        self._turn = 0  # the shard first in line for a claim's remainder, rotating
+        self._turn = 0  # the shard a claim asks first: one further each claim
         self._enqueue = client.register_script(ENQUEUE)
         self._commits = GroupCommit(
             self._commit,
@@ -245,7 +245,10 @@ class WriteQueue:
         for shard in more:
             if len(claims) >= limit:
                 break
-            claims += await self._claim_from(shard, limit - len(claims), *args)
+            try:
+                claims += await self._claim_from(shard, limit - len(claims), *args)
+            except CacheError as exc:
+                failure = exc
         if failure is not None:
             if not claims:
                 raise failure
@@ -305,26 +308,17 @@ class WriteQueue:
         for i, claim in enumerate(claims):
             by_shard.setdefault(self._shard(claim.write.key), []).append(i)
 
-        async def ack_shard(shard: int, which: list[int]) -> list[int]:
+        async def ack_shard(shard: int, which: list[int]) -> None:
             args: list[Any] = [now, now + self._window_ms]
             for i in which:
                 args += [claims[i].write.key, claims[i].seq, claims[i].lease]
+            keys = self._k(shard, "ready", "values", "seqs", "since", "tries", "unsettled")
             async with self._bounded("ack"):
-                return cast(
-                    list[int],
-                    await self._ack(
-                        keys=self._k(
-                            shard, "ready", "values", "seqs", "since", "tries", "unsettled"
-                        ),
-                        args=args,
-                    ),
-                )
+                for i, result in zip(which, await self._ack(keys=keys, args=args), strict=True):
+                    done[i] = result
 
-        answers = await asyncio.gather(*(ack_shard(s, which) for s, which in by_shard.items()))
         done = [0] * len(claims)
-        for which, answer in zip(by_shard.values(), answers, strict=True):
-            for i, result in zip(which, answer, strict=True):
-                done[i] = result
+        await asyncio.gather(*(ack_shard(s, which) for s, which in by_shard.items()))
         for claim, result in zip(claims, done, strict=True):
             if result == -1:
                 logger.warning("write-behind: lost the lease of %r before its ack", claim.write.key)
