@@ -31,7 +31,7 @@ from prometheus_client.exposition import choose_encoder
 from cache.breaker import Guard
 from cache.errors import CacheError, CircuitOpen, TierError, TierUnavailable
 from cache.redis.tier import RedisTier
-from cache.write_behind.queue import describe
+from cache.write_behind.records import describe
 from proxy.app import RUNTIME, Runtime
 from proxy.stats import coherence_state
 

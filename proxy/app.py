@@ -252,6 +252,7 @@ def _write_behind(
         # Writes of a key within one interval become one origin write.
         coalesce_for=config.flush_interval,
         guard=guard,
+        shards=config.shards,
     )
     flusher = Flusher(
         queue,

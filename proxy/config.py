@@ -224,6 +224,10 @@ def _describe(error: ErrorDetails) -> str:
         bound = ctx.get("ge", ctx.get("gt"))
         relation = "at least" if kind == "greater_than_equal" else "more than"
         return f"{path}: {value!r} must be {relation} {bound}"
+    if kind in {"less_than_equal", "less_than"}:
+        bound = ctx.get("le", ctx.get("lt"))
+        relation = "at most" if kind == "less_than_equal" else "less than"
+        return f"{path}: {value!r} must be {relation} {bound}"
     base = kind.split("_")[0] if not kind.startswith("model_attributes") else "model_attributes"
     if base in _TYPE_NAMES:
         return f"{path}: expected {_TYPE_NAMES[base]}, got {value!r}"

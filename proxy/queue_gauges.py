@@ -2,7 +2,8 @@
 
 The queue lives in Redis and every replica sees all of it, so its depth, the age of its oldest
 pending write and its dead letters are not counted here: they are read (``refresh``, before each
-scrape or snapshot, bounded by the queue's own timeout). A read that fails keeps the last figures,
+scrape or snapshot, bounded by the queue's own timeout), summed over the queue's shards (the
+oldest write of them all) in one pipeline. A read that fails keeps the last figures,
 sets ``cachecar_write_behind_queue_readable`` to 0, and is logged once per outage.
 """
 

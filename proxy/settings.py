@@ -28,6 +28,7 @@ from yarl import URL
 
 from cache.redis.client import parse_redis_url
 from cache.tier import MAX_VARIANTS
+from cache.write_behind.shards import DEFAULT_SHARDS, MAX_SHARDS
 from proxy.headers import CREDENTIALS, HOP_BY_HOP
 from proxy.templates import KeyTemplate, PathTemplate, TemplateError
 from proxy.units import format_duration, format_size, parse_duration, parse_size
@@ -193,6 +194,9 @@ class WriteBehindSettings(_Section):
     backoff: BackoffSettings = BackoffSettings()
     max_pending: int = Field(1_000_000, ge=1)
     timeout: PositiveDuration = 1.0
+    # The queue's slots: on a Redis Cluster they spread over the masters (see
+    # cache.write_behind.shards for the default).
+    shards: int = Field(DEFAULT_SHARDS, ge=1, le=MAX_SHARDS)
 
 
 MAX_TAGS = 16  # per route: each is one more Redis set written with every fill

@@ -1,21 +1,31 @@
 """The write-behind queue: durable in Redis, coalesced per key, leased to one flusher at a time.
 
-Layout (every key shares the hash tag ``{wb}``, so each script touches one Cluster slot)::
+The queue is ``shards`` queues side by side (``cache.write_behind.shards``): a key's writes all
+go to the shard ``crc32(key) % shards``, whose keys share the hash tag ``{wb:i}``, so each script
+touches one Redis Cluster slot, and on a Cluster the shards spread over the masters. A shard's
+layout::
 
-    {prefix}{wb}:seq      string  the last sequence number given to a write (INCR)
-    {prefix}{wb}:values   hash    key -> the newest unflushed write (``QueuedWrite`` bytes)
-    {prefix}{wb}:seqs     hash    key -> that write's sequence number
-    {prefix}{wb}:ready    zset    key -> when it may be claimed next (ms): now + coalesce_for
-                                  for a fresh write, now + lease while a flusher holds it,
-                                  now + backoff after a failure
-    {prefix}{wb}:since    zset    key -> when its oldest unflushed write was acknowledged (ms)
-    {prefix}{wb}:tries    hash    key -> failed attempts of its pending write (a write coalesced
-                                  into it keeps them: an outage's backoff is not restarted)
-    {prefix}{wb}:dead     hash    key -> dead letter: JSON (key, method, path, attempts,
-                                  last_error, failed_at)
-    {prefix}{wb}:corpses  hash    key -> the dead write's bytes, for replay
-    {prefix}{wb}:unsettled hash   key -> the sequence number of its newest write while the tiers
-                                  may not hold it yet (see below)
+    {prefix}{wb:i}:seq      string  the last sequence number given to a write of the shard
+    {prefix}{wb:i}:values   hash    key -> the newest unflushed write (``QueuedWrite`` bytes)
+    {prefix}{wb:i}:seqs     hash    key -> that write's sequence number
+    {prefix}{wb:i}:ready    zset    key -> when it may be claimed next (ms): now + coalesce_for
+                                    for a fresh write, now + lease while a flusher holds it,
+                                    now + backoff after a failure
+    {prefix}{wb:i}:since    zset    key -> when its oldest unflushed write was acknowledged (ms)
+    {prefix}{wb:i}:tries    hash    key -> failed attempts of its pending write (a write
+                                    coalesced into it keeps them: a backoff is not restarted)
+    {prefix}{wb:i}:dead     hash    key -> dead letter: JSON (key, method, path, attempts,
+                                    last_error, failed_at)
+    {prefix}{wb:i}:corpses  hash    key -> the dead write's bytes, for replay
+    {prefix}{wb:i}:unsettled hash   key -> the seq of its newest write while the tiers may not
+                                    hold it yet (see below)
+    {prefix}{wb:i}:adopted  hash    marks of what ``cache.write_behind.migration`` moved in
+    {prefix}{wb}:shards     string  the shard count the queue is laid out in
+
+A sequence number orders the writes of one key (L2 keeps the highest it was given, and the ack
+compares it): a key lives in one shard, so a counter per shard is enough. Each shard's counter
+starts above the older single-slot queue's (the migration raises it), so a key written before
+the upgrade is not refused by L2 after it.
 
     enqueue  -> values/seqs replaced (a newer write coalesces an unflushed one);
                 ready NX now + coalesce_for: the key's coalescing window; unsettled = seq
@@ -37,9 +47,10 @@ process that dies in between leaves the tiers holding an older value. Its write 
 unsettled, and the flusher that sends it has the key dropped from the tiers before the ack:
 the old value cannot outlive the write's arrival at the origin.
 
-Every step is one Lua script, so a crash between two steps leaves the queue consistent: a
-claimed key whose holder died becomes ready again when its lease runs out. Times come from the
-caller's clock (injected); replicas' clocks only need to agree to well within a lease.
+Every step is one Lua script on one shard, so a crash between two steps leaves the queue
+consistent: a claimed key whose holder died becomes ready again when its lease runs out (how a
+claim shares a batch among the shards: ``WriteQueue.claim``). Times come from the caller's
+clock (injected); replicas' clocks only need to agree to well within a lease.
 
 Every call goes through the process's L2 ``guard``: while the L2 breaker is open each one is
 refused at once with ``CircuitOpen`` (Redis not asked), so a write is refused without waiting
@@ -53,14 +64,17 @@ import contextlib
 import dataclasses
 import json
 import logging
-from collections.abc import Sequence
-from typing import Any, cast
+import math
+from collections.abc import Awaitable, Sequence
+from typing import Any, TypeVar, cast
 
 from cache.breaker import Guard
 from cache.clock import Clock
-from cache.errors import CorruptEntry, QueueFull
+from cache.errors import CacheError, CorruptEntry
 from cache.redis.client import check_client
 from cache.redis.tier import RedisClient, bounded, close_quietly, connect_quietly
+from cache.write_behind.commit import GroupCommit, Settled
+from cache.write_behind.migration import Migration
 from cache.write_behind.records import (
     Claim,
     DeadLetter,
@@ -71,11 +85,18 @@ from cache.write_behind.records import (
     load,
 )
 from cache.write_behind.scripts import ACK, CLAIM, ENQUEUE, FAIL, REPLAY
+from cache.write_behind.shards import DEFAULT_SHARDS, shard_layouts, shard_of
 
 logger = logging.getLogger("cachecar.write_behind")
 
-# Writes one enqueue call takes at most: the script runs alone in Redis, so it stays short.
-COMMIT_MAX = 256
+# Seconds between looks for a single-slot queue that an older cachecar still running writes to.
+MIGRATE_EVERY = 60.0
+
+T = TypeVar("T")
+# Shards a claim asks at once: a backlog fills a batch from this many, a claim and an ack each.
+SPREAD = 4
+_FAIL_KEYS = ("ready", "values", "seqs", "since", "tries", "dead", "corpses", "unsettled")
+_ENQUEUE_KEYS = ("seq", "values", "seqs", "ready", "since", "dead", "corpses", "unsettled")
 
 
 class WriteQueue:
@@ -91,45 +112,57 @@ class WriteQueue:
         max_pending: int = 0,
         coalesce_for: float = 0.0,
         guard: Guard | None = None,
+        shards: int = DEFAULT_SHARDS,
     ) -> None:
-        """``guard``: the process's L2 breaker (one shared by every L2 caller)."""
+        """``guard``: the process's L2 breaker (one shared by every L2 caller).
+        ``max_pending`` is shared evenly by the shards: each refuses new keys past its part."""
         check_client(client, "queue's")
         if timeout <= 0:
             raise ValueError("the queue timeout must be positive")
         self._client = client
         self._timeout = timeout
         self._clock = clock
+        self._shards = shard_layouts(key_prefix, shards)
         self._max_pending = max_pending
+        self._shard_max = math.ceil(max_pending / shards)
         self._window_ms = round(coalesce_for * 1000)
         self._guard = guard or Guard()
-        names = (
-            "seq",
-            "values",
-            "seqs",
-            "ready",
-            "since",
-            "tries",
-            "dead",
-            "corpses",
-            "unsettled",
-        )
-        self._keys = {name: f"{key_prefix}{{wb}}:{name}" for name in names}
+        self._migration = Migration(client, key_prefix, self._shards)
+        self._migrated_at: float | None = None
+        self._migrating = asyncio.Lock()
+        self._turn = 0  # the shard a claim asks first: one further each claim
         self._enqueue = client.register_script(ENQUEUE)
-        # The group commit: writes waiting for the next enqueue call, settled writes to report
-        # with it, and the task making it.
-        self._waiting: list[tuple[QueuedWrite, asyncio.Future[Queued]]] = []
-        self._settled: list[tuple[str, int]] = []
-        self._committing: asyncio.Task[None] | None = None
+        self._commits = GroupCommit(
+            self._commit,
+            self._shard,
+            lambda: self._migrated("enqueue"),
+            f"{max_pending} keys are waiting for the origin",
+        )
         self._claim = client.register_script(CLAIM)
         self._ack = client.register_script(ACK)
         self._fail = client.register_script(FAIL)
         self._replay = client.register_script(REPLAY)
 
-    def _k(self, *names: str) -> list[str]:
-        return [self._keys[name] for name in names]
+    def _shard(self, key: str) -> int:
+        return shard_of(key, len(self._shards))
+
+    def _k(self, shard: int, *names: str) -> list[str]:
+        return self._shards[shard].keys(*names)
 
     def _now_ms(self) -> int:
         return round(self._clock.time() * 1000)
+
+    async def _migrated(self, op: str) -> None:
+        """Before the first call, and every ``MIGRATE_EVERY`` after: ``Migration.run``. No
+        write goes to a shard before, so every shard's seq is above the former queue's."""
+        now = self._clock.time()
+        if self._migrated_at is not None and now - self._migrated_at < MIGRATE_EVERY:
+            return
+        async with self._migrating:
+            if self._migrated_at is not None and now - self._migrated_at < MIGRATE_EVERY:
+                return
+            await self._migration.run(lambda _: self._bounded(op))
+            self._migrated_at = now
 
     async def enqueue(self, write: QueuedWrite) -> Queued:
         """Make ``write`` durable; says its sequence number and whether it coalesced.
@@ -141,90 +174,35 @@ class WriteQueue:
         acknowledged; ``CircuitOpen``: Redis was not even asked, the breaker is open) and
         ``QueueFull`` past ``max_pending`` keys.
 
-        Writes that arrive while an enqueue call is under way go together in the next one (a
-        group commit): a script call costs the event loop far more than the bytes of a write,
-        so under load one call carries many writes. Each write is answered once Redis has it.
+        Writes that arrive while an enqueue call is under way go together in the next one
+        (``cache.write_behind.commit``). Each write is answered once Redis has it.
         """
-        taken: asyncio.Future[Queued] = asyncio.get_running_loop().create_future()
-        self._waiting.append((write, taken))
-        self._commit_soon()
-        return await taken
+        return await self._commits.add(write)
 
     def settled(self, key: str, seq: int) -> None:
         """The tiers hold write ``seq`` of ``key`` (or a newer one): it is settled. Sent with
         the next enqueue call; lost with the process, which costs the key one needless drop
         from the tiers when it is flushed."""
-        self._settled.append((key, seq))
-        self._commit_soon()
+        self._commits.settle(key, seq)
 
-    def _commit_soon(self) -> None:
-        if self._committing is None:
-            self._committing = asyncio.create_task(self._commit())
-
-    async def _commit(self) -> None:
-        """Send the waiting writes and settlements, one call at a time, until none wait."""
-        try:
-            while self._waiting or self._settled:
-                batch = self._waiting[:COMMIT_MAX]
-                del self._waiting[:COMMIT_MAX]
-                settled, self._settled = self._settled, []
-                # A caller that gave up before its write left is not queued at all.
-                batch = [(write, taken) for write, taken in batch if not taken.done()]
-                if batch or settled:
-                    await self._commit_batch(batch, settled)
-        except asyncio.CancelledError:
-            # The loop is going away: nobody may wait for a call that will never be made.
-            for _, taken in self._waiting:
-                taken.cancel()
-            self._waiting.clear()
-            raise
-        finally:
-            self._committing = None
-
-    async def _commit_batch(
-        self,
-        batch: list[tuple[QueuedWrite, asyncio.Future[Queued]]],
-        settled: list[tuple[str, int]],
-    ) -> None:
+    async def _commit(self, shard: int, writes: list[QueuedWrite], settled: Settled) -> list[int]:
         now = self._now_ms()
-        args: list[Any] = [now, self._max_pending, now + self._window_ms, len(batch)]
-        for write, _ in batch:
+        args: list[Any] = [now, self._shard_max, now + self._window_ms, len(writes)]
+        for write in writes:
             args += [write.key, dump(write)]
         for key, seq in settled:
             args += [key, seq]
-        try:
-            async with self._bounded("enqueue"):
-                flat = await self._enqueue(
-                    keys=self._k(
-                        "seq", "values", "seqs", "ready", "since", "dead", "corpses", "unsettled"
-                    ),
-                    args=args,
-                )
-        except asyncio.CancelledError:
-            for _, taken in batch:
-                taken.cancel()
-            raise
-        except Exception as exc:  # every caller of the call hears why (the loop must go on)
-            # Settlements are dropped: each costs its key one needless drop when flushed.
-            for _, taken in batch:
-                if not taken.done():
-                    taken.set_exception(exc)
-            return
-        for i, (_, taken) in enumerate(batch):
-            if taken.done():
-                continue
-            seq, present = int(flat[2 * i]), int(flat[2 * i + 1])
-            if seq == -1:
-                taken.set_exception(
-                    QueueFull(f"{self._max_pending} keys are waiting for the origin")
-                )
-            else:
-                taken.set_result(Queued(seq, bool(present)))
+        async with self._bounded("enqueue"):
+            return cast(
+                list[int],
+                await self._enqueue(keys=self._k(shard, *_ENQUEUE_KEYS), args=args),
+            )
 
     async def pending(self, key: str) -> QueuedWrite | None:
         """The newest unflushed write of ``key``, if any."""
+        await self._migrated("pending")
         async with self._bounded("pending"):
-            data = await self._client.hget(self._keys["values"], key)
+            data = await self._client.hget(self._shards[self._shard(key)]["values"], key)
         return None if data is None else load(key, cast(bytes, data))
 
     async def claim(self, limit: int, lease: float, *, early: float = 0.0) -> list[Claim]:
@@ -232,14 +210,60 @@ class WriteQueue:
 
         ``early`` also takes keys due within that many seconds (a stop flushes keys still in
         their coalescing window; keys leased elsewhere or backing off longer stay).
+
+        Shards are asked ``SPREAD`` at a time from a turn that moves on by one each call, each
+        for its part of what the batch lacks; then those that may have more, in turn. A backlog
+        fills a batch from few shards (each costs a claim and an ack); each shard is among the
+        first asked in ``SPREAD`` of every ``shards`` calls. A failing shard is passed over.
         """
+        await self._migrated("claim")
         now = self._now_ms()
+        args = (now, round(lease * 1000), now + round(early * 1000))
+        count = len(self._shards)
+        order = [(self._turn + i) % count for i in range(count)]
+        self._turn = (self._turn + 1) % count
+        claims: list[Claim] = []
+        more: list[int] = []  # shards not asked, or that gave all they were asked: may have more
+        failure: Exception | None = None
+        for start in range(0, count, SPREAD):
+            lacking = limit - len(claims)
+            if lacking <= 0:
+                break
+            group = order[start : start + SPREAD]
+            share, extra = divmod(lacking, len(group))
+            asked = [(shard, share + (i < extra)) for i, shard in enumerate(group)]
+            more += [shard for shard, wanted in asked if not wanted]  # a batch smaller than it
+            asked = [(shard, wanted) for shard, wanted in asked if wanted]
+            answers = await _tolerant([self._claim_from(s, wanted, *args) for s, wanted in asked])
+            for (shard, wanted), answer in zip(asked, answers, strict=True):
+                if isinstance(answer, Exception):
+                    failure = answer
+                    continue
+                claims += answer
+                if len(answer) == wanted:
+                    more.append(shard)
+        for shard in more:
+            if len(claims) >= limit:
+                break
+            try:
+                claims += await self._claim_from(shard, limit - len(claims), *args)
+            except CacheError as exc:
+                failure = exc
+        if failure is not None:
+            if not claims:
+                raise failure
+            logger.warning("write-behind: a shard of the queue did not answer: %s", failure)
+        return claims
+
+    async def _claim_from(
+        self, shard: int, limit: int, now: int, lease_ms: int, due_by: int
+    ) -> list[Claim]:
         async with self._bounded("claim"):
             flat = await self._claim(
-                keys=self._k("ready", "values", "seqs", "tries", "unsettled"),
-                args=[now, round(lease * 1000), limit, now + round(early * 1000)],
+                keys=self._k(shard, "ready", "values", "seqs", "tries", "unsettled"),
+                args=[now, lease_ms, limit, due_by],
             )
-        until = now + round(lease * 1000)
+        until = now + lease_ms
         claims = []
         for i in range(0, len(flat), 5):
             key, seq, tries, record = flat[i].decode(), int(flat[i + 1]), flat[i + 2], flat[i + 3]
@@ -258,21 +282,10 @@ class WriteQueue:
     ) -> None:
         """Dead-letter a queued record that cannot be decoded, as it is."""
         now = self._now_ms()
-        letter = json.dumps(
-            {
-                "key": key,
-                "method": "?",
-                "path": "?",
-                "attempts": tries,
-                "last_error": error,
-                "failed_at": now / 1000,
-            }
-        )
+        letter = _letter(DeadLetter(key, "?", "?", tries, error, now / 1000))
         async with self._bounded("fail"):
             await self._fail(
-                keys=self._k(
-                    "ready", "values", "seqs", "since", "tries", "dead", "corpses", "unsettled"
-                ),
+                keys=self._k(self._shard(key), *_FAIL_KEYS),
                 args=[key, seq, now, now, 1, letter, record, lease],
             )
 
@@ -282,8 +295,8 @@ class WriteQueue:
         return done
 
     async def ack_all(self, claims: Sequence[Claim]) -> list[bool]:
-        """The origin has every one of ``claims``' writes, recorded in one call; for each,
-        True when its key left the queue.
+        """The origin has every one of ``claims``' writes, recorded in one call per shard (the
+        shards' at once); for each, True when its key left the queue.
 
         A newer write that arrived during the send goes out ``coalesce_for`` from now. A claim
         whose lease was taken over changes nothing: the new holder settles the key.
@@ -291,13 +304,21 @@ class WriteQueue:
         if not claims:
             return []
         now = self._now_ms()
-        args: list[Any] = [now, now + self._window_ms]
-        for claim in claims:
-            args += [claim.write.key, claim.seq, claim.lease]
-        async with self._bounded("ack"):
-            done = await self._ack(
-                keys=self._k("ready", "values", "seqs", "since", "tries", "unsettled"), args=args
-            )
+        by_shard: dict[int, list[int]] = {}
+        for i, claim in enumerate(claims):
+            by_shard.setdefault(self._shard(claim.write.key), []).append(i)
+
+        async def ack_shard(shard: int, which: list[int]) -> None:
+            args: list[Any] = [now, now + self._window_ms]
+            for i in which:
+                args += [claims[i].write.key, claims[i].seq, claims[i].lease]
+            keys = self._k(shard, "ready", "values", "seqs", "since", "tries", "unsettled")
+            async with self._bounded("ack"):
+                for i, result in zip(which, await self._ack(keys=keys, args=args), strict=True):
+                    done[i] = result
+
+        done = [0] * len(claims)
+        await asyncio.gather(*(ack_shard(s, which) for s, which in by_shard.items()))
         for claim, result in zip(claims, done, strict=True):
             if result == -1:
                 logger.warning("write-behind: lost the lease of %r before its ack", claim.write.key)
@@ -310,21 +331,13 @@ class WriteQueue:
         """
         now = self._now_ms()
         dead = retry_in is None
-        letter = json.dumps(
-            {
-                "key": claim.write.key,
-                "method": claim.write.method,
-                "path": claim.write.target,
-                "attempts": claim.tries + 1,
-                "last_error": error,
-                "failed_at": now / 1000,
-            }
+        write = claim.write
+        letter = _letter(
+            DeadLetter(write.key, write.method, write.target, claim.tries + 1, error, now / 1000)
         )
         async with self._bounded("fail"):
             gone = await self._fail(
-                keys=self._k(
-                    "ready", "values", "seqs", "since", "tries", "dead", "corpses", "unsettled"
-                ),
+                keys=self._k(self._shard(claim.write.key), *_FAIL_KEYS),
                 args=[
                     claim.write.key,
                     claim.seq,
@@ -341,52 +354,94 @@ class WriteQueue:
         return bool(gone == 1)
 
     async def replay(self) -> list[str]:
-        """Queue every dead letter again (tries reset); returns the keys queued."""
-        async with self._bounded("replay"):
-            replayed = await self._replay(
-                keys=self._k("seq", "values", "seqs", "ready", "since", "tries", "dead", "corpses"),
-                args=[self._now_ms()],
-            )
-        return [key.decode() for key in replayed]
+        """Queue every dead letter again (tries reset); returns the keys queued. A shard that
+        fails keeps its dead letters (logged); the keys the others queued are still returned,
+        for the caches to drop them: only when every shard fails is the error raised."""
+        await self._migrated("replay")
+        now = self._now_ms()
+
+        async def replay_shard(shard: int) -> list[str]:
+            async with self._bounded("replay"):
+                replayed = await self._replay(
+                    keys=self._k(
+                        shard, "seq", "values", "seqs", "ready", "since", "tries", "dead", "corpses"
+                    ),
+                    args=[now],
+                )
+            return [key.decode() for key in replayed]
+
+        answers = await _tolerant([replay_shard(s) for s in range(len(self._shards))])
+        failures = [answer for answer in answers if isinstance(answer, Exception)]
+        if len(failures) == len(answers):
+            raise failures[0]
+        if failures:
+            logger.warning("write-behind: %d shard(s) not replayed: %s", len(failures), failures[0])
+        return [key for answer in answers if not isinstance(answer, Exception) for key in answer]
 
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
-        letters = []
-        async with self._bounded("dead_letters"):
-            async for _key, raw in self._client.hscan_iter(self._keys["dead"], count=limit):
-                letters.append(DeadLetter(**json.loads(raw)))
-                if len(letters) >= limit:
-                    break
-        return sorted(letters, key=lambda letter: letter.failed_at)
+        """Up to ``limit`` dead letters, the oldest first, of every shard."""
+        await self._migrated("dead_letters")
+
+        async def letters_of(shard: int) -> list[DeadLetter]:
+            letters = []
+            async with self._bounded("dead_letters"):
+                dead = self._shards[shard]["dead"]
+                async for _key, raw in self._client.hscan_iter(dead, count=limit):
+                    letters.append(DeadLetter(**json.loads(raw)))
+                    if len(letters) >= limit:
+                        break
+            return letters
+
+        answers = await asyncio.gather(*(letters_of(s) for s in range(len(self._shards))))
+        letters = sorted(
+            (letter for answer in answers for letter in answer),
+            key=lambda letter: letter.failed_at,
+        )
+        return letters[:limit]
 
     async def stats(self) -> QueueStats:
+        """Depth, age of the oldest pending write and dead letters, summed over the shards
+        (one pipeline: on a Cluster, one round trip to each master)."""
+        await self._migrated("stats")
         async with self._bounded("stats"):
             pipe = self._client.pipeline(transaction=False)
-            pipe.zcard(self._keys["ready"])
-            pipe.zrange(self._keys["since"], 0, 0, withscores=True)
-            pipe.hlen(self._keys["dead"])
-            depth, oldest, dead = await pipe.execute()
-        age = max(0.0, self._clock.time() - oldest[0][1] / 1000) if oldest else 0.0
+            for shard in self._shards:
+                pipe.zcard(shard["ready"])
+                pipe.zrange(shard["since"], 0, 0, withscores=True)
+                pipe.hlen(shard["dead"])
+            answers = await pipe.execute()
+        depth = sum(answers[0::3])
+        oldest = [found[0][1] for found in answers[1::3] if found]
+        dead = sum(answers[2::3])
+        age = max(0.0, self._clock.time() - min(oldest) / 1000) if oldest else 0.0
         return QueueStats(depth=depth, oldest_age=age, dead=dead)
 
     async def connect(self) -> None:
-        """``connect_quietly``: the first write of a start must not pay for the set-up."""
+        """``connect_quietly``, and the migration of an older queue: the first write of a start
+        must not pay for the set-up. Failures are only logged: the first call tries again."""
         await connect_quietly(self._client)
+        try:
+            await self._migrated("migrate")
+        except CacheError as exc:
+            logger.warning("write-behind: the queue could not be readied at start (%s)", exc)
 
     async def aclose(self) -> None:
-        if self._committing is not None:
-            # Writes on their way in are answered before the client goes.
-            await asyncio.wait([self._committing])
+        # Writes on their way in are answered before the client goes.
+        await self._commits.wait()
         await close_quietly(self._client)
 
     def _bounded(self, op: str) -> contextlib.AbstractAsyncContextManager[None]:
         return bounded(f"queue {op}", self._timeout, self._guard)
 
 
-def describe(stats: QueueStats, letters: list[DeadLetter]) -> dict[str, Any]:
-    """The admin API's view of the queue."""
-    return {
-        "queue_depth": stats.depth,
-        "oldest_pending_age_seconds": round(stats.oldest_age, 3),
-        "dead_letter_count": stats.dead,
-        "dead_letters": [dataclasses.asdict(letter) for letter in letters],
-    }
+def _letter(letter: DeadLetter) -> str:
+    return json.dumps(dataclasses.asdict(letter))
+
+
+async def _tolerant(calls: Sequence[Awaitable[T]]) -> list[T | Exception]:
+    """Each call's answer, or the error it raised, all made at once (a cancellation raises)."""
+    answers = await asyncio.gather(*calls, return_exceptions=True)
+    for answer in answers:
+        if isinstance(answer, BaseException) and not isinstance(answer, Exception):
+            raise answer
+    return cast(list[T | Exception], answers)

@@ -3,6 +3,7 @@
     QueuedWrite  a write the origin has not seen yet      dump/load: its record, as stored
     Queued       enqueue's answer                         Claim: a write leased to a flusher
     DeadLetter   a write given up on                      QueueStats: depth, oldest age, dead
+    describe     the admin API's view of them
 
 A record is ``>2sBHH`` (magic ``CW``, version, method and target lengths), the method, the
 target, then the entry as ``cache.entry.encode`` writes it; anything else is ``CorruptEntry``.
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import struct
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from cache.entry import Entry, decode, encode
 from cache.errors import CorruptEntry
@@ -96,3 +97,13 @@ def load(key: str, data: bytes) -> QueuedWrite:
         raise CorruptEntry(f"a queued write's method or target is not UTF-8: {exc}") from exc
     entry = decode(data[start + method_len + target_len :])
     return QueuedWrite(key, method, target, entry)
+
+
+def describe(stats: QueueStats, letters: list[DeadLetter]) -> dict[str, Any]:
+    """The admin API's view of the queue (every shard's)."""
+    return {
+        "queue_depth": stats.depth,
+        "oldest_pending_age_seconds": round(stats.oldest_age, 3),
+        "dead_letter_count": stats.dead,
+        "dead_letters": [dataclasses.asdict(letter) for letter in letters],
+    }

@@ -4,11 +4,10 @@ Cluster (every script's keys in one slot, or the cluster refuses it) and behind 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import fakeredis
 import pytest
-from redis.asyncio import Redis
 
 from cache.breaker import Breaker, Guard
 from cache.entry import Entry
@@ -16,10 +15,9 @@ from cache.errors import CircuitOpen, CorruptEntry, QueueFull, TierUnavailable
 from cache.redis.tier import RedisClient, client_from_url
 from cache.write_behind.queue import WriteQueue
 from cache.write_behind.records import Queued, QueuedWrite
-from tests.conftest import deployment_of
+from cache.write_behind.shards import DEFAULT_SHARDS, shard_of
 from tests.fakes import FakeClock
 from tests.ports import free_port
-from tests.redis_keys import drop_prefix
 
 LEASE = 10.0
 
@@ -29,28 +27,26 @@ def put(key: str, body: bytes) -> QueuedWrite:
     return QueuedWrite(key, "PUT", f"/{key.replace(':', '/')}", entry)
 
 
-@pytest.fixture(params=["fakeredis", "redis", "cluster", "sentinel"])
-async def client(request: pytest.FixtureRequest, key_prefix: str) -> AsyncIterator[RedisClient]:
-    found: RedisClient
-    if request.param == "fakeredis":
-        found = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
-    elif request.param == "redis":
-        found = Redis.from_url(request.getfixturevalue("redis_url"))
-    else:  # built from its URL, as cachecar builds it
-        found = client_from_url(deployment_of(request, request.param).url, timeout=2.0)
-    try:
-        yield found
-    finally:
-        await drop_prefix(found, key_prefix)
-        await found.aclose()
-
-
 def queue_on(
-    client: RedisClient, key_prefix: str, clock: FakeClock, max_pending: int = 0
+    client: RedisClient,
+    key_prefix: str,
+    clock: FakeClock,
+    max_pending: int = 0,
+    shards: int = DEFAULT_SHARDS,
 ) -> WriteQueue:
     return WriteQueue(
-        client, key_prefix=key_prefix, timeout=2.0, clock=clock, max_pending=max_pending
+        client,
+        key_prefix=key_prefix,
+        timeout=2.0,
+        clock=clock,
+        max_pending=max_pending,
+        shards=shards,
     )
+
+
+def values_of(key_prefix: str, key: str) -> str:
+    """The Redis hash that holds ``key``'s pending write (its shard's)."""
+    return f"{key_prefix}{{wb:{shard_of(key, DEFAULT_SHARDS)}}}:values"
 
 
 @pytest.fixture
@@ -73,7 +69,7 @@ async def test_concurrent_writes_share_one_call_and_each_gets_its_own_answer(
     client: RedisClient, key_prefix: str, clock: FakeClock
 ) -> None:
     """A group commit: writes arriving while a call is under way go together in the next."""
-    queue = queue_on(client, key_prefix, clock, max_pending=3)
+    queue = queue_on(client, key_prefix, clock, max_pending=3, shards=1)
     calls: list[int] = []
     script = queue._enqueue
 
@@ -155,7 +151,10 @@ async def test_a_write_during_a_flush_goes_out_next_and_is_not_lost(
     assert await queue.ack(again) is True
 
 
-async def test_claims_are_bounded_and_oldest_first(queue: WriteQueue, clock: FakeClock) -> None:
+async def test_claims_of_one_shard_are_bounded_and_oldest_first(
+    client: RedisClient, key_prefix: str, clock: FakeClock
+) -> None:
+    queue = queue_on(client, key_prefix, clock, shards=1)
     for n in range(5):
         await queue.enqueue(put(f"users:{n}", b"x"))
         clock.advance(0.001)
@@ -269,7 +268,7 @@ async def test_a_stop_takes_keys_in_their_window_but_not_those_backing_off(
 async def test_past_max_pending_keys_new_keys_are_refused_and_queued_ones_still_take_writes(
     client: RedisClient, key_prefix: str, clock: FakeClock
 ) -> None:
-    queue = queue_on(client, key_prefix, clock, max_pending=2)
+    queue = queue_on(client, key_prefix, clock, max_pending=2, shards=1)
     await queue.enqueue(put("users:1", b"1"))
     await queue.enqueue(put("users:2", b"2"))
     with pytest.raises(QueueFull, match="2 keys are waiting"):
@@ -292,21 +291,24 @@ async def test_stats_report_depth_and_the_oldest_pending_age(
     assert stats.oldest_age == pytest.approx(5.0)
 
 
-async def test_every_queue_key_shares_one_hash_tag(
+async def test_every_queue_key_of_a_write_shares_its_shards_hash_tag(
     queue: WriteQueue, client: RedisClient, key_prefix: str
 ) -> None:
     await queue.enqueue(put("users:1", b"1"))
     [claim] = await queue.claim(10, LEASE)
     await queue.fail(claim, "x", retry_in=1.0)
-    keys = [key.decode() async for key in client.scan_iter(match=f"{key_prefix}*")]
+    keys = {key.decode() async for key in client.scan_iter(match=f"{key_prefix}*")}
+    # Beside the write's shard, only the count of shards the queue is laid out in.
+    keys.remove(f"{key_prefix}{{wb}}:shards")
     assert keys
-    assert all(key.startswith(f"{key_prefix}{{wb}}:") for key in keys), keys
+    tag = f"{key_prefix}{{wb:{shard_of('users:1', DEFAULT_SHARDS)}}}:"
+    assert all(key.startswith(tag) for key in keys), keys
 
 
 async def test_bytes_that_are_not_a_queued_write_are_corrupt(
     queue: WriteQueue, client: RedisClient, key_prefix: str
 ) -> None:
-    await client.hset(f"{key_prefix}{{wb}}:values", "users:1", b"not ours")
+    await client.hset(values_of(key_prefix, "users:1"), "users:1", b"not ours")
     with pytest.raises(CorruptEntry):
         await queue.pending("users:1")
 
@@ -368,7 +370,7 @@ async def test_an_unreadable_queued_write_is_dead_lettered_and_the_others_are_cl
 ) -> None:
     await queue.enqueue(put("users:1", b"1"))
     await queue.enqueue(put("users:2", b"2"))
-    await client.hset(f"{key_prefix}{{wb}}:values", "users:1", b"from another version")
+    await client.hset(values_of(key_prefix, "users:1"), "users:1", b"from another version")
     [claim] = await queue.claim(10, LEASE)
     assert claim.write.key == "users:2"
     [letter] = await queue.dead_letters()

@@ -20,6 +20,7 @@ from redis.asyncio import Redis
 
 from tests.e2e.conftest import Config, Proxy, Spawn, start_origin, start_proxy, until, write_config
 from tests.ports import free_port
+from tests.redis_keys import queued
 
 FAST = "write_behind: {flush_interval: 200ms}\n"
 SLOW = "write_behind: {flush_interval: 30s}\n"  # nothing is flushed until the stop or a restart
@@ -374,7 +375,7 @@ async def test_sigterm_flushes_the_queue_before_exiting(
         assert (await fetch(session, origin.url + "/users/gone"))[0] == 404
     assert "flushed 6 writes on the way out" in proxy.process.output()
     assert "still queued" not in proxy.process.output()
-    assert await redis_client.zcard(f"{key_prefix}{{wb}}:ready") == 0  # the queue is empty
+    assert await queued(redis_client, key_prefix, "ready") == 0  # the queue is empty
 
 
 @pytest.mark.redis
@@ -398,7 +399,7 @@ async def test_sigterm_during_a_flush_finishes_it_and_flushes_the_rest(
         seen = await applied(session, origin.url)
     assert [w["body"].encode() for w in seen["/users/1"]] == [user(1, v=1)]
     assert [w["body"].encode() for w in seen["/users/2"]] == [user(2, v=2)]
-    assert await redis_client.hlen(f"{key_prefix}{{wb}}:values") == 0
+    assert await queued(redis_client, key_prefix) == 0
 
 
 @pytest.mark.redis

@@ -18,15 +18,21 @@ import itertools
 import json
 import signal
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from redis.asyncio.cluster import RedisCluster
 
+from cache.redis.tier import client_from_url
+from cache.write_behind.shards import DEFAULT_SHARDS
 from tests.e2e.conftest import Config, Spawn, start_origin, start_proxy, until
 from tests.faults.conftest import Figures
 from tests.faults.harness import DelayProxy, KillableRedis, proxy_config
+from tests.redis_keys import drop_prefix
+from tests.redis_servers import Deployment
 
 pytestmark = pytest.mark.e2e
 
@@ -89,7 +95,7 @@ async def queue_state(session: aiohttp.ClientSession, admin: str) -> dict[str, A
     return state
 
 
-def wb_config(path: Path, origin: str, redis_url: str) -> Config:
+def wb_config(path: Path, origin: str, redis_url: str, key_prefix: str = "crash:") -> Config:
     # upstream.timeout is short to keep the lease short: keys the killed process had claimed
     # come due again after 2 x (timeout + 1s) + flush_interval = 3.2 s. l2.timeout is long
     # enough for a Redis slowed by SLOW_REDIS.
@@ -97,7 +103,7 @@ def wb_config(path: Path, origin: str, redis_url: str) -> Config:
         path,
         f"""\
         upstream: {{url: "{origin}", timeout: 500ms}}
-        l2: {{url: "{redis_url}", key_prefix: "crash:", timeout: 1s}}
+        l2: {{url: "{redis_url}", key_prefix: "{key_prefix}", timeout: 1s}}
         write_behind: {{flush_interval: 200ms}}
         routes:
           - path: /users/{{id}}
@@ -114,7 +120,7 @@ async def crash_mid_load(
     drained; then what the origin and the new proxy answer for every key written.
 
     ``slow_redis``: the first proxy reaches Redis through a proxy that holds the commands on
-    cached entries (keys ``crash:users:*``, not the queue's ``crash:{wb}:*``) for SLOW_REDIS
+    cached entries (keys ``crash:users:*``, not the queue's ``crash:{wb:N}:*``) for SLOW_REDIS
     seconds, and drops them if cachecar dies meanwhile: a write is queued at once and reaches
     L2 only later. The new proxy reaches Redis directly.
     """
@@ -129,7 +135,7 @@ async def crash_mid_load(
                 DelayProxy(
                     redis.port,
                     SLOW_REDIS,
-                    delays=lambda chunk: b"crash:users:" in chunk and b"{wb}" not in chunk,
+                    delays=lambda chunk: b"crash:users:" in chunk and b"{wb:" not in chunk,
                     drop_unsent=True,
                 )
             )
@@ -139,8 +145,14 @@ async def crash_mid_load(
 
 
 async def _crash(
-    spawn: Spawn, origin: str, first_config: Config, config: Config, keys_each: int
+    spawn: Spawn,
+    origin: str,
+    first_config: Config,
+    config: Config,
+    keys_each: int,
+    after_kill: Callable[[], Awaitable[None]] | None = None,
 ) -> CrashRun:
+    """``after_kill``: looks at what the killed process left, before the restart."""
     first = await start_proxy(spawn, first_config, "first")
 
     acked: dict[str, list[bytes]] = {}
@@ -177,6 +189,8 @@ async def _crash(
         stopping = True
         await asyncio.wait_for(asyncio.gather(*writers), timeout=10)
         assert refused == [], refused[:3]
+        if after_kill is not None:
+            await after_kill()
 
         restarted = await start_proxy(spawn, config, "restarted")
         depth_at_restart = (await queue_state(session, restarted.admin))["queue_depth"]
@@ -274,3 +288,51 @@ async def test_after_a_kill_9_mid_write_reads_agree_with_the_origin_once_drained
         f"{len(disagreeing)} of {len(run.via_proxy)} keys read differently through cachecar than "
         "at the origin after the queue drained:\n" + "\n".join(described)
     )
+
+
+async def test_on_a_cluster_a_kill_9_mid_flush_loses_nothing_and_keeps_each_keys_order(
+    spawn: Spawn, tmp_path: Path, redis_cluster: Deployment, key_prefix: str
+) -> None:
+    """The queue sharded over the session's three masters. The origin takes 50 ms a write, so
+    the flusher always has a batch on its way: the killed process held leases on keys of
+    several shards, which the restarted one sends once they run out, each key's writes in order
+    (each key lives in one shard, whichever master that is)."""
+    origin = await start_origin(spawn, latency="50ms", db=tmp_path / "origin.sqlite")
+    config = wb_config(tmp_path / "c.yaml", origin.url, redis_cluster.url, key_prefix)
+    cluster = client_from_url(redis_cluster.url, timeout=2.0)
+    assert isinstance(cluster, RedisCluster)
+    try:
+        leased = 0
+
+        async def count_leased() -> None:
+            # A key leased to the killed flusher is due a lease (3.2 s) from its claim; one in
+            # its coalescing window, at most 200 ms from its write.
+            nonlocal leased
+            due_after = (time.time() + 1.0) * 1000
+            for shard in range(DEFAULT_SHARDS):
+                ready = f"{key_prefix}{{wb:{shard}}}:ready"
+                leased += await cluster.zcount(ready, due_after, "+inf")
+
+        run = await _crash(spawn, origin.url, config, config, KEYS_EACH, count_leased)
+        masters = {
+            str(cluster.get_node_from_key(f"{key_prefix}{{wb:{shard}}}:seq"))
+            async for shard in _written_shards(cluster, key_prefix)
+        }
+    finally:
+        await drop_prefix(cluster, key_prefix)
+        await cluster.aclose()
+    assert sum(len(bodies) for bodies in run.acked.values()) > 0
+    assert run.depth_at_kill > 0
+    assert leased > 0  # killed mid-flush: it held keys it was sending
+    assert run.lost() == [], run.lost()[:3]
+    assert run.backwards() == {}, list(run.backwards().items())[:3]
+    assert run.dead_letters == []
+    assert run.disagreeing() == {}
+    assert len(masters) == 3  # the writes went to shards on every master
+
+
+async def _written_shards(cluster: RedisCluster, key_prefix: str) -> AsyncIterator[int]:
+    """The shards that were given a write (their seq exists)."""
+    for shard in range(DEFAULT_SHARDS):
+        if await cluster.exists(f"{key_prefix}{{wb:{shard}}}:seq"):
+            yield shard

@@ -262,6 +262,9 @@ def test_every_documented_redis_url_form_is_accepted(url: str) -> None:
             "write_behind: {max_attempts: lots}",
             "write_behind.max_attempts: expected a whole number, got 'lots'",
         ),
+        ("write_behind: {shards: 0}", "write_behind.shards: 0 must be at least 1"),
+        ("write_behind: {shards: 1000}", "write_behind.shards: 1000 must be at most 256"),
+        ("write_behind: {shards: 2.5}", "write_behind.shards: expected a whole number, got 2.5"),
     ],
 )
 def test_write_behind_settings_are_checked(text: str, expected: str) -> None:
@@ -431,7 +434,7 @@ def test_a_redis_url_is_logged_without_its_password(url: str, logged: str) -> No
         ),
         (
             "server: {workers: 65}",
-            "server.workers: Input should be less than or equal to 64 (got 65)",
+            "server.workers: 65 must be at most 64",
         ),
     ],
 )

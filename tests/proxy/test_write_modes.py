@@ -10,6 +10,7 @@ from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 from redis.asyncio import Redis
 
+from cache.write_behind.shards import DEFAULT_SHARDS, shard_of
 from cache.write_behind.writer import WriteBehind
 from proxy.admin import build_admin_app
 from proxy.app import RUNTIME
@@ -226,7 +227,10 @@ async def test_a_write_behind_write_with_credentials_is_refused_not_stripped(
 
 
 async def test_past_max_pending_a_new_key_is_refused(make_proxy: MakeProxy) -> None:
-    proxy = await proxy_for(make_proxy, "write_behind: {flush_interval: 1h, max_pending: 1}\n")
+    # One shard: with more, max_pending is shared out and 1 key is a bound per shard.
+    proxy = await proxy_for(
+        make_proxy, "write_behind: {flush_interval: 1h, max_pending: 1, shards: 1}\n"
+    )
     assert (await proxy.put("/users/1", data=b"1")).status == 202
     refused = await proxy.put("/users/2", data=b"2")
     assert refused.status == 503
@@ -400,7 +404,8 @@ async def test_admin_write_behind_without_write_behind_routes(
 async def test_a_queue_key_holding_something_else_is_503_not_500(
     make_proxy: MakeProxy, redis_url: str, key_prefix: str, redis_client: Redis
 ) -> None:
-    await redis_client.set(f"{key_prefix}{{wb}}:values", b"some other program's string")
+    shard = shard_of("users:1", DEFAULT_SHARDS)
+    await redis_client.set(f"{key_prefix}{{wb:{shard}}}:values", b"some other program's string")
     proxy = await proxy_for(make_proxy, l2=redis_url, key_prefix=key_prefix)
     response = await proxy.put("/users/1", data=b"x")
     assert response.status == 503
