@@ -253,6 +253,7 @@ def _write_behind(
         coalesce_for=config.flush_interval,
         guard=guard,
         shards=config.shards,
+        reshard=config.reshard,
     )
     flusher = Flusher(
         queue,

@@ -195,8 +195,10 @@ class WriteBehindSettings(_Section):
     max_pending: int = Field(1_000_000, ge=1)
     timeout: PositiveDuration = 1.0
     # The queue's slots: on a Redis Cluster they spread over the masters (see
-    # cache.write_behind.shards for the default).
+    # cache.write_behind.shards for the default). A queue laid out already keeps its count,
+    # unless reshard (one replica, started while no other runs) moves it to this one.
     shards: int = Field(DEFAULT_SHARDS, ge=1, le=MAX_SHARDS)
+    reshard: bool = False
 
 
 MAX_TAGS = 16  # per route: each is one more Redis set written with every fill

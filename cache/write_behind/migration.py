@@ -18,12 +18,18 @@ is copied into its shard, then dropped from the old slot, and every step may be 
     tidy    (old slot) once neither writes nor dead letters are left, what remains of the old
             queue but its seq is deleted
 
-The shards do the same when ``write_behind.shards`` changed: ``{prefix}{wb}:shards`` says the
-count the queue was last laid out in, and while it differs from this process's, each of the
-former shards is drained as above into the shards its keys belong to now (a key that stays in
-its shard is left alone, and a shard that is still one is not tidied away); then the count is
-recorded. Replicas must agree on the count: two counts at once move keys to and fro, and a
-key written by both is not ordered.
+``{prefix}{wb}:shards`` says the count the queue is laid out in: the first replica records its
+``write_behind.shards``, and every replica then uses the recorded count, whatever its own, with
+a warning. Two counts at once would take one key's writes in two shards, numbered by counters
+that cannot order them. With ``write_behind.reshard`` (one replica, started while no other
+runs), a count that differs is the new one: each former shard is drained as above into the
+shards its keys belong to now (a key that stays in its shard is left alone, and a shard that is
+still one is not tidied away); then the new count is recorded.
+
+An older cachecar still writing to the single slot (a rolling upgrade) is not safe either: its
+writes are numbered by the single slot's counter, a newer replica's by a shard's, and one key
+written by both within a minute (the next look) may lose a write. Stop the older replicas
+before the newer ones take write-behind writes (docs/operations.md).
 
 A migrator that dies after an adopt leaves the write in both places: the next pass (this
 replica's, or any other's: every replica migrates before its first queue call) adopts it again,
@@ -44,7 +50,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from cache.redis.tier import RedisClient
-from cache.write_behind.shards import Layout, shard_of, single_slot
+from cache.write_behind.shards import Layout, shard_layouts, shard_of, single_slot
 
 logger = logging.getLogger("cachecar.write_behind")
 
@@ -209,8 +215,13 @@ class Migration:
     """Moves into ``shards`` what the single-slot queue holds, and what shards of another count
     hold (``write_behind.shards`` changed); ``run`` is safe to repeat, from any replica."""
 
-    def __init__(self, client: RedisClient, key_prefix: str, shards: list[Layout]) -> None:
+    def __init__(
+        self, client: RedisClient, key_prefix: str, shards: list[Layout], *, reshard: bool = False
+    ) -> None:
+        """``shards``: the queue's layouts, replaced in place by the recorded count's when the
+        queue was laid out in another and not ``reshard`` (the module docstring)."""
         self._client = client
+        self._reshard = reshard
         self._prefix = key_prefix
         self._single = single_slot(key_prefix)
         # The shard count the queue was last laid out in, beside the single slot's seq.
@@ -234,15 +245,29 @@ class Migration:
             pipe.exists(self._single["values"], self._single["dead"])
             pipe.get(self._count)
             seq, left, before = await pipe.execute()
-        moved = 0
-        if seq is not None:
-            moved += await self._drain(bounded, self._single, int(seq), bool(left), None)
         if before is None:
             async with bounded("migrate"):
                 if not await self._client.set(self._count, count, nx=True):
                     before = await self._client.get(self._count)  # another replica's, just now
+        if before is not None and int(before) != count and not self._reshard:
+            # Every replica keeps the queue's count: two at once would each take a key's
+            # writes in another shard, under counters that cannot order them.
+            logger.warning(
+                "write_behind.shards is %d, but the queue under this l2.key_prefix is laid "
+                "out in %d shards: using %d, as every replica must. To change the count, stop "
+                "every replica, start one with the new count and write_behind.reshard: true "
+                "(it moves the queue), then the others",
+                count,
+                int(before),
+                int(before),
+            )
+            self._shards[:] = shard_layouts(self._prefix, int(before))
+            count = int(before)
+        moved = 0
+        if seq is not None:
+            moved += await self._drain(bounded, self._single, int(seq), bool(left), None)
         if before is not None and int(before) != count:
-            # The shards' count changed: each key whose shard is another now is moved there.
+            # write_behind.reshard: each key whose shard is another now is moved there.
             for i in range(int(before)):
                 source = Layout(self._prefix, f"wb:{i}")
                 async with bounded("migrate"):

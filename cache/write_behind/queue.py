@@ -70,7 +70,7 @@ from typing import Any, TypeVar, cast
 
 from cache.breaker import Guard
 from cache.clock import Clock
-from cache.errors import CacheError, CorruptEntry
+from cache.errors import CacheError, CorruptEntry, TierError
 from cache.redis.client import check_client
 from cache.redis.tier import RedisClient, bounded, close_quietly, connect_quietly
 from cache.write_behind.commit import GroupCommit, Settled
@@ -113,21 +113,23 @@ class WriteQueue:
         coalesce_for: float = 0.0,
         guard: Guard | None = None,
         shards: int = DEFAULT_SHARDS,
+        reshard: bool = False,
     ) -> None:
         """``guard``: the process's L2 breaker (one shared by every L2 caller).
-        ``max_pending`` is shared evenly by the shards: each refuses new keys past its part."""
+        ``max_pending`` is shared evenly by the shards: each refuses new keys past its part.
+        ``shards`` is the count for a queue not laid out yet; one laid out already keeps its
+        own unless ``reshard`` (``cache.write_behind.migration``)."""
         check_client(client, "queue's")
         if timeout <= 0:
             raise ValueError("the queue timeout must be positive")
         self._client = client
         self._timeout = timeout
         self._clock = clock
-        self._shards = shard_layouts(key_prefix, shards)
+        self._shards = shard_layouts(key_prefix, shards)  # the queue's count, once migrated
         self._max_pending = max_pending
-        self._shard_max = math.ceil(max_pending / shards)
         self._window_ms = round(coalesce_for * 1000)
         self._guard = guard or Guard()
-        self._migration = Migration(client, key_prefix, self._shards)
+        self._migration = Migration(client, key_prefix, self._shards, reshard=reshard)
         self._migrated_at: float | None = None
         self._migrating = asyncio.Lock()
         self._turn = 0  # the shard a claim asks first: one further each claim
@@ -154,14 +156,27 @@ class WriteQueue:
 
     async def _migrated(self, op: str) -> None:
         """Before the first call, and every ``MIGRATE_EVERY`` after: ``Migration.run``. No
-        write goes to a shard before, so every shard's seq is above the former queue's."""
+        write goes to a shard before the first, so every shard's seq is above the former
+        queue's, and the count is the queue's. A later look that fails is logged and tried
+        again in ``MIGRATE_EVERY``: the master of the old slot being down must not stop the
+        shards on the others."""
         now = self._clock.time()
         if self._migrated_at is not None and now - self._migrated_at < MIGRATE_EVERY:
             return
         async with self._migrating:
             if self._migrated_at is not None and now - self._migrated_at < MIGRATE_EVERY:
                 return
-            await self._migration.run(lambda _: self._bounded(op))
+            try:
+                await self._migration.run(lambda _: self._bounded(op))
+            except TierError as exc:
+                if self._migrated_at is None:
+                    raise
+                logger.warning(
+                    "write-behind: could not look for writes an older cachecar left in the "
+                    "single-slot queue (%s); looking again in %gs",
+                    exc,
+                    MIGRATE_EVERY,
+                )
             self._migrated_at = now
 
     async def enqueue(self, write: QueuedWrite) -> Queued:
@@ -187,7 +202,8 @@ class WriteQueue:
 
     async def _commit(self, shard: int, writes: list[QueuedWrite], settled: Settled) -> list[int]:
         now = self._now_ms()
-        args: list[Any] = [now, self._shard_max, now + self._window_ms, len(writes)]
+        shard_max = math.ceil(self._max_pending / len(self._shards))
+        args: list[Any] = [now, shard_max, now + self._window_ms, len(writes)]
         for write in writes:
             args += [write.key, dump(write)]
         for key, seq in settled:

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from cache.clock import Clock
+from cache.errors import TierUnavailable
 from cache.redis.tier import RedisClient
 from cache.write_behind.migration import Migration
 from cache.write_behind.queue import MIGRATE_EVERY, WriteQueue
@@ -224,8 +225,27 @@ async def test_writes_an_older_replica_still_makes_are_moved_by_a_later_look(
     assert written.seq > await old.enqueue("k:4", b"4") - 1  # the floor follows the old seq
 
 
+async def test_every_replica_keeps_the_count_the_queue_is_laid_out_in(
+    client: RedisClient, key_prefix: str, clock: FakeClock
+) -> None:
+    """Two counts at once would take a key's writes in two shards, unordered: the second
+    replica, configured with 16, follows the 4 the first laid the queue out in."""
+    first = WriteQueue(client, key_prefix=key_prefix, timeout=5.0, clock=clock, shards=4)
+    await first.enqueue(put("k:1", b"1"))
+    second = WriteQueue(client, key_prefix=key_prefix, timeout=5.0, clock=clock, shards=16)
+    for n in range(2, 40):
+        await second.enqueue(put(f"k:{n}", b"1"))
+    await second.enqueue(put("k:1", b"2"))  # coalesces with the first replica's write
+    held = {key.decode() async for key in client.scan_iter(match=f"{key_prefix}{{wb:*")}
+    assert {_shard(key) for key in held} == {0, 1, 2, 3}
+    assert (await first.stats()).depth == 39
+    assert await first.pending("k:1") == put("k:1", b"2")
+    claims = await first.claim(100, LEASE)
+    assert sorted(c.write.key for c in claims) == sorted(f"k:{n}" for n in range(1, 40))
+
+
 @pytest.mark.parametrize(("before", "after"), [(4, 16), (16, 4), (4, 6)])
-async def test_a_changed_shard_count_moves_each_key_to_its_new_shard(
+async def test_a_reshard_moves_each_key_to_its_new_shard(
     client: RedisClient, key_prefix: str, clock: FakeClock, before: int, after: int
 ) -> None:
     former = WriteQueue(client, key_prefix=key_prefix, timeout=5.0, clock=clock, shards=before)
@@ -234,7 +254,9 @@ async def test_a_changed_shard_count_moves_each_key_to_its_new_shard(
     await former.fail(refused, "refused", retry_in=None)
     clock.advance(LEASE)
 
-    now = WriteQueue(client, key_prefix=key_prefix, timeout=5.0, clock=clock, shards=after)
+    now = WriteQueue(
+        client, key_prefix=key_prefix, timeout=5.0, clock=clock, shards=after, reshard=True
+    )
     stats = await now.stats()
     assert (stats.depth, stats.dead) == (39, 1)
     claims = await now.claim(100, LEASE)
@@ -254,3 +276,24 @@ async def test_a_changed_shard_count_moves_each_key_to_its_new_shard(
 def _shard(name: str) -> int:
     """The shard of a queue key's name (``...{wb:3}:values`` -> 3)."""
     return int(name.split("{wb:", 1)[1].split("}", 1)[0])
+
+
+async def test_a_later_look_that_fails_does_not_stop_the_shards(
+    client: RedisClient, key_prefix: str, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The old slot's master down: only the first look (before any write) must succeed."""
+    queue = new_queue(client, key_prefix, clock)
+    await queue.enqueue(put("k:1", b"1"))
+
+    async def down(bounded: Any) -> int:
+        raise TierUnavailable("migrate", "the old slot's master does not answer")
+
+    monkeypatch.setattr(queue._migration, "run", down)
+    clock.advance(MIGRATE_EVERY)
+    await queue.enqueue(put("k:2", b"2"))
+    assert sorted(c.write.key for c in await queue.claim(10, LEASE)) == ["k:1", "k:2"]
+
+    fresh = new_queue(client, f"{key_prefix}fresh:", clock)
+    monkeypatch.setattr(fresh._migration, "run", down)
+    with pytest.raises(TierUnavailable):  # the first: no write before it
+        await fresh.enqueue(put("k:1", b"1"))
