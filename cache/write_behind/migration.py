@@ -1,5 +1,5 @@
-"""Draining the queue of an older cachecar (one slot, ``{prefix}{wb}:...``), or of another
-shard count, into the shards.
+"""How the queue is laid out (``{prefix}{wb}:shards``), and moving it: from the queue of an
+older cachecar (one slot, ``{prefix}{wb}:...``), or from another shard count, into the shards.
 
 The old slot and a shard's slot differ on a Cluster, so no one script can move a write: each
 is copied into its shard, then dropped from the old slot, and every step may be repeated::
@@ -18,18 +18,20 @@ is copied into its shard, then dropped from the old slot, and every step may be 
     tidy    (old slot) once neither writes nor dead letters are left, what remains of the old
             queue but its seq is deleted
 
-``{prefix}{wb}:shards`` says the count the queue is laid out in: the first replica records its
-``write_behind.shards``, and every replica then uses the recorded count, whatever its own, with
-a warning. Two counts at once would take one key's writes in two shards, numbered by counters
-that cannot order them. With ``write_behind.reshard`` (one replica, started while no other
-runs), a count that differs is the new one: each former shard is drained as above into the
-shards its keys belong to now (a key that stays in its shard is left alone, and a shard that is
-still one is not tidied away); then the new count is recorded.
+``{prefix}{wb}:shards`` says how the queue is laid out, and every replica follows it, whatever
+its own ``write_behind.shards`` (with a warning): two layouts at once would put one key's
+writes in two places, numbered by counters that cannot order them. The first replica records
+it: its ``write_behind.shards`` for a new queue, or 0 for a queue an older cachecar laid out
+(its seq exists), which then stays in its single slot, run by the same scripts as the older
+replicas that may still be writing to it (a rolling upgrade is safe). A replica started with
+``write_behind.reshard`` (while no other runs) takes its own count instead: the single slot,
+or each former shard, is drained as above into the shards its keys belong to now (a key that
+stays in its shard is left alone, and a shard that is still one is not tidied away); then the
+count is recorded.
 
-An older cachecar still writing to the single slot (a rolling upgrade) is not safe either: its
-writes are numbered by the single slot's counter, a newer replica's by a shard's, and one key
-written by both within a minute (the next look) may lose a write. Stop the older replicas
-before the newer ones take write-behind writes (docs/operations.md).
+An older cachecar started on a queue laid out in shards (a rollback, a straggler) writes to the
+single slot: each look moves what it finds, but its writes and the newer replicas' of one key
+are not ordered. Stop the older replicas first.
 
 A migrator that dies after an adopt leaves the write in both places: the next pass (this
 replica's, or any other's: every replica migrates before its first queue call) adopts it again,
@@ -56,6 +58,7 @@ logger = logging.getLogger("cachecar.write_behind")
 
 BATCH = 200  # old writes moved per step
 MARKS_FOR_MS = 24 * 3600 * 1000
+LEGACY = 0  # {prefix}{wb}:shards for a queue still in the single slot of an older cachecar
 PASSES = 3  # an older replica writing meanwhile is caught by the next check, not chased here
 
 Bounded = Callable[[str], contextlib.AbstractAsyncContextManager[None]]
@@ -246,29 +249,25 @@ class Migration:
             pipe.get(self._count)
             seq, left, before = await pipe.execute()
         if before is None:
+            # A queue an older cachecar laid out (its seq exists) keeps its one slot: older
+            # replicas may still write to it (a rolling upgrade), and one queue orders a key.
+            first = LEGACY if seq is not None else count
             async with bounded("migrate"):
-                if not await self._client.set(self._count, count, nx=True):
+                if await self._client.set(self._count, first, nx=True):
+                    before = first
+                else:
                     before = await self._client.get(self._count)  # another replica's, just now
-        if before is not None and int(before) != count and not self._reshard:
-            # Every replica keeps the queue's count: two at once would each take a key's
-            # writes in another shard, under counters that cannot order them.
-            logger.warning(
-                "write_behind.shards is %d, but the queue under this l2.key_prefix is laid "
-                "out in %d shards: using %d, as every replica must. To change the count, stop "
-                "every replica, start one with the new count and write_behind.reshard: true "
-                "(it moves the queue), then the others",
-                count,
-                int(before),
-                int(before),
-            )
-            self._shards[:] = shard_layouts(self._prefix, int(before))
-            count = int(before)
+        recorded = int(before)
+        if recorded != count and not self._reshard:
+            self._follow(recorded, count)
+            count = recorded
         moved = 0
-        if seq is not None:
+        if seq is not None and count != LEGACY:
             moved += await self._drain(bounded, self._single, int(seq), bool(left), None)
-        if before is not None and int(before) != count:
-            # write_behind.reshard: each key whose shard is another now is moved there.
-            for i in range(int(before)):
+        if recorded != count:
+            # write_behind.reshard: each key whose shard is another now is moved there (from
+            # the single slot, just above, when the queue was an older cachecar's).
+            for i in range(recorded):
                 source = Layout(self._prefix, f"wb:{i}")
                 async with bounded("migrate"):
                     pipe = self._client.pipeline(transaction=False)
@@ -283,6 +282,27 @@ class Migration:
         if moved:
             logger.info("write-behind: moved %d queued writes and dead letters into shards", moved)
         return moved
+
+    def _follow(self, recorded: int, count: int) -> None:
+        """Lay this replica's queue out as the recorded count says, once."""
+        layouts = [self._single] if recorded == LEGACY else shard_layouts(self._prefix, recorded)
+        if [layout.tag for layout in layouts] == [layout.tag for layout in self._shards]:
+            return
+        self._shards[:] = layouts
+        laid_out = (
+            "the single slot of an older cachecar ({wb})"
+            if recorded == LEGACY
+            else f"{recorded} shards"
+        )
+        logger.warning(
+            "write_behind.shards is %d, but the queue under this l2.key_prefix is %s: this "
+            "replica uses it too, as every replica must. To lay it out in %d shards, stop "
+            "every replica, start one with write_behind.reshard: true (it moves the queue), "
+            "then the others",
+            count,
+            laid_out,
+            count,
+        )
 
     async def _drain(
         self, bounded: Bounded, source: Layout, seq: int, left: bool, own: int | None

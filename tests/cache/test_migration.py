@@ -86,8 +86,14 @@ class OldQueue:
         )
 
 
-def new_queue(client: RedisClient, key_prefix: str, clock: FakeClock) -> WriteQueue:
-    return WriteQueue(client, key_prefix=key_prefix, timeout=5.0, clock=clock, shards=SHARDS)
+def new_queue(
+    client: RedisClient, key_prefix: str, clock: FakeClock, *, reshard: bool = True
+) -> WriteQueue:
+    """A replica of this version; ``reshard`` (write_behind.reshard): it moves an older
+    cachecar's queue into the shards, where one without keeps using the older one's slot."""
+    return WriteQueue(
+        client, key_prefix=key_prefix, timeout=5.0, clock=clock, shards=SHARDS, reshard=reshard
+    )
 
 
 async def left_behind(client: RedisClient, key_prefix: str, clock: FakeClock) -> OldQueue:
@@ -106,6 +112,35 @@ async def left_behind(client: RedisClient, key_prefix: str, clock: FakeClock) ->
     await old.enqueue("d:1", b"newer")  # its dead letter is dropped: d:1 is a write again
     await old.fail("d:1", claimed["d:1"], dead=True)  # no-op: that lease was taken over
     return old
+
+
+async def test_a_newer_replica_shares_an_older_cachecars_queue_until_a_reshard(
+    client: RedisClient, key_prefix: str, clock: FakeClock
+) -> None:
+    """A rolling upgrade: older and newer replicas write to one queue, so one key's writes are
+    ordered by one counter; nothing moves into the shards until write_behind.reshard."""
+    old = OldQueue(client, key_prefix, clock)
+    first = await old.enqueue("k:1", b"old")
+    queue = new_queue(client, key_prefix, clock, reshard=False)
+    newer = await queue.enqueue(put("k:1", b"newer"))
+    assert (newer.seq, newer.coalesced) == (first + 1, True)
+    assert await old.enqueue("k:1", b"latest") == first + 2
+    assert await queue.pending("k:1") == put("k:1", b"latest")
+    await queue.enqueue(put("k:2", b"2"))
+    clock.advance(MIGRATE_EVERY)  # a later look moves nothing either
+    assert (await queue.stats()).depth == 2
+    assert [key async for key in client.scan_iter(match=f"{key_prefix}{{wb:*")] == []
+    assert await client.get(f"{key_prefix}{{wb}}:shards") == b"0"
+    claims = {claim.write.key: claim.write for claim in await queue.claim(10, LEASE)}
+    assert claims == {"k:1": put("k:1", b"latest"), "k:2": put("k:2", b"2")}
+
+    # Every replica stopped, one started with write_behind.reshard: into the shards.
+    clock.advance(LEASE)
+    moved = new_queue(client, key_prefix, clock)
+    assert (await moved.stats()).depth == 2
+    assert await client.get(f"{key_prefix}{{wb}}:shards") == str(SHARDS).encode()
+    assert await client.hlen(old.layout["values"]) == 0
+    assert (await moved.enqueue(put("k:1", b"after"))).seq > first + 2
 
 
 async def test_an_older_queue_is_moved_into_the_shards_whole(

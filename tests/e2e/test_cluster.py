@@ -25,8 +25,11 @@ from tests.redis_servers import Deployment
 TOKEN = "cluster-token"
 
 
-def cluster_config(tmp_path: Path, origin: str, cluster: Deployment, key_prefix: str) -> Config:
-    """One write-behind route on the cluster, under this test's key prefix and channel."""
+def cluster_config(
+    tmp_path: Path, origin: str, cluster: Deployment, key_prefix: str, write_behind: str = ""
+) -> Config:
+    """One write-behind route on the cluster, under this test's key prefix and channel;
+    ``write_behind``: more of its keys (``reshard: true``)."""
     return write_config(
         tmp_path / "c.yaml",
         origin,
@@ -36,7 +39,7 @@ def cluster_config(tmp_path: Path, origin: str, cluster: Deployment, key_prefix:
         admin_token=TOKEN,
         extra=(
             f'coherence: {{channel: "{key_prefix}invalidate"}}\n'
-            "write_behind: {flush_interval: 100ms}\n"
+            f"write_behind: {{flush_interval: 100ms{write_behind}}}\n"
         ),
     )
 
@@ -104,14 +107,18 @@ async def test_a_queue_left_by_an_older_cachecar_reaches_the_origin_from_the_sha
     spawn: Spawn, tmp_path: Path, redis_cluster: Deployment, key_prefix: str
 ) -> None:
     """The older queue's one slot and the shards' slots are on different masters: each write is
-    copied, then dropped from the old slot, by the proxy's start; all reach the origin."""
+    copied, then dropped from the old slot, by the start of a proxy with write_behind.reshard;
+    all reach the origin."""
     cluster = client_from_url(redis_cluster.url, timeout=2.0)
     old = OldQueue(cluster, key_prefix, SystemClock())
     written = {f"/users/{n}": json.dumps({"n": n}).encode() for n in range(40)}
     for path, body in written.items():
         await old.enqueue(path.strip("/").replace("/", ":"), body)
     origin = await start_origin(spawn)
-    config = cluster_config(tmp_path, origin.url, redis_cluster, key_prefix)
+    # The only replica (an upgrade with every older one stopped): it moves the queue.
+    config = cluster_config(
+        tmp_path, origin.url, redis_cluster, key_prefix, write_behind=", reshard: true"
+    )
     try:
         proxy = await start_proxy(spawn, config)
         async with aiohttp.ClientSession() as session:
