@@ -37,6 +37,7 @@ ORDER = (
     "Origin slower than upstream.timeout",
     "Origin down for 10 s under read load",
     "Proxy killed (kill -9) under write-behind load",
+    "Proxy killed (kill -9) mid-flush, the queue in 16 shards on 3 masters",
     "Malformed and hostile HTTP",
     "Slowloris",
     "Slow clients holding origin connections",

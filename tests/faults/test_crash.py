@@ -291,7 +291,7 @@ async def test_after_a_kill_9_mid_write_reads_agree_with_the_origin_once_drained
 
 
 async def test_on_a_cluster_a_kill_9_mid_flush_loses_nothing_and_keeps_each_keys_order(
-    spawn: Spawn, tmp_path: Path, redis_cluster: Deployment, key_prefix: str
+    spawn: Spawn, tmp_path: Path, redis_cluster: Deployment, key_prefix: str, figures: Figures
 ) -> None:
     """The queue sharded over the session's three masters. The origin takes 50 ms a write, so
     the flusher always has a batch on its way: the killed process held leases on keys of
@@ -314,14 +314,32 @@ async def test_on_a_cluster_a_kill_9_mid_flush_loses_nothing_and_keeps_each_keys
                 leased += await cluster.zcount(ready, due_after, "+inf")
 
         run = await _crash(spawn, origin.url, config, config, KEYS_EACH, count_leased)
+        written = [shard async for shard in _written_shards(cluster, key_prefix)]
         masters = {
-            str(cluster.get_node_from_key(f"{key_prefix}{{wb:{shard}}}:seq"))
-            async for shard in _written_shards(cluster, key_prefix)
+            str(cluster.get_node_from_key(f"{key_prefix}{{wb:{shard}}}:seq")) for shard in written
         }
     finally:
         await drop_prefix(cluster, key_prefix)
         await cluster.aclose()
-    assert sum(len(bodies) for bodies in run.acked.values()) > 0
+    total = sum(len(bodies) for bodies in run.acked.values())
+    table = figures(
+        f"Proxy killed (kill -9) mid-flush, the queue in {DEFAULT_SHARDS} shards on 3 masters"
+    )
+    table.add("client loops / keys written (each key by one loop)", f"{WRITERS} / {len(run.acked)}")
+    table.add(f"writes acknowledged (202) before the kill, in {LOAD_FOR:g} s", total)
+    table.add("writes in flight at the kill (outcome unknown)", len(run.unknown))
+    table.add("queue depth (keys) just before the kill", run.depth_at_kill)
+    table.add("keys the killed flusher held leased (being sent)", leased)
+    table.add("shards written / masters holding them", f"{len(written)} / {len(masters)}")
+    table.add("kill -> queue drained by the new process", f"{run.drained_after:.1f} s")
+    table.add("acknowledged writes lost", len(run.lost()))
+    table.add("keys whose origin writes went backwards", len(run.backwards()))
+    table.add("dead letters", len(run.dead_letters))
+    table.add(
+        "keys read through the new proxy differently than the origin holds them",
+        len(run.disagreeing()),
+    )
+    assert total > 0
     assert run.depth_at_kill > 0
     assert leased > 0  # killed mid-flush: it held keys it was sending
     assert run.lost() == [], run.lost()[:3]
