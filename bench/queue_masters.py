@@ -320,12 +320,12 @@ def render(runs: list[Measured], workers: int, seconds: float, share: float | No
     ]
     for run in runs:
         each = run.per_thousand()
-        share = each[0] / sum(each) if sum(each) else 0.0
+        busiest = each[0] / sum(each) if sum(each) else 0.0
         lines.append(
             f"| {run.masters} | {run.shards} | {run.rate:,.0f} "
             f"| {run.rate / base[run.shards].rate:.2f}x | "
             + ", ".join(f"{ms:.0f}" for ms in each)
-            + f" | {share:.0%} | {1e6 / each[0] if each[0] else 0:,.0f} "
+            + f" | {busiest:.0%} | {1e6 / each[0] if each[0] else 0:,.0f} "
             f"| {run.worker_cpu * 1e6 / run.writes:.0f} |"
         )
     return "\n".join(lines)
